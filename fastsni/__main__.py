@@ -1,0 +1,24 @@
+"""``fastsni`` / ``python -m fastsni``: route TLS connections on fd 0 by SNI name."""
+
+from __future__ import annotations
+
+import sys
+
+from fastsni import server, twins
+
+SUMMARY = """Route each TLS connection accepted on fd 0 by the server_name of its ClientHello,
+undecrypted, to the Unix socket <name>/tls-socket under the current directory (written
+first: a PROXY v1 line if <name>/send-proxy-v1 exists). No options, no configuration:
+the directory tree is the configuration, looked up afresh for every connection.
+SIGHUP: stop accepting and let open connections finish (up to 10 s). SIGTERM, SIGINT: exit."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    proxy = twins.load("fastsni.proxy", "fastsni._proxy")
+    server.serve(
+        "fastsni", SUMMARY, sys.argv[1:] if argv is None else argv, proxy, proxy.TlsFrontend, proxy.LIVE
+    )
+
+
+if __name__ == "__main__":
+    main()

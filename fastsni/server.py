@@ -1,0 +1,164 @@
+"""The contract both proxies share: no options, fd 0 is the listening socket, the
+current directory is the hosts directory, SIGHUP drains, SIGTERM/SIGINT stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+from fastsni import __version__, twins
+
+DRAIN_SECONDS = 10.0
+BACKLOG = 65535  # the kernel caps it at net.core.somaxconn; asyncio would use 100
+HOW_TO_LISTEN = (
+    "pass a listening TCP socket as fd 0: `fastsni-listen [HOST:]PORT {program}`, "
+    "systemd StandardInput=socket, inetd (wait) or s6-tcpserver-socketbinder"
+)
+
+
+class UsageError(SystemExit):
+    def __init__(self, message: str) -> None:
+        sys.stderr.write(message.rstrip("\n") + "\n")
+        super().__init__(2)
+
+
+def parse_arguments(program: str, summary: str, argv: list[str], twin: str) -> None:
+    """Accept no options: --help and --version print and exit 0, anything else exits 2."""
+    usage = (
+        f"usage: {program} [--help | --version] <&LISTENING_SOCKET\n\n{summary}\n\n"
+        + HOW_TO_LISTEN.format(program=program)
+    )
+    if not argv:
+        return
+    if argv == ["--help"] or argv == ["-h"]:
+        print(usage)
+        raise SystemExit(0)
+    if argv == ["--version"]:
+        print(f"{program} {__version__} ({twin})")
+        raise SystemExit(0)
+    raise UsageError(f"{program}: takes no arguments, got {' '.join(argv)!r}\n{usage}")
+
+
+def _what_is(fd: int) -> str:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return "closed"
+    if stat.S_ISCHR(mode):
+        return "a terminal" if os.isatty(fd) else "a character device"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if not stat.S_ISSOCK(mode):
+        return "not a socket"
+    probe = socket.socket(fileno=fd)
+    try:
+        if probe.family not in (socket.AF_INET, socket.AF_INET6):
+            return {socket.AF_UNIX: "a Unix socket"}.get(probe.family, f"a socket of family {probe.family}")
+        if probe.type != socket.SOCK_STREAM:
+            return "a UDP socket" if probe.type == socket.SOCK_DGRAM else "not a stream socket"
+        if not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "a TCP socket that is not listening"
+        return "listening"
+    finally:
+        probe.detach()
+
+
+def listening_socket(program: str) -> socket.socket:
+    """fd 0 as a listening TCP socket, or exit 2 with one line saying what it is instead."""
+    what = _what_is(0)
+    if what != "listening":
+        raise UsageError(
+            f"{program}: fd 0 is {what}, not a listening TCP socket; " + HOW_TO_LISTEN.format(program=program)
+        )
+    sock = socket.socket(fileno=0)
+    sock.setblocking(False)
+    return sock
+
+
+def raise_nofile_limit() -> None:
+    """Supervisors often leave the soft limit at 1024: take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def address_text(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(
+    program: str,
+    summary: str,
+    argv: list[str],
+    twin: ModuleType,
+    make_protocol: Callable[[], asyncio.BaseProtocol],
+    live: set,
+) -> None:
+    """Run a proxy: ``make_protocol`` builds each accepted connection's protocol and
+    ``live`` holds the client transports still open (drained on SIGHUP)."""
+    kind = "compiled" if twins.is_compiled(twin) else "pure"
+    parse_arguments(program, summary, argv, kind)
+    sock = listening_socket(program)
+    raise_nofile_limit()
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = loop.run_until_complete(loop.create_server(make_protocol, sock=sock, backlog=BACKLOG))
+    sys.stderr.write(
+        f"{program} {__version__} ({kind}, {type(loop).__module__.split('.')[0]}) "
+        f"listening on {address_text(sock.getsockname())} serving {os.getcwd()}\n"
+    )
+    stopping: list[str] = []
+
+    def stop(how: str) -> None:
+        if not stopping:
+            stopping.append(how)
+            loop.stop()
+
+    loop.add_signal_handler(signal.SIGHUP, stop, "drain")
+    loop.add_signal_handler(signal.SIGTERM, stop, "now")
+    loop.add_signal_handler(signal.SIGINT, stop, "now")
+    loop.run_forever()
+    server.close()
+    if stopping == ["drain"]:
+        sys.stderr.write(
+            f"{program}: SIGHUP: stopped accepting; draining {len(live)} connections for up to "
+            f"{DRAIN_SECONDS:g} s\n"
+        )
+        loop.add_signal_handler(signal.SIGTERM, loop.stop)
+        loop.add_signal_handler(signal.SIGINT, loop.stop)
+        try:
+            loop.run_until_complete(_drained(live, loop.time() + DRAIN_SECONDS))
+        except RuntimeError:
+            pass  # stopped by SIGTERM or SIGINT while draining
+    cut = list(live)
+    for transport in cut:
+        transport.abort()
+    sys.stderr.write(f"{program}: exiting, {len(cut)} connections cut\n" if cut else f"{program}: exiting\n")
+    raise SystemExit(0)
+
+
+async def _drained(live: set, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while live and loop.time() < deadline:
+        await asyncio.sleep(0.05)

@@ -1,0 +1,53 @@
+"""Build the Cython twins in pyx/ as extension modules inside the packages.
+
+Without a working compiler (or with FASTSNI_NO_EXTENSIONS=1 at build time) the
+package still installs, and the pure-Python twins run instead.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+EXTENSIONS = {
+    "fastsni._tls": "pyx/_tls.pyx",
+    "fastsni._relay": "pyx/_relay.pyx",
+    "fastsni._proxy": "pyx/_proxy.pyx",
+}
+
+
+class OptionalBuildExt(build_ext):
+    """Build each extension if possible; a failure leaves the pure twin in charge."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # no compiler at all
+            print(f"fastsni: not building extensions ({exc}); the pure twins will run", file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            print(f"fastsni: could not build {ext.name} ({exc}); its pure twin will run", file=sys.stderr)
+
+
+def extensions():
+    if os.environ.get("FASTSNI_NO_EXTENSIONS", "") not in ("", "0"):
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        return []
+    from setuptools import Extension
+
+    modules = [Extension(name, [source], extra_compile_args=["-O2"]) for name, source in EXTENSIONS.items()]
+    try:
+        return cythonize(modules, compiler_directives={"language_level": "3"}, quiet=True)
+    except Exception as exc:  # a Cython error must not stop the pure install
+        print(f"fastsni: cannot cythonize ({exc}); the pure twins will run", file=sys.stderr)
+        return []
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
