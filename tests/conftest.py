@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import queue
+import resource
 import socket
 import subprocess
 import sys
@@ -64,7 +65,9 @@ def hosts(tmp_path) -> Path:
 class Proxy:
     """A proxy process with a listening socket on fd 0 and ``hosts`` as its current directory."""
 
-    def __init__(self, program: str, hosts: Path, twin: Twin, address: str = "127.0.0.1") -> None:
+    def __init__(
+        self, program: str, hosts: Path, twin: Twin, address: str = "127.0.0.1", nofile: int | None = None
+    ) -> None:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -75,6 +78,7 @@ class Proxy:
         self.program = program
         self.hosts = hosts
         self.twin = twin
+        self.nofile = nofile  # RLIMIT_NOFILE, soft and hard, for the proxy process
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.process: subprocess.Popen | None = None  # the newest copy
@@ -91,6 +95,7 @@ class Proxy:
             cwd=self.hosts,
             env=self.twin.env,
             text=True,
+            preexec_fn=self._limit if self.nofile else None,
         )
         threading.Thread(target=self._read, args=(process,), daemon=True).start()
         self.process = process
@@ -98,6 +103,9 @@ class Proxy:
         line = self.expect("listening on", timeout=20)
         assert f"({self.twin.name}," in line, line
         return process
+
+    def _limit(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _read(self, process: subprocess.Popen) -> None:
         for line in process.stderr:
@@ -137,8 +145,8 @@ def proxies():
     """Factory: proxies("fastsni", hosts, twin) -> Proxy; every process is reaped at teardown."""
     started: list[Proxy] = []
 
-    def start(program: str, hosts: Path, twin: Twin, address: str = "127.0.0.1") -> Proxy:
-        proxy = Proxy(program, hosts, twin, address)
+    def start(program: str, hosts: Path, twin: Twin, address: str = "127.0.0.1", **options) -> Proxy:
+        proxy = Proxy(program, hosts, twin, address, **options)
         started.append(proxy)
         return proxy
 

@@ -1,0 +1,123 @@
+"""The fd 0 contract shared by both proxies: fastsni-listen, signals, descriptor exhaustion."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from backends import client_hello
+
+HTTP_PROBE = b"GET / HTTP/1.0\r\n\r\n"  # not TLS: fastsni answers unexpected_message at once
+UNEXPECTED = bytes.fromhex("1503030002020a")
+
+
+def probe(port: int, family=socket.AF_INET, host="127.0.0.1") -> bytes:
+    with socket.socket(family) as sock:
+        sock.settimeout(10)
+        sock.connect((host, port))
+        sock.sendall(HTTP_PROBE)
+        return sock.recv(64)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+        return sock.getsockname()[1]
+
+
+def listen(args, twin, hosts):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastsni.listen", *args],
+        cwd=hosts,
+        env=twin.env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stderr.readline()
+    assert "listening on" in line, line + process.stderr.read()
+    return process, line
+
+
+@pytest.mark.parametrize(
+    "where, family, host",
+    [("127.0.0.1:{}", socket.AF_INET, "127.0.0.1"), ("[::1]:{}", socket.AF_INET6, "::1")],
+)
+def test_fastsni_listen_binds_and_execs(twin, hosts, where, family, host):
+    port = free_port()
+    process, line = listen([where.format(port), sys.executable, "-m", "fastsni"], twin, hosts)
+    try:
+        assert f"({twin.name}," in line
+        assert probe(port, family, host) == UNEXPECTED
+    finally:
+        process.terminate()
+        assert process.wait(timeout=15) == 0
+
+
+def test_fastsni_listen_without_host_is_dual_stack(twin, hosts):
+    port = free_port()
+    process, line = listen([str(port), sys.executable, "-m", "fastsni"], twin, hosts)
+    try:
+        assert f"listening on [::]:{port}" in line
+        assert probe(port, socket.AF_INET, "127.0.0.1") == UNEXPECTED
+        assert probe(port, socket.AF_INET6, "::1") == UNEXPECTED
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0
+
+
+@pytest.mark.parametrize("args", [[], ["443"], ["nope:443", "true"], ["[::1:443", "true"], ["70000", "true"]])
+def test_fastsni_listen_usage_errors(args):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastsni.listen", *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "usage: fastsni-listen" in result.stderr
+
+
+def test_sigterm_exits_zero_and_cuts_connections(twin, hosts, proxies):
+    proxy = proxies("fastsni", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(client_hello("x.test")[:10])  # an unfinished hello keeps it open
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=15) == 0
+        assert sock.recv(64) == b""
+    proxy.expect("exiting, 1 connections cut")
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_out_of_descriptors_keeps_serving_without_spinning(twin, hosts, proxies):
+    proxy = proxies("fastsni", hosts, twin, nofile=48)
+    held = [proxy.connect() for _ in range(80)]  # more than the proxy can accept
+    try:
+        time.sleep(0.2)  # let the proxy hit EMFILE
+        before = cpu_ticks(proxy.process.pid)
+        time.sleep(1.0)
+        assert cpu_ticks(proxy.process.pid) - before < 30, "the accept loop spins on EMFILE"
+        held[0].sendall(HTTP_PROBE)  # an accepted connection is still served
+        assert held[0].recv(64) == UNEXPECTED
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # descriptors are freed as the proxy sees the closes: accepting resumes
+        try:
+            assert probe(proxy.port) == UNEXPECTED
+            break
+        except (ConnectionError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert proxy.process.poll() is None
+    os.kill(proxy.process.pid, 0)
