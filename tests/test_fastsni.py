@@ -141,7 +141,12 @@ def test_malformed_hellos_get_their_alert(twin, hosts, proxies, payload, code):
     with proxy.connect() as sock:
         sock.sendall(payload)
         assert alert_from(sock) == bytes((0x15, 3, 3, 0, 2, 2, code))
-    proxy.expect("127.0.0.1:")
+        port = sock.getsockname()[1]
+    assert proxy.stop() == 0
+    proxy.expect("exiting")
+    about_it = [line for line in proxy.log if f"127.0.0.1:{port} " in line]
+    assert len(about_it) == 1, proxy.log  # exactly one concise line per failed connection
+    assert len(proxy.log) == 3, proxy.log  # start line, that line, exit line: no tracebacks
 
 
 def test_connect_errors_map_to_alerts(twin, hosts, proxies):
