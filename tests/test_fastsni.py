@@ -458,3 +458,25 @@ def test_sighup_drains_while_a_second_copy_serves(twin, hosts, proxies, backends
         assert old.poll() is None
     assert old.wait(timeout=15) == 0
     assert new.poll() is None
+
+
+def test_many_failed_connections_do_not_leak(twin, hosts, proxies):
+    proxy = proxies("fastsni", hosts, twin)
+    inputs = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x00\x00",
+        client_hello("nobody.test"),
+        client_hello(None),
+    ]
+
+    def hammer(count: int) -> None:
+        for i in range(count):
+            with proxy.connect() as sock:
+                sock.sendall(inputs[i % len(inputs)])
+                assert len(alert_from(sock)) == 7
+
+    hammer(500)  # warm up allocators and caches
+    before = rss_kib(proxy.process.pid)
+    hammer(2000)
+    assert rss_kib(proxy.process.pid) - before < 1024
+    assert proxy.process.poll() is None
