@@ -217,8 +217,15 @@ def test_longest_hostname_routes(twin, hosts, proxies, backends):
     assert seen == [hello]
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
-def test_proxy_v1_header(twin, hosts, proxies, backends, address):
+@pytest.mark.parametrize(
+    "address, client_address, family",
+    [
+        ("127.0.0.1", "127.0.0.1", "TCP4"),
+        ("::1", "::1", "TCP6"),
+        ("::", "127.0.0.1", "TCP4"),  # dual-stack: IPv4-mapped addresses are written as IPv4
+    ],
+)
+def test_proxy_v1_header(twin, hosts, proxies, backends, address, client_address, family):
     hello = client_hello(NAME)
     lines: list[bytes] = []
 
@@ -230,12 +237,12 @@ def test_proxy_v1_header(twin, hosts, proxies, backends, address):
     backends(hosts / NAME / "tls-socket", handle)
     (hosts / NAME / "send-proxy-v1").write_text("")
     proxy = proxies("fastsni", hosts, twin, address=address)
-    with proxy.connect() as sock:
+    with socket.create_connection((client_address, proxy.port), timeout=10) as sock:
         sock.sendall(hello)
         assert recv_exactly(sock, 2) == b"ok"
         client_port = sock.getsockname()[1]
-    family = "TCP6" if ":" in address else "TCP4"
-    expected = f"PROXY {family} {address} {address} {client_port} {proxy.port}\r\n".encode()
+    ip = client_address
+    expected = f"PROXY {family} {ip} {ip} {client_port} {proxy.port}\r\n".encode()
     assert lines == [expected]
 
 
