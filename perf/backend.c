@@ -18,6 +18,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -138,6 +139,7 @@ static int listen_on(const char *path) {
     strcpy(a.sun_path, path);
     unlink(path);
     if (bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, 4096) < 0) return -1;
+    chmod(path, 0777); /* nginx's workers and sniproxy run unprivileged */
     return s;
 }
 

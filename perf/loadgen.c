@@ -157,6 +157,7 @@ static void on_readable(int i) {
     ssize_t n = recv(s->fd, msgbuf, sizeof msgbuf, 0);
     if (n < 0 && errno == EAGAIN) return;
     if (n <= 0) { if (s->phase == HOLDING) { errors++; release(i); } else fail(i); return; }
+    if (s->phase == AWAIT_REPLY && s->got == 0 && msgbuf[0] != 'O') { fail(i); return; } /* not "OK" */
     s->got += n;
     if (s->phase == AWAIT_REPLY && s->got >= 2) {
         if (mode == M_CONN) {

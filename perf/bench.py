@@ -1,0 +1,464 @@
+"""Side-by-side benchmarks of fastsni (compiled and pure twins) against haproxy, nginx
+and sniproxy: ``python3 perf/bench.py [--quick] [--save-baseline]``.
+
+Every proxy runs single-worker pinned to CPU 1; the C load generator (perf/loadgen.c)
+and the C backend (perf/backend.c, on Unix sockets) share CPU 0.  The comparable figure
+is proxy CPU time per operation, read from /proc/<pid>/stat before and after each run.
+See perf/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perf_peers import PEERS, Peer, peer_command, write_peer_config
+from perf_report import compare_baseline, machine_info, ratios, render_table
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PROXY_CPU = "1"
+LOAD_CPU = "0"
+NAMES = {"echo": "echo.test", "source": "bulk.test"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+APT_PACKAGES = {
+    "haproxy": "haproxy",
+    "nginx": "nginx",
+    "/usr/lib/nginx/modules/ngx_stream_module.so": "libnginx-mod-stream",
+    "sniproxy": "sniproxy",
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+}
+
+
+@dataclass
+class Settings:
+    """Sizes and time bounds of each workload; every loop is bounded by both."""
+
+    conn_seconds: float
+    conn_count: int
+    msg_seconds: float
+    msg_count: int
+    bulk_seconds: float
+    bulk_bytes: int
+    idle_conns: int
+    concurrency: int = 32
+    msg_size: int = 64
+
+    @classmethod
+    def for_run(cls, quick: bool, smoke: bool = False) -> Settings:
+        if smoke:  # a functional check of the harness, not a measurement
+            return cls(0.5, 20_000, 0.5, 200_000, 0.5, 1 << 30, 200)
+        if quick:
+            return cls(2.5, 400_000, 2.5, 4_000_000, 2.0, 40 << 30, 2000)
+        return cls(8.0, 2_000_000, 8.0, 20_000_000, 5.0, 200 << 30, 5000)
+
+
+@dataclass
+class Procs:
+    """Every process this harness starts, each in its own session; all reaped at exit."""
+
+    running: list[subprocess.Popen] = field(default_factory=list)
+
+    def spawn(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.running)):
+            self.stop(proc)
+
+
+def pinned(cpu: str, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *cmd] if (os.cpu_count() or 1) >= 2 else cmd
+
+
+# ---------------------------------------------------------------- setup
+
+
+def ensure_installed() -> list[str]:
+    """apt-get install whatever peer is missing (one update); return notes on failures."""
+    missing = sorted({pkg for what, pkg in APT_PACKAGES.items() if not _present(what)})
+    notes: list[str] = []
+    if missing and shutil.which("apt-get") and os.geteuid() == 0:
+        policy = subprocess.run(["apt-cache", "policy", *missing], capture_output=True, text=True)
+        print(policy.stdout, file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], env=env, check=False)
+    for what, pkg in APT_PACKAGES.items():
+        if not _present(what):
+            notes.append(f"{pkg} is not installed")
+    try:
+        import fastsni  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-e", str(REPO)], check=True)
+    return notes
+
+
+def _present(what: str) -> bool:
+    return Path(what).exists() if what.startswith("/") else shutil.which(what) is not None
+
+
+def build(tmp: Path) -> dict[str, Path]:
+    tools = {}
+    for name in ("backend", "loadgen"):
+        out = tmp / name
+        subprocess.run(["gcc", "-O2", "-o", str(out), str(HERE / f"{name}.c")], check=True)
+        tools[name] = out
+    return tools
+
+
+def write_hellos(tmp: Path) -> dict[str, Path]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from backends import client_hello
+
+    files = {}
+    for mode, name in NAMES.items():
+        files[mode] = tmp / f"hello-{name}"
+        files[mode].write_bytes(client_hello(name))
+    return files
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, max(hard, 65536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 10.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def wait_path(path: Path, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not path.exists():
+        time.sleep(0.02)
+    return path.exists()
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (nginx's worker, for instance)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        tree += children
+        frontier = children
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+# ---------------------------------------------------------------- workloads
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    tools: dict[str, Path]
+    hellos: dict[str, Path]
+    sockets: dict[str, Path]
+    backend_pids: list[int]
+
+    def loadgen(self, mode: str, target: str, hello: str, *args: int | float) -> list[str]:
+        cmd = [str(self.tools["loadgen"]), mode, target, str(self.hellos[hello]), *map(str, args)]
+        return pinned(LOAD_CPU, cmd)
+
+    def measured(self, proxy_pids: list[int], cmd: list[str]) -> dict[str, Any]:
+        """Run one bounded load generator; add proxy/backend CPU seconds it caused."""
+        limit = self.settings.conn_seconds + self.settings.msg_seconds + 60
+        before = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+        after = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["proxy_cpu_s"] = after[0] - before[0]
+        result["backend_cpu_s"] = after[1] - before[1]
+        return result
+
+    def connections(self, target: str, pids: list[int]) -> dict[str, Any]:
+        s = self.settings
+        cmd = self.loadgen("conn", target, "echo", s.concurrency, s.conn_count, s.conn_seconds)
+        r = self.measured(pids, cmd)
+        ops = max(r["ops"], 1)
+        return {
+            "conn_per_s": r["ops"] / r["seconds"],
+            "p50_us": r["p50_us"],
+            "p99_us": r["p99_us"],
+            "proxy_cpu_us_per_conn": r["proxy_cpu_s"] / ops * 1e6 if pids else None,
+            **cpu_shares(r),
+        }
+
+    def messages(self, target: str, pids: list[int]) -> dict[str, Any]:
+        s = self.settings
+        cmd = self.loadgen("msg", target, "echo", s.concurrency, s.msg_count, s.msg_seconds, s.msg_size)
+        r = self.measured(pids, cmd)
+        ops = max(r["ops"], 1)
+        return {
+            "msg_per_s": r["ops"] / r["seconds"],
+            "msg_p99_us": r["p99_us"],
+            "proxy_cpu_us_per_msg": r["proxy_cpu_s"] / ops * 1e6 if pids else None,
+            **cpu_shares(r),
+        }
+
+    def bulk(self, target: str, pids: list[int]) -> dict[str, Any]:
+        s = self.settings
+        cmd = self.loadgen("bulk", target, "source", 1, 1, s.bulk_seconds, s.bulk_bytes)
+        r = self.measured(pids, cmd)
+        gb = max(r["bytes"], 1) / 1e9
+        return {
+            "mb_per_s": r["bytes"] / 1e6 / r["seconds"],
+            "proxy_cpu_s_per_gb": r["proxy_cpu_s"] / gb if pids else None,
+            **cpu_shares(r),
+        }
+
+    def idle(self, target: str, pids: list[int], procs: Procs) -> dict[str, Any]:
+        """RSS growth of the proxy per idle relayed connection."""
+        s = self.settings
+        cmd = self.loadgen("idle", target, "echo", 64, s.idle_conns, 60)
+        before = rss_kib(pids)
+        proc = procs.spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            ready = json.loads(proc.stdout.readline() or "{}")
+            time.sleep(0.3)
+            after = rss_kib(process_tree(pids[0]))
+        finally:
+            proc.stdin.close()
+            proc.wait(30)
+            procs.stop(proc)
+        held = ready.get("ready", 0)
+        return {
+            "idle_conns": held,
+            "idle_errors": ready.get("errors"),
+            "kib_per_idle_conn": (after - before) / held if held else None,
+        }
+
+
+def cpu_shares(r: dict[str, Any]) -> dict[str, Any]:
+    """CPU use in % of the wall time: 100 means that process saturated its core."""
+    wall = max(r["seconds"], 1e-9)
+    return {
+        "errors": r["errors"],
+        "cpu_pct": {
+            "proxy": round(100 * r["proxy_cpu_s"] / wall),
+            "loadgen": round(100 * r["cpu_s"] / wall),
+            "backend": round(100 * r["backend_cpu_s"] / wall),
+        },
+    }
+
+
+def run_peer(peer: Peer, bench: Bench, procs: Procs, tmp: Path) -> dict[str, Any]:
+    """Start one peer, run its workloads, stop it; a failure is recorded, not raised."""
+    if peer.name == "direct":
+        targets = {mode: f"unix:{path}" for mode, path in bench.sockets.items()}
+        return run_workloads(peer, bench, procs, targets, [])
+    port = free_port()
+    workdir = tmp / peer.name
+    workdir.mkdir()
+    write_peer_config(peer, workdir, port, bench.sockets)
+    cmd, env, cwd = peer_command(peer, workdir, port, tmp / "hosts")
+    log = (workdir / "stderr.log").open("w")
+    proc = procs.spawn(pinned(PROXY_CPU, cmd), env={**os.environ, **env}, cwd=cwd, stdout=log, stderr=log)
+    try:
+        if not wait_listening(port, proc):
+            return {"broken": f"did not listen: {tail(workdir / 'stderr.log')}"}
+        time.sleep(0.2)
+        target = f"tcp:127.0.0.1:{port}"
+        return run_workloads(peer, bench, procs, {"echo": target, "source": target}, [proc.pid])
+    finally:
+        procs.stop(proc)
+        log.close()
+
+
+def run_workloads(
+    peer: Peer, bench: Bench, procs: Procs, targets: dict[str, str], pids: list[int]
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    target = targets["echo"]
+    smoke = subprocess.run(bench.loadgen("conn", target, "echo", 4, 200, 2), capture_output=True, text=True)
+    warm = json.loads(smoke.stdout.strip().splitlines()[-1])
+    if warm["ops"] == 0:
+        return {"broken": f"no connection completed: {warm}"}
+    tree = process_tree(pids[0]) if pids else []
+    for workload in peer.workloads:
+        print(f"  {peer.name}: workload {workload}", file=sys.stderr, flush=True)
+        if workload == "D" and tree:
+            results["D"] = bench.idle(target, tree, procs)
+        elif workload == "A":
+            results["A"] = bench.connections(target, tree)
+        elif workload == "B":
+            results["B"] = bench.messages(target, tree)
+        elif workload == "C":
+            results["C"] = bench.bulk(targets["source"], tree)
+    return results
+
+
+def tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_backends(tmp: Path, tools: dict[str, Path], procs: Procs) -> tuple[dict[str, Path], list[int]]:
+    sockets, pids = {}, []
+    for mode, name in NAMES.items():
+        path = tmp / "hosts" / name / "tls-socket"
+        path.parent.mkdir(parents=True)
+        proc = procs.spawn(pinned(LOAD_CPU, [str(tools["backend"]), str(path), mode]))
+        if not wait_path(path):
+            raise RuntimeError(f"backend {mode} did not start")
+        sockets[mode], pids = path, [*pids, proc.pid]
+    return sockets, pids
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short regression run (about 2 minutes)")
+    parser.add_argument("--save-baseline", action="store_true", help="write perf/baseline.json")
+    parser.add_argument("--smoke", action="store_true", help="0.5 s per workload: checks the harness only")
+    parser.add_argument("--peers", help="comma-separated subset of: " + ",".join(p.name for p in PEERS))
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    notes = ensure_installed()
+    raise_nofile()
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {int(LOAD_CPU)})
+    chosen = [p for p in PEERS if not args.peers or p.name in args.peers.split(",")]
+    settings = Settings.for_run(args.quick, args.smoke)
+    procs = Procs()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="fastsni-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        tmp.chmod(0o755)  # nginx's workers and sniproxy reach the backends as other users
+        try:
+            results = run_all(chosen, settings, procs, tmp, notes)
+        finally:
+            procs.stop_all()
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
+        "command": " ".join(["python3", "perf/bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(),
+        "settings": settings.__dict__,
+        "notes": notes,
+        "results": results,
+        "ratios": ratios(results),
+    }
+    return finish(report, args)
+
+
+def run_all(
+    peers: list[Peer], settings: Settings, procs: Procs, tmp: Path, notes: list[str]
+) -> dict[str, Any]:
+    tools = build(tmp)
+    hellos = write_hellos(tmp)
+    sockets, backend_pids = start_backends(tmp, tools, procs)
+    bench = Bench(settings, tools, hellos, sockets, backend_pids)
+    results: dict[str, Any] = {}
+    for peer in peers:
+        if peer.binary and not shutil.which(peer.binary):
+            results[peer.name] = {"broken": f"{peer.binary} not installed"}
+            continue
+        print(f"bench: {peer.name}", file=sys.stderr, flush=True)
+        results[peer.name] = run_peer(peer, bench, procs, tmp)
+        if "broken" in results[peer.name]:
+            notes.append(f"{peer.name}: {results[peer.name]['broken']}")
+    return results
+
+
+def finish(report: dict[str, Any], args: argparse.Namespace) -> int:
+    print(render_table(report))
+    out = HERE / "results" / "latest.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(REPO)}")
+    baseline = HERE / "baseline.json"
+    if args.save_baseline:
+        baseline.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {baseline.relative_to(REPO)}")
+    elif args.quick and baseline.exists():
+        flags = compare_baseline(report, json.loads(baseline.read_text()))
+        print("\n".join(flags) if flags else "no figure is more than 10% worse than perf/baseline.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

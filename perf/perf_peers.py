@@ -1,0 +1,130 @@
+"""The proxies compared by perf/bench.py and their equivalent configurations: one
+worker, frontend on 127.0.0.1:PORT, route echo.test and bulk.test by SNI to Unix sockets,
+no access log."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    kind: str  # fastsni, nginx, haproxy, sniproxy or direct (no proxy: the ceiling)
+    binary: str | None
+    workloads: tuple[str, ...] = ("D", "A", "B", "C")
+    variant: str = ""
+
+
+PEERS = [
+    Peer("fastsni", "fastsni", None),
+    Peer("fastsni-pure", "fastsni", None, variant="pure"),
+    Peer("nginx", "nginx", "nginx"),
+    Peer("haproxy", "haproxy", "haproxy"),
+    Peer("sniproxy", "sniproxy", "sniproxy"),
+    Peer("direct", "direct", None, ("A", "B", "C")),
+    Peer("nginx-buf256k", "nginx", "nginx", ("C",), "buf256k"),
+    Peer("haproxy-splice", "haproxy", "haproxy", ("C",), "splice"),
+]
+
+
+def write_peer_config(peer: Peer, workdir: Path, port: int, sockets: dict[str, Path]) -> None:
+    routes = {"echo.test": sockets["echo"], "bulk.test": sockets["source"]}
+    writer = {"nginx": nginx_config, "haproxy": haproxy_config, "sniproxy": sniproxy_config}.get(peer.kind)
+    if writer is not None:
+        (workdir / f"{peer.kind}.conf").write_text(writer(peer, workdir, port, routes))
+
+
+def peer_command(peer: Peer, workdir: Path, port: int, hosts: Path) -> tuple[list[str], dict[str, str], Path]:
+    """(argv, extra environment, working directory) of a peer running in the foreground."""
+    conf = str(workdir / f"{peer.kind}.conf")
+    if peer.kind == "fastsni":
+        env = {"FASTSNI_NO_EXTENSIONS": "1" if peer.variant == "pure" else "0"}
+        python = sys.executable
+        return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, "-m", "fastsni"], env, hosts
+    if peer.kind == "nginx":
+        return ["nginx", "-p", f"{workdir}/", "-c", conf, "-e", str(workdir / "error.log")], {}, workdir
+    if peer.kind == "haproxy":
+        return ["haproxy", "-db", "-f", conf], {}, workdir
+    if peer.kind == "sniproxy":
+        return ["sniproxy", "-f", "-c", conf], {}, workdir
+    raise ValueError(peer.kind)
+
+
+def nginx_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
+    buffer = "proxy_buffer_size 256k;" if peer.variant == "buf256k" else ""
+    entries = "\n".join(f"        {name} unix:{path};" for name, path in routes.items())
+    return f"""load_module {NGINX_STREAM_MODULE};
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 18000; }}
+stream {{
+    map $ssl_preread_server_name $backend {{
+{entries}
+        default unix:{workdir}/nobody.sock;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        ssl_preread on;
+        proxy_pass $backend;
+        {buffer}
+    }}
+}}
+"""
+
+
+def haproxy_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
+    splice = "    option splice-auto\n" if peer.variant == "splice" else ""
+    rules = "\n".join(
+        f"    use_backend be_{name.split('.')[0]} if {{ req.ssl_sni -i {name} }}" for name in routes
+    )
+    backends = "\n".join(
+        f"backend be_{name.split('.')[0]}\n    server s1 unix@{path}\n" for name, path in routes.items()
+    )
+    return f"""global
+    nbthread 1
+    maxconn 7000
+    pidfile {workdir}/haproxy.pid
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+{splice}
+frontend fe
+    bind 127.0.0.1:{port}
+    backlog 4096
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+{rules}
+
+{backends}"""
+
+
+def sniproxy_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
+    del peer
+    entries = "\n".join(f"    ^{name}$ unix:{path}" for name, path in routes.items())
+    return f"""pidfile {workdir}/sniproxy.pid
+
+error_log {{
+    filename {workdir}/error.log
+    priority notice
+}}
+
+listener 127.0.0.1:{port} {{
+    protocol tls
+    table bench
+}}
+
+table bench {{
+{entries}
+}}
+"""
