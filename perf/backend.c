@@ -6,6 +6,8 @@
  * from the 5-byte record header.  Then:
  *   echo    reply "OK" (2 bytes), then echo every byte back (ping-pong messages, idle)
  *   source  stream bytes to the client until it closes (bulk download)
+ * Mode http skips the hello: it answers every request head (each "\r\n\r\n") with a
+ * tiny keep-alive "200 OK" (bodiless GET requests only, as wrk sends).
  * Runs until SIGTERM/SIGINT.  Single-threaded, non-blocking, level-triggered.
  */
 #define _GNU_SOURCE
@@ -35,7 +37,8 @@ struct conn {
 };
 
 static struct conn *conns;
-static int source_mode;
+static int source_mode, http_mode;
+static const char http_reply[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nOK";
 static volatile sig_atomic_t stop;
 static char srcbuf[262144];
 
@@ -112,12 +115,27 @@ static int pump_source(int fd) {
     return 0;
 }
 
+/* Reply once per end of request head; hdr_have is how much of "\r\n\r\n" matched. */
+static int answer_requests(int ep, int fd, const unsigned char *buf, int n) {
+    static const char end[] = "\r\n\r\n";
+    struct conn *c = &conns[fd];
+    for (int i = 0; i < n; i++) {
+        c->hdr_have = buf[i] == (unsigned char)end[c->hdr_have] ? c->hdr_have + 1 : (buf[i] == '\r');
+        if (c->hdr_have == 4) {
+            c->hdr_have = 0;
+            if (send_or_keep(ep, fd, http_reply, sizeof http_reply - 1) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
 static int on_readable(int ep, int fd) {
     static unsigned char buf[BUF];
     struct conn *c = &conns[fd];
     ssize_t n = recv(fd, buf, sizeof buf, 0);
     if (n == 0) return -1;
     if (n < 0) return errno == EAGAIN ? 0 : -1;
+    if (http_mode) return answer_requests(ep, fd, buf, (int)n);
     int off = 0;
     if (!c->hello_done) {
         off = eat_hello(c, buf, (int)n);
@@ -155,11 +173,12 @@ static void accept_all(int ep, int ls) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 || (strcmp(argv[2], "echo") && strcmp(argv[2], "source"))) {
-        fprintf(stderr, "usage: backend PATH echo|source\n");
+    if (argc != 3 || (strcmp(argv[2], "echo") && strcmp(argv[2], "source") && strcmp(argv[2], "http"))) {
+        fprintf(stderr, "usage: backend PATH echo|source|http\n");
         return 2;
     }
     source_mode = !strcmp(argv[2], "source");
+    http_mode = !strcmp(argv[2], "http");
     memset(srcbuf, 'x', sizeof srcbuf);
     struct rlimit rl = {MAXFD, MAXFD};
     setrlimit(RLIMIT_NOFILE, &rl);

@@ -31,7 +31,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROXY_CPU = "1"
 LOAD_CPU = "0"
-NAMES = {"echo": "echo.test", "source": "bulk.test"}
+BACKENDS = {  # mode: (host name, socket name)
+    "echo": ("echo.test", "tls-socket"),
+    "source": ("bulk.test", "tls-socket"),
+    "http": ("echo.test", "http-socket"),
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APT_PACKAGES = {
     "haproxy": "haproxy",
@@ -142,7 +146,7 @@ def write_hellos(tmp: Path) -> dict[str, Path]:
     from backends import client_hello
 
     files = {}
-    for mode, name in NAMES.items():
+    for mode, (name, _) in BACKENDS.items():
         files[mode] = tmp / f"hello-{name}"
         files[mode].write_bytes(client_hello(name))
     return files
@@ -210,6 +214,12 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLK_TCK
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children (wrk, once subprocess.run returns)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -287,6 +297,42 @@ class Bench:
             **cpu_shares(r),
         }
 
+    def http(self, port: str, pids: list[int]) -> dict[str, Any]:
+        """wrk: 32 keep-alive connections of GET / with Host: echo.test."""
+        s = self.settings
+        url = f"http://127.0.0.1:{port}/"
+        cmd = [
+            "wrk",
+            "-t1",
+            "-c32",
+            f"-d{max(1, round(s.msg_seconds))}s",
+            "--latency",
+            "-H",
+            "Host: echo.test",
+            url,
+        ]
+        wall = max(1, round(s.msg_seconds))
+        before = cpu_seconds(pids), cpu_seconds(self.backend_pids)
+        children = children_cpu()
+        out = subprocess.run(
+            pinned(LOAD_CPU, cmd), capture_output=True, text=True, timeout=s.msg_seconds + 30
+        )
+        wrk_cpu = children_cpu() - children
+        after = cpu_seconds(pids), cpu_seconds(self.backend_pids)
+        figures = parse_wrk(out.stdout)
+        if "req_per_s" not in figures:
+            return {"broken": f"wrk: {(out.stdout + out.stderr).strip()[-300:]}"}
+        requests = max(figures.get("requests", 0), 1)
+        return {
+            **figures,
+            "proxy_cpu_us_per_req": (after[0] - before[0]) / requests * 1e6,
+            "cpu_pct": {
+                "proxy": round(100 * (after[0] - before[0]) / wall),
+                "loadgen": round(100 * wrk_cpu / wall),
+                "backend": round(100 * (after[1] - before[1]) / wall),
+            },
+        }
+
     def idle(self, target: str, pids: list[int], procs: Procs) -> dict[str, Any]:
         """RSS growth of the proxy per idle relayed connection."""
         s = self.settings
@@ -307,6 +353,25 @@ class Bench:
             "idle_errors": ready.get("errors"),
             "kib_per_idle_conn": (after - before) / held if held else None,
         }
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """Requests/sec, total requests, p50/p99 latency in µs and errors from wrk's output."""
+    units = {"us": 1.0, "ms": 1e3, "s": 1e6}
+    figures: dict[str, Any] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            figures["req_per_s"] = float(words[1])
+        elif "requests in" in line:
+            figures["requests"] = int(words[0])
+        elif len(words) == 2 and words[0] in ("50%", "99%"):
+            number = words[1].rstrip("usm")
+            unit = words[1][len(number) :]
+            figures[f"http_p{words[0][:2]}_us"] = float(number) * units.get(unit, 1.0)
+        elif "Non-2xx" in line or "Socket errors" in line:
+            figures["errors"] = line.strip()
+    return figures
 
 
 def cpu_shares(r: dict[str, Any]) -> dict[str, Any]:
@@ -350,6 +415,9 @@ def run_workloads(
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     target = targets["echo"]
+    if peer.workloads == ("E",):
+        print(f"  {peer.name}: workload E", file=sys.stderr, flush=True)
+        return {"E": bench.http(target.rsplit(":", 1)[1], process_tree(pids[0]))}
     smoke = subprocess.run(bench.loadgen("conn", target, "echo", 4, 200, 2), capture_output=True, text=True)
     warm = json.loads(smoke.stdout.strip().splitlines()[-1])
     if warm["ops"] == 0:
@@ -368,6 +436,15 @@ def run_workloads(
     return results
 
 
+def runnable(package: str, cwd: Path) -> bool:
+    """Whether ``python3 -m package`` can run from a directory outside the repository."""
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{package}.__main__') is None)"
+    try:
+        return subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 def tail(path: Path, lines: int = 3) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -377,9 +454,9 @@ def tail(path: Path, lines: int = 3) -> str:
 
 def start_backends(tmp: Path, tools: dict[str, Path], procs: Procs) -> tuple[dict[str, Path], list[int]]:
     sockets, pids = {}, []
-    for mode, name in NAMES.items():
-        path = tmp / "hosts" / name / "tls-socket"
-        path.parent.mkdir(parents=True)
+    for mode, (name, socket_name) in BACKENDS.items():
+        path = tmp / "hosts" / name / socket_name
+        path.parent.mkdir(parents=True, exist_ok=True)
         proc = procs.spawn(pinned(LOAD_CPU, [str(tools["backend"]), str(path), mode]))
         if not wait_path(path):
             raise RuntimeError(f"backend {mode} did not start")
@@ -436,6 +513,12 @@ def run_all(
     for peer in peers:
         if peer.binary and not shutil.which(peer.binary):
             results[peer.name] = {"broken": f"{peer.binary} not installed"}
+            continue
+        if "E" in peer.workloads and not shutil.which("wrk"):
+            results[peer.name] = {"broken": "wrk not installed"}
+            continue
+        if peer.kind == "fasthttpdir" and not runnable("fasthttpdir", tmp):
+            results[peer.name] = {"broken": "fasthttpdir is not written yet (no fasthttpdir.__main__)"}
             continue
         print(f"bench: {peer.name}", file=sys.stderr, flush=True)
         results[peer.name] = run_peer(peer, bench, procs, tmp)

@@ -29,11 +29,17 @@ PEERS = [
     Peer("direct", "direct", None, ("A", "B", "C")),
     Peer("nginx-buf256k", "nginx", "nginx", ("C",), "buf256k"),
     Peer("haproxy-splice", "haproxy", "haproxy", ("C",), "splice"),
+    Peer("fasthttpdir", "fasthttpdir", None, ("E",)),
+    Peer("fasthttpdir-pure", "fasthttpdir", None, ("E",), "pure"),
+    Peer("nginx-http", "nginx", "nginx", ("E",), "http"),
+    Peer("haproxy-http", "haproxy", "haproxy", ("E",), "http"),
 ]
 
 
 def write_peer_config(peer: Peer, workdir: Path, port: int, sockets: dict[str, Path]) -> None:
     routes = {"echo.test": sockets["echo"], "bulk.test": sockets["source"]}
+    if peer.variant == "http":
+        routes = {"echo.test": sockets["http"]}
     writer = {"nginx": nginx_config, "haproxy": haproxy_config, "sniproxy": sniproxy_config}.get(peer.kind)
     if writer is not None:
         (workdir / f"{peer.kind}.conf").write_text(writer(peer, workdir, port, routes))
@@ -42,10 +48,10 @@ def write_peer_config(peer: Peer, workdir: Path, port: int, sockets: dict[str, P
 def peer_command(peer: Peer, workdir: Path, port: int, hosts: Path) -> tuple[list[str], dict[str, str], Path]:
     """(argv, extra environment, working directory) of a peer running in the foreground."""
     conf = str(workdir / f"{peer.kind}.conf")
-    if peer.kind == "fastsni":
+    if peer.kind in ("fastsni", "fasthttpdir"):
         env = {"FASTSNI_NO_EXTENSIONS": "1" if peer.variant == "pure" else "0"}
         python = sys.executable
-        return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, "-m", "fastsni"], env, hosts
+        return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, "-m", peer.kind], env, hosts
     if peer.kind == "nginx":
         return ["nginx", "-p", f"{workdir}/", "-c", conf, "-e", str(workdir / "error.log")], {}, workdir
     if peer.kind == "haproxy":
@@ -56,6 +62,8 @@ def peer_command(peer: Peer, workdir: Path, port: int, hosts: Path) -> tuple[lis
 
 
 def nginx_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
+    if peer.variant == "http":
+        return nginx_http_config(workdir, port, routes)
     buffer = "proxy_buffer_size 256k;" if peer.variant == "buf256k" else ""
     entries = "\n".join(f"        {name} unix:{path};" for name, path in routes.items())
     return f"""load_module {NGINX_STREAM_MODULE};
@@ -81,6 +89,8 @@ stream {{
 
 
 def haproxy_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
+    if peer.variant == "http":
+        return haproxy_http_config(workdir, port, routes)
     splice = "    option splice-auto\n" if peer.variant == "splice" else ""
     rules = "\n".join(
         f"    use_backend be_{name.split('.')[0]} if {{ req.ssl_sni -i {name} }}" for name in routes
@@ -128,3 +138,66 @@ table bench {{
 {entries}
 }}
 """
+
+
+def nginx_http_config(workdir: Path, port: int, routes: dict[str, Path]) -> str:
+    """HTTP/1.1 reverse proxy by Host, keep-alive to the backend (32 idle upstream connections)."""
+    upstreams = "\n".join(
+        f"    upstream u_{name.split('.')[0]} {{ server unix:{path}; keepalive 32; }}"
+        for name, path in routes.items()
+    )
+    entries = "\n".join(f"        {name} u_{name.split('.')[0]};" for name in routes)
+    return f"""worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 18000; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+{upstreams}
+    map $host $backend {{
+{entries}
+        default u_{next(iter(routes)).split(".")[0]};
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://$backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_http_config(workdir: Path, port: int, routes: dict[str, Path]) -> str:
+    """mode http, use_backend by Host, default connection reuse to the backend."""
+    rules = "\n".join(
+        f"    use_backend be_{name.split('.')[0]} if {{ hdr(host) -i {name} }}" for name in routes
+    )
+    backends = "\n".join(
+        f"backend be_{name.split('.')[0]}\n    server s1 unix@{path}\n" for name, path in routes.items()
+    )
+    return f"""global
+    nbthread 1
+    maxconn 7000
+    pidfile {workdir}/haproxy.pid
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+
+frontend fe
+    bind 127.0.0.1:{port}
+{rules}
+
+{backends}"""

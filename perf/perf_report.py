@@ -19,13 +19,24 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("C", "mb_per_s", "bulk MB/s", True),
     ("C", "proxy_cpu_s_per_gb", "proxy CPU s/GB", False),
     ("D", "kib_per_idle_conn", "RSS KiB/idle conn", False),
+    ("E", "req_per_s", "HTTP req/s", True),
+    ("E", "http_p99_us", "HTTP p99 µs", False),
+    ("E", "proxy_cpu_us_per_req", "proxy CPU µs/req", False),
 ]
-TWINS = ("fastsni", "fastsni-pure")
+TWINS = ("fastsni", "fastsni-pure", "fasthttpdir", "fasthttpdir-pure")
+
+
+def twins(workload: str) -> tuple[str, str]:
+    """Ours, compiled and pure: fasthttpdir for the HTTP workload, fastsni for the rest."""
+    return ("fasthttpdir", "fasthttpdir-pure") if workload == "E" else ("fastsni", "fastsni-pure")
+
+
 WORKLOAD_NAMES = {
     "A": "A new connections",
     "B": "B small messages",
     "C": "C bulk download",
     "D": "D idle connections",
+    "E": "E HTTP via wrk",
 }
 
 
@@ -37,9 +48,9 @@ def value(results: dict[str, Any], peer: str, workload: str, key: str) -> float 
 def ratios(results: dict[str, Any]) -> dict[str, float]:
     """fastsni twin / peer for every figure both have: "fastsni/nginx A.conn_per_s"."""
     out: dict[str, float] = {}
-    for twin in TWINS:
-        for peer in results:
-            for workload, key, _, _ in METRICS:
+    for workload, key, _, _ in METRICS:
+        for twin in twins(workload):
+            for peer in results:
                 ours, theirs = value(results, twin, workload, key), value(results, peer, workload, key)
                 if ours is not None and theirs:
                     out[f"{twin}/{peer} {workload}.{key}"] = ours / theirs
@@ -56,7 +67,7 @@ def fmt(figure: float | None) -> str:
 
 def render_table(report: dict[str, Any]) -> str:
     results, rat = report["results"], report["ratios"]
-    header = f"{'workload':<20} {'metric':<18} {'peer':<15} {'value':>10} {'fastsni/':>9} {'pure/':>7}"
+    header = f"{'workload':<20} {'metric':<18} {'peer':<15} {'value':>10} {'ours/':>9} {'pure/':>7}"
     header += "  cpu% proxy/lg/be"
     lines = [header, "-" * len(header)]
     for workload, key, label, higher in METRICS:
@@ -64,7 +75,7 @@ def render_table(report: dict[str, Any]) -> str:
             figure = value(results, peer, workload, key)
             if figure is None:
                 continue
-            mine = [rat.get(f"{twin}/{peer} {workload}.{key}") for twin in TWINS]
+            mine = [rat.get(f"{twin}/{peer} {workload}.{key}") for twin in twins(workload)]
             cpu = results[peer][workload].get("cpu_pct", {})
             shares = "/".join(str(cpu.get(p, "-")) for p in ("proxy", "loadgen", "backend")) if cpu else ""
             lines.append(
@@ -72,7 +83,10 @@ def render_table(report: dict[str, Any]) -> str:
                 f"{fmt(figure):>10} {ratio_text(mine[0]):>9} {ratio_text(mine[1]):>7}  {shares}"
             )
     broken = [f"{peer}: {res['broken']}" for peer, res in results.items() if "broken" in res]
-    lines += ["", "↑ higher is better, ↓ lower is better; fastsni/, pure/ = that twin's figure ÷ this row's."]
+    lines += ["", "↑ higher is better, ↓ lower is better."]
+    lines += [
+        "ours/, pure/ = fastsni's (E: fasthttpdir's) compiled or pure twin's figure ÷ this row's, same run."
+    ]
     lines += ["cpu% = CPU time ÷ wall time of the run (100 = one core saturated); lg = load generator."]
     lines += [f"BROKEN {line}" for line in broken]
     lines += [f"note: {note}" for note in report.get("notes", [])]
