@@ -15,9 +15,8 @@ SIGHUP: stop accepting and let open connections finish (up to 10 s). SIGTERM, SI
 
 def main(argv: list[str] | None = None) -> None:
     proxy = twins.load("fastsni.proxy", "fastsni._proxy")
-    server.serve(
-        "fastsni", SUMMARY, sys.argv[1:] if argv is None else argv, proxy, proxy.TlsFrontend, proxy.LIVE
-    )
+    arguments = sys.argv[1:] if argv is None else argv
+    server.serve_connections("fastsni", SUMMARY, arguments, proxy, proxy.TlsConnection)
 
 
 if __name__ == "__main__":

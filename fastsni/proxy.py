@@ -1,15 +1,17 @@
-"""fastsni's per-connection protocol: read the ClientHello, route by SNI, relay (pure twin).
+"""fastsni's connection: read the ClientHello, route by SNI, relay (pure twin).
 
 This module is the specification; ``pyx/_proxy.pyx`` mirrors it function for function.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
+import os
+import socket
 import sys
 
-from fastsni.relay import LIVE, Side, connect_backend, describe, errno_name, proxy_v1_header, take_over
+from fastsni.engine import CHUNK, RETRY, Relay, Service, connect_backend
+from fastsni.relay import describe, errno_name, proxy_v1_header
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
 
 HELLO_TIMEOUT = 10.0  # seconds from accept to a complete ClientHello
@@ -18,24 +20,44 @@ BACKEND_SOCKET = "tls-socket"
 ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ECONNREFUSED))
 
 
-def log(address: tuple, name: str | None, reason: str) -> None:
-    sys.stderr.write(f"fastsni: {describe(address)} {name or '-'}: {reason}\n")
+def addresses(fd: int) -> tuple[tuple, tuple]:
+    """(peer, local) socket addresses of a connected descriptor."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getpeername(), sock.getsockname()
+    finally:
+        sock.detach()
 
 
-class TlsFrontend(asyncio.Protocol):
-    """An accepted client connection until its ClientHello names a backend."""
+def log(fd: int, name: str | None, reason: str) -> None:
+    try:
+        client = describe(addresses(fd)[0])
+    except OSError:
+        client = "(gone)"
+    sys.stderr.write(f"fastsni: {client} {name or '-'}: {reason}\n")
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.reader = HelloReader()
-        self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        self.transport = transport
-        LIVE.add(transport)
-        self.timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self.expired)
+class TlsConnection:
+    """An accepted client connection until its ClientHello names a backend; then a Relay."""
 
-    def data_received(self, data: bytes) -> None:
+    def __init__(self, service: Service, fd: int) -> None:
+        self.service = service
+        self.fd = fd
+        self.reader: HelloReader | None = HelloReader()
+        service.loop.add_reader(fd, self.readable)
+        self.timer = service.loop.call_later(HELLO_TIMEOUT, self.expire)
+
+    def readable(self) -> None:
+        try:
+            data = os.read(self.fd, CHUNK)
+        except RETRY:
+            return
+        except OSError:
+            self.close()  # reset before the hello was complete: nothing to answer
+            return
+        if not data:
+            self.close()  # a client that closes before its hello is complete is simply closed
+            return
         try:
             name = self.reader.feed(data)
         except HelloError as exc:
@@ -45,47 +67,37 @@ class TlsFrontend(asyncio.Protocol):
             self.route(name)
 
     def route(self, name: str) -> None:
-        transport = self.transport
-        transport.pause_reading()
         self.timer.cancel()
         try:
-            sock, send_proxy = connect_backend(name, BACKEND_SOCKET)
+            backend, send_proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             return
         hello = bytes(self.reader.received)
+        self.reader = None
         if send_proxy:
-            peer = transport.get_extra_info("peername")
-            hello = proxy_v1_header(peer, transport.get_extra_info("sockname")) + hello
-        client = take_over(transport)
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.create_unix_connection(lambda: Side(client, hello), sock=sock))
-        task.add_done_callback(lambda task: self.connected(task, client, name))
+            hello = proxy_v1_header(*addresses(self.fd)) + hello
+        Relay(self.service.loop, self.fd, backend, hello, b"", self.relay_closed)
 
-    def connected(self, task: asyncio.Task, client: Side, name: str) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and not client.closed:
-            client.transport.write(alert(INTERNAL_ERROR))
-            client.transport.close()
-            log(self.transport.get_extra_info("peername"), name, f"backend: {exc!r}")
-
-    def expired(self) -> None:
-        if not self.transport.is_closing():
-            self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
+    def expire(self) -> None:
+        self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
 
     def fail(self, code: int, name: str | None, reason: str) -> None:
-        transport = self.transport
-        transport.write(alert(code))
-        transport.close()
-        log(transport.get_extra_info("peername"), name, reason)
+        """Answer with one fatal alert, log one line, close."""
+        log(self.fd, name, reason)
+        try:
+            os.write(self.fd, alert(code))
+        except OSError:
+            pass
+        self.close()
 
-    def eof_received(self) -> bool:
-        # A client that closes before its hello is complete is simply closed.
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def close(self) -> None:
         self.timer.cancel()
-        LIVE.discard(self.transport)
+        self.reader = None
+        self.service.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.service.closed(self)
+
+    def relay_closed(self) -> None:
+        self.service.closed(self)

@@ -7,45 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import socket
 
+from fastsni import engine
+
 HIGH_WATER = 64 * 1024  # per direction: pause the reading side above this much unsent
-SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
 
 # Client transports with a connection open, for the graceful drain on SIGHUP.
 LIVE: set = set()
 
 
 def connect_backend(name: str, leaf: str) -> tuple[socket.socket, bool]:
-    """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh.
-
-    Returns the connected non-blocking socket and whether ``<name>/send-proxy-v1``
-    exists (any file type, a dangling symlink too).  Raises OSError from open(),
-    connect() or socket(); the caller maps its errno to an answer.  A path too long
-    for sun_path is reached through the directory's descriptor in /proc, so every
-    valid hostname works.
-    """
-    path = f"{name}/{leaf}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        if len(path) <= SUN_PATH_MAX:
-            sock.connect(path)
-            return sock, os.path.lexists(f"{name}/send-proxy-v1")
-        dirfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            sock.connect(f"/proc/self/fd/{dirfd}/{leaf}")
-            try:
-                os.stat("send-proxy-v1", dir_fd=dirfd, follow_symlinks=False)
-                send_proxy = True
-            except FileNotFoundError:
-                send_proxy = False
-            return sock, send_proxy
-        finally:
-            os.close(dirfd)
-    except BaseException:
-        sock.close()
-        raise
+    """fastsni.engine.connect_backend, returning a socket object for transports."""
+    fd, send_proxy = engine.connect_backend(name, leaf)
+    return socket.socket(fileno=fd), send_proxy
 
 
 def errno_name(exc: OSError) -> str:

@@ -107,6 +107,19 @@ def address_text(address: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def serve_connections(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
+    """Run a proxy on the engine: ``start(service, fd)`` serves each accepted descriptor
+    (see fastsni.engine.Service)."""
+    engine = twins.load("fastsni.engine", "fastsni._engine")
+
+    def begin(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[Callable[[], None], set]:
+        service = engine.Service(loop, sock, start)
+        service.listener.start()
+        return service.listener.close, service.live
+
+    _run(program, summary, argv, twin, begin)
+
+
 def serve(
     program: str,
     summary: str,
@@ -115,15 +128,26 @@ def serve(
     make_protocol: Callable[[], asyncio.BaseProtocol],
     live: set,
 ) -> None:
-    """Run a proxy: ``make_protocol`` builds each accepted connection's protocol and
-    ``live`` holds the client transports still open (drained on SIGHUP)."""
+    """Run a proxy of asyncio protocols: ``make_protocol`` builds each accepted
+    connection's protocol and ``live`` holds the client transports still open."""
+
+    def begin(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[Callable[[], None], set]:
+        server = loop.run_until_complete(loop.create_server(make_protocol, sock=sock, backlog=BACKLOG))
+        return server.close, live
+
+    _run(program, summary, argv, twin, begin)
+
+
+def _run(program: str, summary: str, argv: list[str], twin: ModuleType, begin: Callable) -> None:
+    """The contract: arguments, fd 0, limits, the start line, signals, drain, exit 0."""
     kind = "compiled" if twins.is_compiled(twin) else "pure"
     parse_arguments(program, summary, argv, kind)
     sock = listening_socket(program)
+    sock.listen(BACKLOG)
     raise_nofile_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    server = loop.run_until_complete(loop.create_server(make_protocol, sock=sock, backlog=BACKLOG))
+    stop_accepting, live = begin(loop, sock)
     sys.stderr.write(
         f"{program} {__version__} ({kind}, {type(loop).__module__.split('.')[0]}) "
         f"listening on {address_text(sock.getsockname())} serving {os.getcwd()}\n"
@@ -139,7 +163,7 @@ def serve(
     loop.add_signal_handler(signal.SIGTERM, stop, "now")
     loop.add_signal_handler(signal.SIGINT, stop, "now")
     loop.run_forever()
-    server.close()
+    stop_accepting()
     if stopping == ["drain"]:
         sys.stderr.write(
             f"{program}: SIGHUP: stopped accepting; draining {len(live)} connections for up to "
@@ -151,10 +175,8 @@ def serve(
             loop.run_until_complete(_drained(live, loop.time() + DRAIN_SECONDS))
         except RuntimeError:
             pass  # stopped by SIGTERM or SIGINT while draining
-    cut = list(live)
-    for transport in cut:
-        transport.abort()
-    sys.stderr.write(f"{program}: exiting, {len(cut)} connections cut\n" if cut else f"{program}: exiting\n")
+    cut = len(live)
+    sys.stderr.write(f"{program}: exiting, {cut} connections cut\n" if cut else f"{program}: exiting\n")
     raise SystemExit(0)
 
 

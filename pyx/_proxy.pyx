@@ -1,85 +1,85 @@
 # cython: language_level=3
 """Compiled twin of fastsni/proxy.py: read the ClientHello, route by SNI, relay."""
 
-import asyncio
+from libc.errno cimport EAGAIN, EINTR, errno
+from posix.unistd cimport close, read, write
 
-from fastsni._relay import LIVE, Side, take_over
+from fastsni._engine import Relay, connect_backend
 from fastsni._tls import HelloReader
-from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, log
-from fastsni.relay import connect_backend, errno_name, proxy_v1_header
+from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, addresses, log
+from fastsni.relay import errno_name, proxy_v1_header
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, alert
 
-cdef set _LIVE = LIVE
-cdef object _get_running_loop = asyncio.get_running_loop
+cdef enum:
+    C_CHUNK = 128 * 1024
+
+cdef char _buffer[C_CHUNK]
 
 
-cdef class TlsFrontend:
-    """An accepted client connection until its ClientHello names a backend."""
+cdef class TlsConnection:
+    """An accepted client connection until its ClientHello names a backend; then a Relay."""
 
-    cdef public object transport
+    cdef public object service
+    cdef public int fd
     cdef public object reader
     cdef public object timer
 
-    def __init__(self):
-        self.transport = None
+    def __init__(self, service, int fd):
+        self.service = service
+        self.fd = fd
         self.reader = HelloReader()
-        self.timer = None
+        loop = service.loop
+        loop.add_reader(fd, self.readable)
+        self.timer = loop.call_later(HELLO_TIMEOUT, self.expire)
 
-    def connection_made(self, transport):
-        self.transport = transport
-        _LIVE.add(transport)
-        self.timer = _get_running_loop().call_later(HELLO_TIMEOUT, self.expired)
-
-    def data_received(self, data):
+    def readable(self):
+        cdef ssize_t got = read(self.fd, _buffer, C_CHUNK)
+        if got < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return
+            self.close()
+            return
+        if got == 0:
+            self.close()
+            return
         try:
-            name = self.reader.feed(data)
+            name = self.reader.feed(_buffer[:got])
         except HelloError as exc:
             self.fail(exc.alert, None, exc.reason)
             return
         if name is not None:
             self.route(name)
 
-    def route(self, str name):
-        transport = self.transport
-        transport.pause_reading()
+    cdef route(self, str name):
         self.timer.cancel()
         try:
-            sock, send_proxy = connect_backend(name, BACKEND_SOCKET)
+            backend, send_proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             return
         cdef bytes hello = bytes(self.reader.received)
+        self.reader = None
         if send_proxy:
-            peer = transport.get_extra_info("peername")
-            hello = proxy_v1_header(peer, transport.get_extra_info("sockname")) + hello
-        client = take_over(transport)
-        loop = _get_running_loop()
-        task = loop.create_task(loop.create_unix_connection(lambda: Side(client, hello), sock=sock))
-        task.add_done_callback(lambda task: self.connected(task, client, name))
+            hello = proxy_v1_header(*addresses(self.fd)) + hello
+        Relay(self.service.loop, self.fd, backend, hello, b"", self.relay_closed)
 
-    def connected(self, task, client, str name):
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and not client.closed:
-            client.transport.write(alert(INTERNAL_ERROR))
-            client.transport.close()
-            log(self.transport.get_extra_info("peername"), name, f"backend: {exc!r}")
-
-    def expired(self):
-        if not self.transport.is_closing():
-            self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
+    def expire(self):
+        self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
 
     cpdef fail(self, int code, name, str reason):
-        transport = self.transport
-        transport.write(alert(code))
-        transport.close()
-        log(transport.get_extra_info("peername"), name, reason)
+        """Answer with one fatal alert, log one line, close."""
+        log(self.fd, name, reason)
+        cdef bytes answer = alert(code)
+        write(self.fd, <const char*>answer, len(answer))
+        self.close()
 
-    def eof_received(self):
-        return False
-
-    def connection_lost(self, exc):
+    cpdef close(self):
         self.timer.cancel()
-        _LIVE.discard(self.transport)
+        self.reader = None
+        self.service.loop.remove_reader(self.fd)
+        close(self.fd)
+        self.service.closed(self)
+
+    def relay_closed(self):
+        self.service.closed(self)
