@@ -1,12 +1,15 @@
-"""Descriptors, not transports: accepting, deadlines and the two-way relay (pure twin).
+"""Descriptors, not transports: accepting, readiness and the two-way relay (pure twin).
 
-The event loop only says when a descriptor is ready (add_reader/add_writer); bytes
-move with plain read(2) and write(2), so each line of an strace has one obvious
-cause.  Both proxies share this module; ``pyx/_engine.pyx`` mirrors it function for
-function with direct system calls.
+Both proxies share this module; ``pyx/_engine.pyx`` mirrors it function for function
+with direct system calls.  Bytes move with plain read(2) and write(2), so every line
+of an strace has one obvious cause:
 
 - Listener: accepts in batches; out of descriptors, it stops accepting until a
   connection closes (or a second passes) instead of spinning.
+- Reactor: one edge-triggered epoll instance; each connection descriptor is added
+  once (closing it removes it), and the event loop watches only the epoll descriptor.
+  Edge-triggered means "read until the kernel has no more, write until it takes no
+  more", which the Flow below does.
 - Relay: both directions at once, each reading only while the other side keeps up
   (at most one CHUNK waits per direction); EOF becomes shutdown(SHUT_WR) on the other
   side once everything before it is out; an error on either side closes both.
@@ -17,15 +20,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 from collections.abc import Callable
 
 CHUNK = 128 * 1024  # bytes per read(); also the most that waits unsent per direction
 ACCEPT_BATCH = 64  # accepts per wakeup, so established connections keep flowing
+PUMP_ROUNDS = 8  # chunks one direction moves before letting others run
+MAX_EVENTS = 256  # epoll events taken per wakeup
 RESUME_ACCEPT_AFTER = 1.0  # seconds out of descriptors before trying again anyway
 OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 RETRY = (BlockingIOError, InterruptedError)
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
+
+READABLE = select.EPOLLIN
+WRITABLE = select.EPOLLOUT
+CLOSING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read to learn what it is
+EDGE = READABLE | WRITABLE | select.EPOLLRDHUP | select.EPOLLET
 
 
 def connect_backend(name: str, leaf: str) -> tuple[int, bool]:
@@ -69,8 +80,47 @@ def shutdown_write(fd: int) -> None:
         sock.detach()
 
 
+class Reactor:
+    """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handlers: dict[int, object] = {}
+        self.again: list[Flow] = []  # flows that yielded to others mid-work
+        loop.add_reader(self.epoll.fileno(), self.dispatch)
+
+    def add(self, fd: int, handler) -> None:
+        self.handlers[fd] = handler
+        self.epoll.register(fd, EDGE)
+
+    def close(self, fd: int) -> None:
+        """Forget ``fd`` and close it (which removes it from the epoll set)."""
+        del self.handlers[fd]
+        os.close(fd)
+
+    def dispatch(self) -> None:
+        handlers = self.handlers
+        for fd, events in self.epoll.poll(0, MAX_EVENTS):
+            handler = handlers.get(fd)
+            if handler is not None:  # closed by an earlier event of this batch
+                handler.ready(fd, events)
+
+    def later(self, flow: Flow) -> None:
+        """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
+        if not self.again:
+            self.loop.call_soon(self.run_again)
+        self.again.append(flow)
+
+    def run_again(self) -> None:
+        flows, self.again = self.again, []
+        for flow in flows:
+            if not flow.relay.closed:
+                flow.pump()
+
+
 class Service:
-    """One proxy process: its listener and the connections still open.
+    """One proxy process: its listener, its reactor and the connections still open.
 
     ``start(service, fd)`` makes the object that serves an accepted connection; that
     object calls ``service.closed(itself)`` when it is done.
@@ -80,6 +130,7 @@ class Service:
         self.loop = loop
         self.start = start
         self.live: set = set()
+        self.reactor = Reactor(loop)
         self.listener = Listener(loop, sock, self.accepted)
 
     def accepted(self, fd: int) -> None:
@@ -143,115 +194,129 @@ class Listener:
 
 
 class Flow:
-    """One direction of a relay: read ``src``, write ``dst``."""
+    """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them."""
 
     def __init__(self, relay: Relay, src: int, dst: int) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
         self.pending = b""  # read from src, not yet taken by dst
+        self.src_ready = False  # src may have bytes to read
+        self.src_closing = False  # src reported hang-up or error: read until it says what
+        self.dst_ready = True  # dst may take bytes
         self.eof = False  # src has sent everything
+        self.done = False  # ... and all of it reached dst
 
-    def readable(self) -> None:
-        try:
-            data = os.read(self.src, CHUNK)
-        except RETRY:
+    def pump(self) -> None:
+        """Move bytes until src has none, dst takes no more, or PUMP_ROUNDS chunks went."""
+        if self.pending and not self.send(self.pending):
             return
-        except OSError:
-            self.relay.close()
-            return
-        if data:
-            self.send(data)
-            return
-        self.eof = True
-        self.relay.loop.remove_reader(self.src)
-        self.finish()
+        for _ in range(PUMP_ROUNDS):
+            if self.eof:
+                if not self.done:
+                    self.done = True
+                    self.relay.finished(self)
+                return
+            if not self.src_ready:
+                return
+            try:
+                data = os.read(self.src, CHUNK)
+            except RETRY:
+                self.src_ready = False
+                return
+            except OSError:
+                self.relay.close()
+                return
+            if not data:
+                self.eof = True
+                continue
+            if len(data) < CHUNK and not self.src_closing:
+                self.src_ready = False  # drained: bytes that come later bring a new edge
+            if not self.send(data):
+                return
+        self.relay.reactor.later(self)
 
-    def send(self, data: bytes) -> None:
-        """Write ``data`` to dst; what dst does not take yet waits, and src is not read meanwhile."""
+    def send(self, data: bytes) -> bool:
+        """Write ``data`` to dst; True if all of it went.  The rest waits in ``pending``."""
+        if not self.dst_ready:
+            self.pending = data
+            return False
         try:
             sent = os.write(self.dst, data)
         except RETRY:
             sent = 0
         except OSError:
             self.relay.close()
-            return
-        if sent < len(data):
-            self.pending = data[sent:]
-            loop = self.relay.loop
-            if not self.eof:
-                loop.remove_reader(self.src)
-            loop.add_writer(self.dst, self.writable)
-
-    def writable(self) -> None:
-        try:
-            sent = os.write(self.dst, self.pending)
-        except RETRY:
-            return
-        except OSError:
-            self.relay.close()
-            return
-        self.pending = self.pending[sent:]
+            return False
+        self.pending = data[sent:]
         if self.pending:
-            return
-        loop = self.relay.loop
-        loop.remove_writer(self.dst)
-        if self.eof:
-            self.finish()
-        else:
-            loop.add_reader(self.src, self.readable)
-
-    def finish(self) -> None:
-        """src sent EOF: once its bytes are out, shut dst's writing side; both done: close."""
-        if self.pending:
-            return  # writable() comes back here when they are out
-        if self.relay.done():
-            self.relay.close()
-        else:
-            shutdown_write(self.dst)
+            self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
+            return False
+        return True
 
 
 class Relay:
     """Join ``client`` and ``backend`` both ways; then close both and call ``on_close()``.
 
     ``to_backend`` and ``to_client`` are bytes already read from the other side (a
-    ClientHello, a PROXY line); they go out before anything else.
+    ClientHello, a PROXY line); they go out before anything else.  The client
+    descriptor is already in the reactor (``client_ready``: it may hold unread bytes);
+    the backend's is added here.
     """
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        reactor: Reactor,
         client: int,
         backend: int,
         to_backend: bytes,
         to_client: bytes,
         on_close: Callable[[], None],
+        client_ready: bool = False,
     ) -> None:
-        self.loop = loop
+        self.reactor = reactor
         self.client = client
         self.backend = backend
         self.on_close = on_close
         self.closed = False
         self.upstream = Flow(self, client, backend)
         self.downstream = Flow(self, backend, client)
-        loop.add_reader(client, self.upstream.readable)
-        loop.add_reader(backend, self.downstream.readable)
-        if to_backend:
-            self.upstream.send(to_backend)
-        if to_client and not self.closed:
-            self.downstream.send(to_client)
+        self.upstream.pending = to_backend
+        self.upstream.src_ready = client_ready
+        self.downstream.pending = to_client
+        reactor.handlers[client] = self
+        reactor.add(backend, self)
+        self.upstream.pump()
+        if not self.closed:
+            self.downstream.pump()
 
-    def done(self) -> bool:
-        up, down = self.upstream, self.downstream
-        return up.eof and down.eof and not up.pending and not down.pending
+    def ready(self, fd: int, events: int) -> None:
+        from_fd, to_fd = self.upstream, self.downstream
+        if fd != self.client:
+            from_fd, to_fd = to_fd, from_fd
+        if events & (READABLE | CLOSING):
+            from_fd.src_ready = True
+            if events & CLOSING:
+                from_fd.src_closing = True
+        if events & (WRITABLE | CLOSING):
+            to_fd.dst_ready = True
+        from_fd.pump()
+        if not self.closed:
+            to_fd.pump()
+
+    def finished(self, flow: Flow) -> None:
+        """``flow``'s source sent EOF and all of it is out: shut its destination's
+        writing side, or close both if the other direction is done too."""
+        other = self.downstream if flow is self.upstream else self.upstream
+        if other.done:
+            self.close()
+        else:
+            shutdown_write(flow.dst)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        loop = self.loop
-        for fd in (self.client, self.backend):
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
-            os.close(fd)
+        self.reactor.close(self.client)
+        self.reactor.close(self.backend)
         self.on_close()

@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 
-from fastsni.engine import CHUNK, RETRY, Relay, Service, connect_backend
+from fastsni.engine import CHUNK, CLOSING, RETRY, Relay, Service, connect_backend
 from fastsni.relay import describe, errno_name, proxy_v1_header
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
 
@@ -44,29 +44,35 @@ class TlsConnection:
         self.service = service
         self.fd = fd
         self.reader: HelloReader | None = HelloReader()
-        service.loop.add_reader(fd, self.readable)
+        service.reactor.add(fd, self)
         self.timer = service.loop.call_later(HELLO_TIMEOUT, self.expire)
 
-    def readable(self) -> None:
-        try:
-            data = os.read(self.fd, CHUNK)
-        except RETRY:
-            return
-        except OSError:
-            self.close()  # reset before the hello was complete: nothing to answer
-            return
-        if not data:
-            self.close()  # a client that closes before its hello is complete is simply closed
-            return
-        try:
-            name = self.reader.feed(data)
-        except HelloError as exc:
-            self.fail(exc.alert, None, exc.reason)
-            return
-        if name is not None:
-            self.route(name)
+    def ready(self, fd: int, events: int) -> None:
+        """Read what the client sent (edge-triggered: until the kernel has no more)."""
+        while True:
+            try:
+                data = os.read(fd, CHUNK)
+            except RETRY:
+                return
+            except OSError:
+                self.close()  # reset before the hello was complete: nothing to answer
+                return
+            if not data:
+                self.close()  # a client that closes before its hello is complete is simply closed
+                return
+            try:
+                name = self.reader.feed(data)
+            except HelloError as exc:
+                self.fail(exc.alert, None, exc.reason)
+                return
+            if name is not None:
+                self.route(name, len(data) == CHUNK or bool(events & CLOSING))
+                return
+            if len(data) < CHUNK and not events & CLOSING:
+                return
 
-    def route(self, name: str) -> None:
+    def route(self, name: str, more: bool) -> None:
+        """Connect to the backend for ``name``; ``more``: the client may have sent more already."""
         self.timer.cancel()
         try:
             backend, send_proxy = connect_backend(name, BACKEND_SOCKET)
@@ -78,7 +84,7 @@ class TlsConnection:
         self.reader = None
         if send_proxy:
             hello = proxy_v1_header(*addresses(self.fd)) + hello
-        Relay(self.service.loop, self.fd, backend, hello, b"", self.relay_closed)
+        Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self) -> None:
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
@@ -95,8 +101,7 @@ class TlsConnection:
     def close(self) -> None:
         self.timer.cancel()
         self.reader = None
-        self.service.loop.remove_reader(self.fd)
-        os.close(self.fd)
+        self.service.reactor.close(self.fd)
         self.service.closed(self)
 
     def relay_closed(self) -> None:

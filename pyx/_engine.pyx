@@ -14,7 +14,19 @@ from posix.unistd cimport close, read, write
 
 import os
 
-from fastsni.engine import ACCEPT_BATCH, CHUNK, OUT_OF_DESCRIPTORS, RESUME_ACCEPT_AFTER, SUN_PATH_MAX
+from fastsni.engine import (
+    ACCEPT_BATCH,
+    CHUNK,
+    CLOSING,
+    EDGE,
+    MAX_EVENTS,
+    OUT_OF_DESCRIPTORS,
+    PUMP_ROUNDS,
+    READABLE,
+    RESUME_ACCEPT_AFTER,
+    SUN_PATH_MAX,
+    WRITABLE,
+)
 
 cdef extern from "<sys/socket.h>":
     ctypedef unsigned int socklen_t
@@ -43,6 +55,19 @@ cdef extern from "<fcntl.h>":
         AT_FDCWD
         AT_SYMLINK_NOFOLLOW
 
+cdef extern from "<sys/epoll.h>":
+    union epoll_data_t:
+        int fd
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+
 cdef extern from "<sys/stat.h>":
     struct stat:
         pass
@@ -50,9 +75,12 @@ cdef extern from "<sys/stat.h>":
 
 cdef enum:
     C_CHUNK = 128 * 1024
+    C_MAX_EVENTS = 256
 
-assert CHUNK == C_CHUNK
+assert CHUNK == C_CHUNK and MAX_EVENTS == C_MAX_EVENTS
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
+cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
+cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOSING, C_EDGE = EDGE
 cdef Py_ssize_t C_SUN_PATH_MAX = SUN_PATH_MAX
 cdef char _buffer[C_CHUNK]  # every relay reads into this one buffer: the loop is single-threaded
 
@@ -109,18 +137,73 @@ def shutdown_write(int fd):
     shutdown(fd, SHUT_WR)
 
 
+cdef class Reactor:
+    """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
+
+    cdef public object loop
+    cdef public int epoll
+    cdef public dict handlers
+    cdef public list again
+    cdef epoll_event events[C_MAX_EVENTS]
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.epoll = epoll_create1(EPOLL_CLOEXEC)
+        if self.epoll < 0:
+            raise _oserror(errno)
+        self.handlers = {}
+        self.again = []
+        loop.add_reader(self.epoll, self.dispatch)
+
+    cpdef add(self, int fd, handler):
+        cdef epoll_event event
+        event.events = C_EDGE
+        event.data.fd = fd
+        if epoll_ctl(self.epoll, EPOLL_CTL_ADD, fd, &event) < 0:
+            raise _oserror(errno)
+        self.handlers[fd] = handler
+
+    cpdef close(self, int fd):
+        """Forget ``fd`` and close it (which removes it from the epoll set)."""
+        del self.handlers[fd]
+        close(fd)
+
+    def dispatch(self):
+        cdef int i, count = epoll_wait(self.epoll, self.events, C_MAX_EVENTS, 0)
+        cdef dict handlers = self.handlers
+        for i in range(count):
+            handler = handlers.get(self.events[i].data.fd)
+            if handler is not None:
+                handler.ready(self.events[i].data.fd, self.events[i].events)
+
+    cdef later(self, Flow flow):
+        """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
+        if not self.again:
+            self.loop.call_soon(self.run_again)
+        self.again.append(flow)
+
+    def run_again(self):
+        cdef Flow flow
+        flows, self.again = self.again, []
+        for flow in flows:
+            if not flow.relay.closed:
+                flow.pump()
+
+
 cdef class Service:
-    """One proxy process: its listener and the connections still open."""
+    """One proxy process: its listener, its reactor and the connections still open."""
 
     cdef public object loop
     cdef public object start
     cdef public set live
+    cdef public Reactor reactor
     cdef public Listener listener
 
     def __init__(self, loop, sock, start):
         self.loop = loop
         self.start = start
         self.live = set()
+        self.reactor = Reactor(loop)
         self.listener = Listener(loop, sock, self.accepted)
 
     def accepted(self, int fd):
@@ -193,83 +276,84 @@ cdef class Listener:
 
 
 cdef class Flow:
-    """One direction of a relay: read ``src``, write ``dst``."""
+    """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them."""
 
     cdef public Relay relay
     cdef public int src
     cdef public int dst
     cdef public bytes pending
+    cdef public bint src_ready
+    cdef public bint src_closing
+    cdef public bint dst_ready
     cdef public bint eof
+    cdef public bint done
 
     def __init__(self, Relay relay, int src, int dst):
         self.relay = relay
         self.src = src
         self.dst = dst
         self.pending = b""
+        self.src_ready = False
+        self.src_closing = False
+        self.dst_ready = True
         self.eof = False
+        self.done = False
 
-    def readable(self):
-        cdef ssize_t got = read(self.src, _buffer, C_CHUNK)
-        if got < 0:
-            if not _retry(errno):
-                self.relay.close()
+    cpdef pump(self):
+        """Move bytes until src has none, dst takes no more, or PUMP_ROUNDS chunks went."""
+        cdef int i
+        cdef ssize_t got
+        if self.pending and not self.send(self.pending):
             return
-        if got > 0:
-            self._send(_buffer, got)
-            return
-        self.eof = True
-        self.relay.loop.remove_reader(self.src)
-        self.finish()
-
-    def send(self, bytes data):
-        """Write ``data`` to dst; what dst does not take yet waits, and src is not read meanwhile."""
-        self._send(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-
-    cdef _send(self, const char* data, Py_ssize_t size):
-        cdef ssize_t sent = write(self.dst, data, size)
-        if sent < 0:
-            if not _retry(errno):
-                self.relay.close()
+        for i in range(C_PUMP_ROUNDS):
+            if self.eof:
+                if not self.done:
+                    self.done = True
+                    self.relay.finished(self)
                 return
-            sent = 0
-        if sent < size:
-            self.pending = PyBytes_FromStringAndSize(data + sent, size - sent)
-            loop = self.relay.loop
-            if not self.eof:
-                loop.remove_reader(self.src)
-            loop.add_writer(self.dst, self.writable)
+            if not self.src_ready:
+                return
+            got = read(self.src, _buffer, C_CHUNK)
+            if got < 0:
+                if _retry(errno):
+                    self.src_ready = False
+                else:
+                    self.relay.close()
+                return
+            if got == 0:
+                self.eof = True
+                continue
+            if got < C_CHUNK and not self.src_closing:
+                self.src_ready = False
+            if not self._send(_buffer, got):
+                return
+        self.relay.reactor.later(self)
 
-    def writable(self):
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(self.pending)
-        cdef ssize_t sent = write(self.dst, PyBytes_AS_STRING(self.pending), size)
-        if sent < 0:
-            if not _retry(errno):
-                self.relay.close()
-            return
-        self.pending = self.pending[sent:]
-        if self.pending:
-            return
-        loop = self.relay.loop
-        loop.remove_writer(self.dst)
-        if self.eof:
-            self.finish()
-        else:
-            loop.add_reader(self.src, self.readable)
+    cpdef bint send(self, bytes data):
+        """Write ``data`` to dst; True if all of it went.  The rest waits in ``pending``."""
+        return self._send(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
 
-    cpdef finish(self):
-        """src sent EOF: once its bytes are out, shut dst's writing side; both done: close."""
-        if self.pending:
-            return
-        if self.relay.done():
-            self.relay.close()
-        else:
-            shutdown(self.dst, SHUT_WR)
+    cdef bint _send(self, const char* data, Py_ssize_t size):
+        cdef ssize_t sent = 0
+        if self.dst_ready:
+            sent = write(self.dst, data, size)
+            if sent < 0:
+                if not _retry(errno):
+                    self.relay.close()
+                    return False
+                sent = 0
+        if sent == size:
+            self.pending = b""
+            return True
+        self.pending = PyBytes_FromStringAndSize(data + sent, size - sent)
+        self.dst_ready = False
+        return False
 
 
 cdef class Relay:
     """Join ``client`` and ``backend`` both ways; then close both and call ``on_close()``."""
 
-    cdef public object loop
+    cdef public Reactor reactor
     cdef public int client
     cdef public int backend
     cdef public object on_close
@@ -277,32 +361,51 @@ cdef class Relay:
     cdef public Flow upstream
     cdef public Flow downstream
 
-    def __init__(self, loop, int client, int backend, bytes to_backend, bytes to_client, on_close):
-        self.loop = loop
+    def __init__(self, Reactor reactor, int client, int backend, bytes to_backend, bytes to_client,
+                 on_close, bint client_ready=False):
+        self.reactor = reactor
         self.client = client
         self.backend = backend
         self.on_close = on_close
         self.closed = False
         self.upstream = Flow(self, client, backend)
         self.downstream = Flow(self, backend, client)
-        loop.add_reader(client, self.upstream.readable)
-        loop.add_reader(backend, self.downstream.readable)
-        if to_backend:
-            self.upstream.send(to_backend)
-        if to_client and not self.closed:
-            self.downstream.send(to_client)
+        self.upstream.pending = to_backend
+        self.upstream.src_ready = client_ready
+        self.downstream.pending = to_client
+        reactor.handlers[client] = self
+        reactor.add(backend, self)
+        self.upstream.pump()
+        if not self.closed:
+            self.downstream.pump()
 
-    cpdef bint done(self):
-        cdef Flow up = self.upstream, down = self.downstream
-        return up.eof and down.eof and not up.pending and not down.pending
+    def ready(self, int fd, unsigned int events):
+        cdef Flow from_fd = self.upstream, to_fd = self.downstream
+        if fd != self.client:
+            from_fd, to_fd = to_fd, from_fd
+        if events & (C_READABLE | C_CLOSING):
+            from_fd.src_ready = True
+            if events & C_CLOSING:
+                from_fd.src_closing = True
+        if events & (C_WRITABLE | C_CLOSING):
+            to_fd.dst_ready = True
+        from_fd.pump()
+        if not self.closed:
+            to_fd.pump()
+
+    cpdef finished(self, Flow flow):
+        """``flow``'s source sent EOF and all of it is out: shut its destination's
+        writing side, or close both if the other direction is done too."""
+        cdef Flow other = self.downstream if flow is self.upstream else self.upstream
+        if other.done:
+            self.close()
+        else:
+            shutdown(flow.dst, SHUT_WR)
 
     cpdef close(self):
         if self.closed:
             return
         self.closed = True
-        loop = self.loop
-        for fd in (self.client, self.backend):
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
-            close(fd)
+        self.reactor.close(self.client)
+        self.reactor.close(self.backend)
         self.on_close()

@@ -5,6 +5,7 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from posix.unistd cimport close, read, write
 
 from fastsni._engine import Relay, connect_backend
+from fastsni.engine import CLOSING
 from fastsni._tls import HelloReader
 from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, addresses, log
 from fastsni.relay import errno_name, proxy_v1_header
@@ -14,6 +15,7 @@ cdef enum:
     C_CHUNK = 128 * 1024
 
 cdef char _buffer[C_CHUNK]
+cdef unsigned int C_CLOSING = CLOSING
 
 
 cdef class TlsConnection:
@@ -28,29 +30,35 @@ cdef class TlsConnection:
         self.service = service
         self.fd = fd
         self.reader = HelloReader()
-        loop = service.loop
-        loop.add_reader(fd, self.readable)
-        self.timer = loop.call_later(HELLO_TIMEOUT, self.expire)
+        service.reactor.add(fd, self)
+        self.timer = service.loop.call_later(HELLO_TIMEOUT, self.expire)
 
-    def readable(self):
-        cdef ssize_t got = read(self.fd, _buffer, C_CHUNK)
-        if got < 0:
-            if errno == EAGAIN or errno == EINTR:
+    def ready(self, int fd, unsigned int events):
+        """Read what the client sent (edge-triggered: until the kernel has no more)."""
+        cdef ssize_t got
+        while True:
+            got = read(fd, _buffer, C_CHUNK)
+            if got < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return
+                self.close()
                 return
-            self.close()
-            return
-        if got == 0:
-            self.close()
-            return
-        try:
-            name = self.reader.feed(_buffer[:got])
-        except HelloError as exc:
-            self.fail(exc.alert, None, exc.reason)
-            return
-        if name is not None:
-            self.route(name)
+            if got == 0:
+                self.close()
+                return
+            try:
+                name = self.reader.feed(_buffer[:got])
+            except HelloError as exc:
+                self.fail(exc.alert, None, exc.reason)
+                return
+            if name is not None:
+                self.route(name, got == C_CHUNK or (events & C_CLOSING) != 0)
+                return
+            if got < C_CHUNK and not events & C_CLOSING:
+                return
 
-    cdef route(self, str name):
+    cdef route(self, str name, bint more):
+        """Connect to the backend for ``name``; ``more``: the client may have sent more already."""
         self.timer.cancel()
         try:
             backend, send_proxy = connect_backend(name, BACKEND_SOCKET)
@@ -62,7 +70,7 @@ cdef class TlsConnection:
         self.reader = None
         if send_proxy:
             hello = proxy_v1_header(*addresses(self.fd)) + hello
-        Relay(self.service.loop, self.fd, backend, hello, b"", self.relay_closed)
+        Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self):
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
@@ -77,8 +85,7 @@ cdef class TlsConnection:
     cpdef close(self):
         self.timer.cancel()
         self.reader = None
-        self.service.loop.remove_reader(self.fd)
-        close(self.fd)
+        self.service.reactor.close(self.fd)
         self.service.closed(self)
 
     def relay_closed(self):
