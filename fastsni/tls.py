@@ -51,6 +51,7 @@ def check_hostname(raw: bytes) -> str | None:
     single dots, none empty, none starting with '-'; no leading or trailing dot.  A
     name that passes is safe as one path component (no '/', never '.' or '..').
     """
+    raw = bytes(raw)  # a str is refused with TypeError, as in the compiled twin
     if not 0 < len(raw) <= MAX_HOSTNAME:
         return None
     name = raw.translate(_LOWER)

@@ -18,6 +18,7 @@ from fastsni.tls import (
     RECORD_OVERFLOW,
     UNEXPECTED_MESSAGE,
     UNRECOGNIZED_NAME,
+    USER_CANCELED,
     HelloError,
     alert,
 )

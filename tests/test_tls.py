@@ -420,16 +420,8 @@ def test_alert_constants(twin):
     assert (module.MAX_BUFFER, module.MAX_FRAGMENT, module.MAX_HOSTNAME) == (128 * 1024, 16384, 253)
 
 
-def test_every_constant_is_in_both_twins(twin, request):
+def test_every_constant_is_in_both_twins(twin):
     """The spec's public constants (alert codes, limits, type numbers) are in the twin's module too."""
-    if twin.name == "compiled":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="twin disagreement: fastsni._tls does not re-export USER_CANCELED (90); "
-                "fastsni.tls.USER_CANCELED exists, fastsni._tls.USER_CANCELED raises AttributeError",
-            )
-        )
     pure = importlib.import_module("fastsni.tls")
     module = tls_module(twin)
     constants = {
@@ -500,16 +492,8 @@ def test_check_hostname_every_byte(twin):
         ), byte
 
 
-def test_check_hostname_rejects_str(twin, request):
+def test_check_hostname_rejects_str(twin):
     """The rules are on bytes; a str (a caller's mistake) should be refused, not judged."""
-    if twin.name == "pure":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="twin disagreement: pure check_hostname('example.com') returns None "
-                "(str.translate accepts the bytes table), compiled raises TypeError",
-            )
-        )
     module = tls_module(twin)
     with pytest.raises(TypeError):
         module.check_hostname("example.com")
