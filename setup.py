@@ -43,12 +43,16 @@ def extensions():
         return []
     from setuptools import Extension
 
-    modules = [Extension(name, [source], extra_compile_args=["-O2"]) for name, source in EXTENSIONS.items()]
-    try:
-        return cythonize(modules, compiler_directives={"language_level": "3"}, quiet=True)
-    except Exception as exc:  # a Cython error must not stop the pure install
-        print(f"fastsni: cannot cythonize ({exc}); the pure twins will run", file=sys.stderr)
-        return []
-
+    built = []
+    for name, source in EXTENSIONS.items():
+        try:  # one at a time: a Cython error costs only that module its compiled twin
+            built += cythonize(
+                [Extension(name, [source], extra_compile_args=["-O2"])],
+                compiler_directives={"language_level": "3"},
+                quiet=True,
+            )
+        except Exception as exc:
+            print(f"fastsni: cannot cythonize {source} ({exc}); its pure twin will run", file=sys.stderr)
+    return built
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

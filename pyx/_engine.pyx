@@ -56,7 +56,7 @@ cdef extern from "<fcntl.h>":
         AT_SYMLINK_NOFOLLOW
 
 cdef extern from "<sys/epoll.h>":
-    union epoll_data_t:
+    ctypedef union epoll_data_t:
         int fd
     struct epoll_event:
         unsigned int events
