@@ -8,6 +8,7 @@ of an strace has one obvious cause:
   connection closes (or a second passes) instead of spinning.
 - Reactor: one edge-triggered epoll instance; each connection descriptor is added
   once (closing it removes it), and the event loop watches only the epoll descriptor.
+  Writability is asked for only after a write fell short (one EPOLL_CTL_MOD, kept).
   Edge-triggered means "read until the kernel has no more, write until it takes no
   more", which the Flow below does.
 - Relay: both directions at once, each reading only while the other side keeps up
@@ -36,7 +37,7 @@ SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
 READABLE = select.EPOLLIN
 WRITABLE = select.EPOLLOUT
 CLOSING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read to learn what it is
-EDGE = READABLE | WRITABLE | select.EPOLLRDHUP | select.EPOLLET
+EDGE = READABLE | select.EPOLLRDHUP | select.EPOLLET  # writability only once a write fell short
 
 
 def connect_backend(name: str, leaf: str) -> tuple[int, bool]:
@@ -87,6 +88,7 @@ class Reactor:
         self.loop = loop
         self.epoll = select.epoll()
         self.handlers: dict[int, object] = {}
+        self.writers: set[int] = set()  # descriptors also watched for EPOLLOUT
         self.again: list[Flow] = []  # flows that yielded to others mid-work
         loop.add_reader(self.epoll.fileno(), self.dispatch)
 
@@ -94,9 +96,16 @@ class Reactor:
         self.handlers[fd] = handler
         self.epoll.register(fd, EDGE)
 
+    def want_write(self, fd: int) -> None:
+        """A write to ``fd`` fell short: report when it can take more."""
+        if fd not in self.writers:
+            self.writers.add(fd)
+            self.epoll.modify(fd, EDGE | WRITABLE)
+
     def close(self, fd: int) -> None:
         """Forget ``fd`` and close it (which removes it from the epoll set)."""
         del self.handlers[fd]
+        self.writers.discard(fd)
         os.close(fd)
 
     def dispatch(self) -> None:
@@ -238,21 +247,21 @@ class Flow:
 
     def send(self, data: bytes) -> bool:
         """Write ``data`` to dst; True if all of it went.  The rest waits in ``pending``."""
-        if not self.dst_ready:
-            self.pending = data
-            return False
-        try:
-            sent = os.write(self.dst, data)
-        except RETRY:
-            sent = 0
-        except OSError:
-            self.relay.close()
-            return False
+        sent = 0
+        if self.dst_ready:
+            try:
+                sent = os.write(self.dst, data)
+            except RETRY:
+                pass
+            except OSError:
+                self.relay.close()
+                return False
         self.pending = data[sent:]
-        if self.pending:
-            self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
-            return False
-        return True
+        if not self.pending:
+            return True
+        self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
+        self.relay.reactor.want_write(self.dst)
+        return False
 
 
 class Relay:

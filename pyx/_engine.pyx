@@ -67,6 +67,7 @@ cdef extern from "<sys/epoll.h>":
     enum:
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
 
 cdef extern from "<sys/stat.h>":
     struct stat:
@@ -143,6 +144,7 @@ cdef class Reactor:
     cdef public object loop
     cdef public int epoll
     cdef public dict handlers
+    cdef public set writers
     cdef public list again
     cdef epoll_event events[C_MAX_EVENTS]
 
@@ -152,6 +154,7 @@ cdef class Reactor:
         if self.epoll < 0:
             raise _oserror(errno)
         self.handlers = {}
+        self.writers = set()
         self.again = []
         loop.add_reader(self.epoll, self.dispatch)
 
@@ -163,9 +166,20 @@ cdef class Reactor:
             raise _oserror(errno)
         self.handlers[fd] = handler
 
+    cpdef want_write(self, int fd):
+        """A write to ``fd`` fell short: report when it can take more."""
+        cdef epoll_event event
+        if fd not in self.writers:
+            self.writers.add(fd)
+            event.events = C_EDGE | C_WRITABLE
+            event.data.fd = fd
+            if epoll_ctl(self.epoll, EPOLL_CTL_MOD, fd, &event) < 0:
+                raise _oserror(errno)
+
     cpdef close(self, int fd):
         """Forget ``fd`` and close it (which removes it from the epoll set)."""
         del self.handlers[fd]
+        self.writers.discard(fd)
         close(fd)
 
     def dispatch(self):
@@ -347,6 +361,7 @@ cdef class Flow:
             return True
         self.pending = PyBytes_FromStringAndSize(data + sent, size - sent)
         self.dst_ready = False
+        self.relay.reactor.want_write(self.dst)
         return False
 
 
