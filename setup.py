@@ -15,6 +15,7 @@ EXTENSIONS = {
     "fastsni._relay": "pyx/_relay.pyx",
     "fastsni._engine": "pyx/_engine.pyx",
     "fastsni._proxy": "pyx/_proxy.pyx",
+    "fasthttpdir._http": "pyx/_http.pyx",
 }
 
 

@@ -1,0 +1,24 @@
+"""``fasthttpdir`` / ``python -m fasthttpdir``: route HTTP/1.1 requests on fd 0 by Host."""
+
+from __future__ import annotations
+
+import sys
+
+from fastsni import server, twins
+
+SUMMARY = """Route each HTTP/1.1 request accepted on fd 0 by its Host header to the Unix socket
+<name>/http-socket under the current directory (each new backend connection starts
+with a PROXY v1 line if <name>/send-proxy-v1 exists), adding X-Forwarded-For.
+No options, no configuration: the directory tree is the configuration, looked up
+afresh for every backend connection. SIGHUP: stop accepting and let open connections
+finish (up to 10 s). SIGTERM, SIGINT: exit."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    proxy = twins.load("fasthttpdir.proxy", "fasthttpdir._http")
+    arguments = sys.argv[1:] if argv is None else argv
+    server.serve("fasthttpdir", SUMMARY, arguments, proxy, proxy.HttpConnection, proxy.LIVE)
+
+
+if __name__ == "__main__":
+    main()

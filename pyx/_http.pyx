@@ -1,0 +1,706 @@
+# cython: language_level=3
+"""Compiled twin of fasthttpdir/proxy.py: request framing, host extraction, the connection.
+
+It mirrors the pure module function for function; that module is the specification.
+
+One client connection carries a queue of parsed requests.  The first one is the
+exchange in progress: its head and body go to the backend of its host while the
+backend's answer goes back to the client byte for byte, parsed only to find where
+it ends.  One request at a time is in flight per backend connection, so answers
+reach the client in request order; the backend connection is reused while
+consecutive requests name the same host.
+"""
+
+import asyncio
+import errno
+import sys
+from collections import deque
+
+import httptools
+
+from fastsni._relay import LIVE
+from fastsni._relay import take_over as _take_over
+from fastsni._tls import check_hostname
+from fastsni.relay import HIGH_WATER, client_ip, connect_backend, describe, errno_name, proxy_v1_header
+
+HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
+MAX_HEAD = 64 * 1024  # bytes of request head before 431
+BACKEND_SOCKET = "http-socket"
+DROPPED = frozenset((b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"))
+NOT_FOUND = frozenset((errno.ENOENT, errno.ENOTDIR))
+UNAVAILABLE = frozenset((errno.EACCES, errno.ECONNREFUSED))
+REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+}
+
+__all__ = ["LIVE", "HttpConnection", "Rejected", "host_name", "frame"]
+
+
+class Rejected(Exception):
+    """A request answered by the proxy itself: an HTTP status and a reason for the log."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _authority_name(authority):
+    """``host[:port]`` -> the directory name: port dropped, one trailing dot dropped, lowercased."""
+    host, colon, port = authority.rpartition(b":")
+    if not colon:
+        host = authority
+    elif not port.isdigit() or not port.isascii():
+        raise Rejected(400, "bad port in host")
+    if host.endswith(b"."):
+        host = host[:-1]
+    name = check_hostname(host)
+    if name is None:
+        raise Rejected(400, "invalid host name")
+    return name
+
+
+def host_name(hosts, target):
+    """The backend directory of a request with these Host values and request-target.
+
+    Exactly one Host; an absolute-form target's authority must name the same host.
+    Raises Rejected(400) otherwise.
+    """
+    if len(hosts) != 1:
+        raise Rejected(400, "no Host header" if not hosts else "several Host headers")
+    name = _authority_name(hosts[0])
+    if target[:1] == b"/" or target == b"*":
+        return name
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise Rejected(400, "bad request target")
+    end = len(rest)
+    for stop in (b"/", b"?", b"#"):
+        index = rest.find(stop)
+        if 0 <= index < end:
+            end = index
+    authority = rest[:end]
+    if b"@" in authority:
+        raise Rejected(400, "userinfo in request target")
+    if _authority_name(authority) != name:
+        raise Rejected(400, "request target and Host disagree")
+    return name
+
+
+def error_response(status, close):
+    reason = REASONS[status]
+    body = b"%d %s\n" % (status, reason)
+    return b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        status,
+        reason,
+        len(body),
+        b"Connection: close\r\n" if close else b"",
+        body,
+    )
+
+
+cdef class Request:
+    """One parsed request: what goes to the backend, and how far it has arrived."""
+
+    cdef public object name
+    cdef public bytes method
+    cdef public bytes target
+    cdef public list data
+    cdef public Py_ssize_t size
+    cdef public bint complete
+    cdef public bint keep_alive
+    cdef public bint upgrade
+    cdef public bint chunked
+    cdef public object error
+
+    def __init__(self):
+        self.name = None
+        self.method = b""
+        self.target = b""
+        self.data = []  # head and body bytes not yet written to a backend
+        self.size = 0  # bytes in data
+        self.complete = False  # the whole request was parsed
+        self.keep_alive = True
+        self.upgrade = False
+        self.chunked = False
+        self.error = None
+
+
+cdef class RequestReader:
+    """httptools callbacks: turn client bytes into Request objects with their raw bodies.
+
+    ``requests`` collects each request as its head completes; body bytes are appended
+    to the newest request's ``data`` (chunked bodies re-framed as chunks of the same
+    bytes, trailers kept).
+    """
+
+    cdef public str ip
+    cdef public object parser
+    cdef public object requests
+    cdef public Request current
+    cdef public bytes target
+    cdef public list headers
+    cdef public list hosts
+    cdef public bint in_head
+    cdef public Py_ssize_t head_size
+    cdef public list trailers
+    cdef public bytes held
+    cdef public object rejected
+
+    def __init__(self, ip):
+        self.ip = ip
+        self.parser = httptools.HttpRequestParser(self)
+        self.requests = deque()
+        self.current = None
+        self.target = b""
+        self.headers = []
+        self.hosts = []
+        self.in_head = True  # between requests or inside a head
+        self.head_size = 0  # bytes received since the head began (approximate, for the limit)
+        self.trailers = []
+        self.held = b""  # bytes after an upgrade request, parsed later (or relayed)
+        self.rejected = None
+
+    def feed(self, data):
+        """Parse ``data``; a rejection or parse error becomes a final error Request."""
+        if self.in_head:
+            self.head_size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.held = data[int(exc.args[0]) :]
+            return
+        except httptools.HttpParserError as exc:
+            self.reject(self.rejected or Rejected(400, f"bad request: {exc}"))
+            return
+        if self.in_head and self.head_size > MAX_HEAD:
+            self.reject(Rejected(431, "request head over 64 KiB"))
+
+    def reject(self, rejection):
+        self.rejected = rejection
+        if self.current is not None:  # broken inside a body: that request fails
+            self.current.error = rejection
+            self.current.complete = True
+            self.current = None
+            return
+        request = Request()
+        request.error = rejection
+        request.complete = True
+        request.keep_alive = False
+        self.requests.append(request)
+
+    def on_message_begin(self):
+        self.target = b""
+        self.headers = []
+        self.hosts = []
+        self.trailers = []
+
+    def on_url(self, url):
+        self.target += url
+
+    def on_header(self, name, value):
+        if not self.in_head:
+            self.trailers.append(b"%s: %s\r\n" % (name, value))
+            return
+        self.headers.append((name, value))
+        if name.lower() == b"host":
+            self.hosts.append(value)
+
+    def on_headers_complete(self):
+        parser = self.parser
+        self.in_head = False
+        method = parser.get_method()
+        version = parser.get_http_version()
+        size = len(method) + len(self.target) + 12
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4
+        if size > MAX_HEAD:
+            raise self.fail(Rejected(431, "request head over 64 KiB"))
+        if version != "1.1" and version != "1.0":
+            raise self.fail(Rejected(400, f"HTTP/{version}"))
+        if method == b"CONNECT":
+            raise self.fail(Rejected(405, "CONNECT"))
+        try:
+            name = host_name(self.hosts, self.target)
+        except Rejected as rejection:
+            raise self.fail(rejection) from None
+        request = Request()
+        request.name = name
+        request.method = method
+        request.target = self.target
+        request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
+        lines = [b"%s %s HTTP/%s\r\n" % (method, self.target, version.encode())]
+        for field, value in self.headers:
+            lowered = field.lower()
+            if lowered in DROPPED:
+                continue
+            if lowered == b"transfer-encoding":
+                request.chunked = True  # llhttp accepts only "chunked" last in a request
+            lines.append(b"%s: %s\r\n" % (field, value))
+        lines.append(b"X-Forwarded-For: %s\r\n\r\n" % self.ip.encode())
+        head = b"".join(lines)
+        request.data.append(head)
+        request.size = len(head)
+        self.current = request
+        self.requests.append(request)
+
+    def fail(self, rejection):
+        self.rejected = rejection
+        return rejection
+
+    def on_body(self, body):
+        cdef Request request = self.current
+        if request.chunked:
+            body = b"%x\r\n%s\r\n" % (len(body), body)
+        request.data.append(body)
+        request.size += len(body)
+
+    def on_message_complete(self):
+        request = self.current
+        if request.chunked:
+            end = b"0\r\n" + b"".join(self.trailers) + b"\r\n"
+            request.data.append(end)
+            request.size += len(end)
+        request.complete = True
+        self.current = None
+        self.in_head = True
+        self.head_size = 0
+
+
+def frame(data, ip="192.0.2.1"):
+    """Parse one client's ``data``: per request (name, error status, backend bytes, complete, ...).
+
+    The pure function behind both twins' request framing, for differential tests.
+    """
+    reader = RequestReader(ip)
+    reader.feed(data)
+    return [
+        (r.name, r.error.status if r.error else 0, b"".join(r.data), r.complete, r.keep_alive, r.upgrade)
+        for r in reader.requests
+    ]
+
+
+def log(client, name, reason):
+    where = describe(client) if client else "(gone)"
+    sys.stderr.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
+
+
+cdef class HttpConnection
+
+
+cdef class Backend:
+    """The backend end of one connection: everything goes to the HttpConnection."""
+
+    cdef public HttpConnection connection
+    cdef public str name
+    cdef public bytes greeting
+    cdef public object transport
+    cdef public bint closed
+
+    def __init__(self, connection, name, greeting):
+        self.connection = connection
+        self.name = name
+        self.greeting = greeting
+        self.transport = None
+        self.closed = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER)
+        if self.greeting:
+            transport.write(self.greeting)
+        self.connection.backend_ready(self)
+
+    def data_received(self, data):
+        self.connection.backend_data(self, data)
+
+    def eof_received(self):
+        return False  # close: answers are complete or cut, both handled in connection_lost
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.connection.backend_lost(self)
+
+    def pause_writing(self):
+        self.connection.backend_full = True
+        self.connection.flow()
+
+    def resume_writing(self):
+        self.connection.backend_full = False
+        self.connection.flow()
+
+
+cdef class HttpConnection:
+    """One client connection: requests in, answers out in order, upgrades to a raw relay."""
+
+    cdef public object transport
+    cdef public object client
+    cdef public object server
+    cdef public RequestReader reader
+    cdef public Backend backend
+    cdef public Request active
+    cdef public object response
+    cdef public int status
+    cdef public Py_ssize_t forwarded
+    cdef public bint final
+    cdef public bint close_delimited
+    cdef public bint response_keep_alive
+    cdef public bint framed
+    cdef public bint backend_full
+    cdef public bint reading
+    cdef public bint upgrade_wait
+    cdef public bint closing
+    cdef public object timer
+
+    def __init__(self):
+        self.transport = None
+        self.client = None
+        self.server = None
+        self.reader = None
+        self.backend = None
+        self.active = None  # the exchange in progress
+        self.response = None  # its HttpResponseParser
+        self.status = 0  # status of the response being parsed
+        self.forwarded = 0  # bytes of the current answer sent to the client
+        self.final = False  # the final (non-1xx) answer is complete
+        self.close_delimited = False
+        self.response_keep_alive = True
+        self.framed = False
+        self.backend_full = False
+        self.reading = True
+        self.upgrade_wait = False
+        self.closing = False
+        self.timer = None
+
+    # client side
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.client = transport.get_extra_info("peername")
+        self.server = transport.get_extra_info("sockname")
+        transport.set_write_buffer_limits(HIGH_WATER)
+        LIVE.add(transport)
+        self.reader = RequestReader(client_ip(self.client))
+        self.arm()
+
+    def arm(self):
+        self.disarm()
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.expire)
+
+    def disarm(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def expire(self):
+        self.timer = None
+        if self.active is None and not self.reader.requests:
+            if self.reader.head_size:
+                log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
+            self.close()
+
+    def data_received(self, data):
+        cdef RequestReader reader = self.reader
+        cdef Request active
+        reader = self.reader
+        if reader is None or reader.rejected is not None:
+            return
+        if self.upgrade_wait:
+            reader.held += data
+            return
+        reader.feed(data)
+        if reader.requests:
+            self.disarm()
+        if reader.requests and reader.requests[-1].upgrade:
+            self.upgrade_wait = True
+        active = self.active
+        if active is not None:
+            if active.error is not None:
+                self.fail_request(active.error)
+                return
+            self.pump()
+        self.next()
+        self.flow()
+
+    def eof_received(self):
+        if self.active is None and not (self.reader and self.reader.requests):
+            self.close()
+            return False
+        self.closing = True  # the answers in progress still go out; close after them
+        self.flow()
+        return True
+
+    def connection_lost(self, exc):
+        LIVE.discard(self.transport)
+        self.disarm()
+        self.reader = None
+        backend = self.backend
+        self.backend = None
+        if backend is not None and backend.transport is not None:
+            backend.transport.abort()
+
+    def pause_writing(self):
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.resume_reading()
+
+    def flow(self):
+        """Read the client only while its queued bytes and the backend keep up."""
+        cdef Py_ssize_t queued
+        cdef Request request
+        reader = self.reader
+        if reader is None or self.transport.is_closing():
+            return
+        queued = 0
+        for request in reader.requests:
+            queued += request.size
+        want = not (
+            self.backend_full
+            or queued > HIGH_WATER
+            or self.upgrade_wait
+            or self.closing
+            or reader.rejected is not None
+        )
+        if want != self.reading:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def close(self):
+        self.disarm()
+        if self.transport is not None:
+            self.transport.close()
+        backend = self.backend
+        self.backend = None
+        if backend is not None and backend.transport is not None:
+            backend.transport.close()
+
+    # exchanges
+
+    def next(self):
+        """Start the next queued request if none is in progress."""
+        reader = self.reader
+        while self.active is None and reader is not None and reader.requests:
+            if self.transport.is_closing():
+                return
+            request = reader.requests[0]
+            if request.error is not None:
+                log(self.client, request.name, request.error.reason)
+                self.transport.write(error_response(request.error.status, True))
+                self.close()
+                return
+            self.active = request
+            self.response = httptools.HttpResponseParser(self)
+            self.status = 0
+            self.forwarded = 0
+            self.final = False
+            self.close_delimited = False
+            self.response_keep_alive = True
+            backend = self.backend
+            if backend is not None and (backend.name != request.name or backend.closed):
+                self.backend = None
+                if backend.transport is not None:
+                    backend.transport.close()
+                backend = None
+            if backend is None:
+                if not self.connect(request):
+                    continue  # answered with an error; the next request may go on
+            elif backend.transport is not None:
+                self.pump()
+        if self.active is None and reader is not None and not reader.requests:
+            if self.closing:
+                self.close()
+            elif not self.transport.is_closing():
+                self.arm()
+
+    def connect(self, request):
+        """Open a backend connection for ``request``; False if answered with an error."""
+        try:
+            sock, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
+        except OSError as exc:
+            if exc.errno in NOT_FOUND:
+                status = 404
+            elif exc.errno in UNAVAILABLE:
+                status = 503
+            else:
+                status = 502
+            log(self.client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
+            self.active = None
+            if request.complete and request.keep_alive:
+                self.reader.requests.popleft()
+                self.transport.write(error_response(status, False))
+                return False
+            self.transport.write(error_response(status, True))
+            self.close()
+            return True
+        greeting = proxy_v1_header(self.client, self.server) if send_proxy else b""
+        backend = Backend(self, request.name, greeting)
+        self.backend = backend
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.create_unix_connection(lambda: backend, sock=sock))
+        task.add_done_callback(lambda task: self.connected(task, backend, request))
+        return True
+
+    def connected(self, task, backend, request):
+        if task.cancelled() or task.exception() is None:
+            return
+        if self.backend is backend and self.active is request:
+            self.backend = None
+            self.fail_answer(f"{BACKEND_SOCKET}: {task.exception()}")
+
+    def backend_ready(self, backend):
+        if self.backend is not backend or self.transport.is_closing():
+            backend.transport.close()
+            return
+        if self.transport.get_write_buffer_size() > HIGH_WATER:
+            backend.transport.pause_reading()
+        self.pump()
+
+    def pump(self):
+        """Write what has arrived of the request in progress to its backend."""
+        cdef Request request = self.active
+        cdef Backend backend = self.backend
+        if request is None or backend is None or backend.transport is None or not request.data:
+            return
+        backend.transport.writelines(request.data)
+        request.data = []
+        request.size = 0
+
+    # backend side
+
+    def backend_data(self, backend, data):
+        if backend is not self.backend or self.active is None or self.final:
+            backend.transport.close()  # an answer nobody asked for
+            if backend is self.backend:
+                self.backend = None
+            return
+        try:
+            self.response.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self.status != 101 or not self.active.upgrade:
+                self.fail_answer("101 without an upgrade request")
+                return
+            self.transport.write(data)
+            self.relay()
+            return
+        except httptools.HttpParserError as exc:
+            self.fail_answer(f"bad response: {exc}")
+            return
+        self.forwarded += len(data)
+        self.transport.write(data)
+        if self.final:
+            self.answered()
+
+    def on_message_begin(self):
+        self.status = 0
+        self.framed = False
+
+    def on_header(self, name, value):
+        lowered = name.lower()
+        if lowered == b"content-length" or lowered == b"transfer-encoding":
+            self.framed = True
+
+    def on_headers_complete(self):
+        parser = self.response
+        status = parser.get_status_code()
+        self.status = status
+        if status < 200:
+            return
+        self.response_keep_alive = parser.should_keep_alive()
+        if self.active.method == b"HEAD":
+            self.final = True
+        elif status != 204 and status != 304 and not self.framed:
+            self.close_delimited = True  # EOF ends the body
+
+    def on_message_complete(self):
+        if self.status >= 200:
+            self.final = True
+
+    def answered(self):
+        """The final answer went out: the exchange ends once the request is all sent."""
+        request = self.active
+        if not (self.response_keep_alive and request.keep_alive) or not request.complete:
+            # the request is not all here (an early answer) or either side closes
+            self.close()
+            return
+        self.pump()
+        self.finish()
+
+    def finish(self):
+        request = self.active
+        self.active = None
+        self.response = None
+        self.reader.requests.popleft()
+        if request.upgrade and self.upgrade_wait:
+            self.upgrade_wait = False
+            held = self.reader.held
+            self.reader.held = b""
+            if held:
+                self.data_received(held)
+                return
+        self.next()
+        self.flow()
+
+    def drop_backend(self):
+        backend = self.backend
+        self.backend = None
+        if backend is not None and backend.transport is not None:
+            backend.transport.close()
+
+    def backend_lost(self, backend):
+        if backend is not self.backend:
+            return
+        self.backend = None
+        if self.active is None or self.final:
+            return
+        if self.close_delimited:
+            self.close()  # EOF ends a body without a length
+            return
+        self.fail_answer("backend closed before its answer was complete")
+
+    def fail_answer(self, reason):
+        """The backend failed the request in progress: 502 if nothing went out yet, else cut."""
+        log(self.client, self.active.name if self.active else None, reason)
+        self.drop_backend()
+        if self.forwarded == 0:
+            self.transport.write(error_response(502, True))
+            self.close()
+        else:
+            self.transport.abort()
+
+    def fail_request(self, rejection):
+        """The request in progress broke mid-body: 400 if nothing of its answer went out, else cut."""
+        log(self.client, self.active.name, rejection.reason)
+        self.drop_backend()
+        if self.forwarded == 0:
+            self.transport.write(error_response(rejection.status, True))
+            self.close()
+        else:
+            self.transport.abort()
+
+    def relay(self):
+        """A 101 answer: from here on, bytes flow raw both ways."""
+        backend = self.backend
+        self.backend = None
+        self.disarm()
+        held = self.reader.held
+        self.reader = None
+        client_side = _take_over(self.transport)
+        backend_side = _take_over(backend.transport)
+        client_side.peer = backend_side
+        backend_side.peer = client_side
+        if held:
+            backend.transport.write(held)
+        backend.transport.resume_reading()
+        self.transport.resume_reading()

@@ -1,0 +1,411 @@
+"""fasthttpdir end to end, over both twins: a real proxy process, backends on Unix sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httptools
+import pytest
+from backends import UnixBackend, read_proxy_line
+
+
+def read_request(conn: socket.socket, buffer: bytearray) -> tuple[dict, bytes] | None:
+    """Read one request (blocking) with httptools; leftover bytes stay in ``buffer``."""
+    state: dict = {"headers": [], "body": bytearray(), "done": False}
+
+    class Callbacks:
+        def on_url(self, url):
+            state["target"] = url.decode()
+
+        def on_header(self, name, value):
+            state["headers"].append([name.decode(), value.decode("latin-1")])
+
+        def on_body(self, body):
+            state["body"] += body
+
+        def on_message_complete(self):
+            state["done"] = True
+
+    parser = httptools.HttpRequestParser(Callbacks())
+    data = bytes(buffer)
+    buffer.clear()
+    while True:
+        if data:
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                state["done"] = True
+        if state["done"]:
+            state["method"] = parser.get_method().decode()
+            return state, b""
+        data = conn.recv(1 << 20)
+        if not data:
+            return None
+
+
+def echo(seen: list | None = None, proxy_line: bool = False):
+    """A keep-alive backend answering each request with JSON describing it."""
+
+    def handle(conn: socket.socket) -> None:
+        line = read_proxy_line(conn).decode() if proxy_line else None
+        buffer = bytearray()
+        while True:
+            got = read_request(conn, buffer)
+            if got is None:
+                return
+            request, _ = got
+            body = request.pop("body")
+            request["sha256"] = hashlib.sha256(body).hexdigest()
+            request["length"] = len(body)
+            request["proxy"] = line
+            if seen is not None:
+                seen.append(request)
+            answer = json.dumps(request).encode()
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(answer), answer)
+            )
+
+    return handle
+
+
+def scripted(answer: bytes, then_close: bool = False):
+    """A backend that reads each request head and writes ``answer``."""
+
+    def handle(conn: socket.socket) -> None:
+        buffer = bytearray()
+        while read_request(conn, buffer) is not None:
+            conn.sendall(answer)
+            if then_close:
+                return
+
+    return handle
+
+
+def exchange(sock: socket.socket, data: bytes, count: int = 1, head: bool = False) -> list[tuple]:
+    """Send ``data``; read ``count`` responses: (status, headers dict, body)."""
+    sock.sendall(data)
+    responses: list[tuple] = []
+    state: dict = {}
+
+    class Callbacks:
+        def on_message_begin(self):
+            state.update(headers={}, body=bytearray(), done=False)
+
+        def on_header(self, name, value):
+            state["headers"][name.decode().lower()] = value.decode()
+
+        def on_headers_complete(self):
+            if head:
+                state["done"] = True
+
+        def on_body(self, body):
+            state["body"] += body
+
+        def on_message_complete(self):
+            state["done"] = True
+
+    parser = httptools.HttpResponseParser(Callbacks())
+    while len(responses) < count:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            if state and not state["done"]:
+                raise ConnectionError("EOF in the middle of a response")
+            break
+        for byte_range in (chunk,) if not head else [chunk[i : i + 1] for i in range(len(chunk))]:
+            parser.feed_data(byte_range)
+            if state.get("done"):
+                responses.append((parser.get_status_code(), state["headers"], bytes(state["body"])))
+                state.clear()
+                if head:
+                    parser = httptools.HttpResponseParser(Callbacks())
+    return responses
+
+
+@pytest.fixture
+def backends():
+    started: list[UnixBackend] = []
+
+    def start(hosts: Path, name: str, handle, leaf: str = "http-socket") -> UnixBackend:
+        backend = UnixBackend(hosts / name / leaf, handle)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.close()
+
+
+def get(host: str, target: str = "/", extra: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+def test_routes_by_host_and_forwards_headers(hosts, twin, proxies, backends):
+    seen: list = []
+    backends(hosts, "a.example", echo(seen))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        request = (
+            b"GET /x?y=1 HTTP/1.1\r\nHost: A.Example.:8080\r\nX-Forwarded-For: 6.6.6.6\r\n"
+            b"Forwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\n"
+            b"Accept: */*\r\nX-Other:  kept \r\n\r\n"
+        )
+        [(status, headers, body)] = exchange(sock, request)
+    assert status == 200
+    got = json.loads(body)
+    assert got["method"] == "GET" and got["target"] == "/x?y=1"
+    assert got["headers"] == [
+        ["Host", "A.Example.:8080"],
+        ["Accept", "*/*"],
+        ["X-Other", "kept "],
+        ["X-Forwarded-For", "127.0.0.1"],
+    ]
+
+
+def test_host_switching_on_one_keepalive_connection(hosts, twin, proxies, backends):
+    a = backends(hosts, "a", echo())
+    b = backends(hosts, "b", echo())
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        for host in ("a", "a", "b", "a", "b", "b"):
+            [(status, _, body)] = exchange(sock, get(host, f"/{host}"))
+            assert status == 200 and json.loads(body)["target"] == f"/{host}"
+    assert a.accepted == 2 and b.accepted == 2  # reused while the host stays the same
+
+
+def test_pipelining_across_two_hosts_in_order(hosts, twin, proxies, backends):
+    backends(hosts, "a", echo())
+    backends(hosts, "b", echo())
+    proxy = proxies("fasthttpdir", hosts, twin)
+    names = ["a", "b", "b", "a", "b", "a", "a"]
+    with proxy.connect() as sock:
+        responses = exchange(sock, b"".join(get(n, f"/{i}") for i, n in enumerate(names)), len(names))
+    assert [json.loads(body)["target"] for _, _, body in responses] == [f"/{i}" for i in range(len(names))]
+
+
+BAD_REQUESTS = {
+    "cl-and-te": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "duplicate-cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    "differing-cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "bad-chunk": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "te-not-chunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+    "bare-lf": b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+    "bare-lf-header": b"GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n",
+    "control-char": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n",
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    "no-host": b"GET / HTTP/1.1\r\n\r\n",
+    "no-host-1.0": b"GET / HTTP/1.0\r\n\r\n",
+    "two-hosts": b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    "ipv6-host": b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+    "bad-port": b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n",
+    "bad-name": b"GET / HTTP/1.1\r\nHost: a_b\r\n\r\n",
+    "dotdot": b"GET / HTTP/1.1\r\nHost: ..\r\n\r\n",
+    "absolute-disagrees": b"GET http://b/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    "http-0.9": b"GET /\r\n\r\n",
+    "http-2.0": b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_invalid_requests_get_400_and_close(hosts, twin, proxies, backends, case):
+    seen: list = []
+    backends(hosts, "a", echo(seen))
+    backends(hosts, "b", echo(seen))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        responses = exchange(sock, BAD_REQUESTS[case], 2)
+        assert sock.recv(1) == b""
+    assert [(status, headers["connection"]) for status, headers, _ in responses] == [(400, "close")]
+    assert seen == [] or case == "bad-chunk"
+    proxy.expect("fasthttpdir: 127.0.0.1:")
+
+
+def test_smuggled_second_request_is_not_forwarded(hosts, twin, proxies, backends):
+    seen: list = []
+    backends(hosts, "a", echo(seen))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        responses = exchange(sock, get("a", "/ok") + BAD_REQUESTS["cl-and-te"] + get("a", "/smuggled"), 3)
+    assert [status for status, _, _ in responses] == [200, 400]
+    assert [r["target"] for r in seen] == ["/ok"]
+
+
+def test_connect_is_405(hosts, twin, proxies):
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        [(status, _, _)] = exchange(sock, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 2)
+    assert status == 405
+
+
+def test_head_over_64k_is_431(hosts, twin, proxies):
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        big = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: " + b"y" * 70000 + b"\r\n\r\n"
+        [(status, _, _)] = exchange(sock, big, 2)
+    assert status == 431
+
+
+def test_absolute_form_routes_by_authority(hosts, twin, proxies, backends):
+    seen: list = []
+    backends(hosts, "a.example", echo(seen))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        [(status, _, _)] = exchange(sock, b"GET http://A.example:80/p HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert status == 200 and seen[0]["target"] == "http://A.example:80/p"
+
+
+def test_backend_errors_map_to_404_503_502(hosts, twin, proxies, backends):
+    (hosts / "refused").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(hosts / "refused" / "http-socket"))
+    sock.close()  # a socket file nobody listens on: ECONNREFUSED
+    (hosts / "notdir").write_text("")
+    (hosts / "loop").mkdir()
+    os.symlink("http-socket", hosts / "loop" / "http-socket")  # ELOOP
+    backends(hosts, "closes", scripted(b"", then_close=True))
+    backends(hosts, "garbage", scripted(b"NOT HTTP\r\n\r\n"))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as conn:
+        answers = [exchange(conn, get(name))[0] for name in ("absent", "notdir", "refused", "loop")]
+    assert [status for status, _, _ in answers] == [404, 404, 503, 502]
+    assert all(headers["content-type"] == "text/plain" for _, headers, _ in answers)
+    for name in ("closes", "garbage"):
+        with proxy.connect() as conn:
+            [(status, headers, _)] = exchange(conn, get(name), 2)
+            assert (status, headers["connection"]) == (502, "close")
+    proxy.expect("absent : http-socket: ENOENT".replace(" :", ":"))
+
+
+def test_send_proxy_v1(hosts, twin, proxies, backends):
+    seen: list = []
+    backends(hosts, "a", echo(seen, proxy_line=True))
+    (hosts / "a" / "send-proxy-v1").write_text("")
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        exchange(sock, get("a") + get("a"), 2)
+        port = sock.getsockname()[1]
+    assert seen[0]["proxy"] == f"PROXY TCP4 127.0.0.1 127.0.0.1 {port} {proxy.port}\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer, count",
+    [
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 1),
+        (b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n", 1),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            3,
+        ),
+    ],
+)
+def test_bodiless_and_informational_answers_byte_for_byte(hosts, twin, proxies, backends, answer, count):
+    backends(hosts, "a", scripted(answer))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        for _ in range(2):  # the connection stays usable
+            sock.sendall(get("a"))
+            got = b""
+            while len(got) < len(answer):
+                got += sock.recv(65536)
+            assert got == answer
+
+
+def test_head_answer_ends_at_its_head(hosts, twin, proxies, backends):
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+    backends(hosts, "a", scripted(answer))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        for _ in range(2):
+            sock.sendall(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = b""
+            while len(got) < len(answer):
+                got += sock.recv(65536)
+            assert got == answer
+
+
+def test_close_delimited_body_ends_at_eof(hosts, twin, proxies, backends):
+    answer = b"HTTP/1.0 200 OK\r\n\r\n" + b"body without length" * 1000
+    backends(hosts, "a", scripted(answer, then_close=True))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("a"))
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got == answer
+
+
+def test_backend_connection_close_ends_client_connection(hosts, twin, proxies, backends):
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    backends(hosts, "a", scripted(answer))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("a") + get("a"))
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got == answer
+
+
+def test_slowloris_head_is_cut_after_10_s(hosts, twin, proxies):
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect(timeout=20) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        start = time.monotonic()
+        assert sock.recv(100) == b""
+        assert 9 < time.monotonic() - start < 15
+    proxy.expect("no complete request head within 10 s")
+
+
+def test_chunked_upload_is_forwarded(hosts, twin, proxies, backends):
+    seen: list = []
+    backends(hosts, "a", echo(seen))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    body = b"hello chunked world"
+    request = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n" + (
+        b"e\r\n chunked world\r\n0\r\n\r\n"
+    )
+    with proxy.connect() as sock:
+        [(status, _, _)] = exchange(sock, request)
+    assert status == 200 and seen[0]["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_sighup_drains_request_in_flight(hosts, twin, proxies, backends):
+    arrived, answer = threading.Event(), threading.Event()
+
+    def slow(conn: socket.socket) -> None:
+        read_request(conn, bytearray())
+        arrived.set()
+        answer.wait(10)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+
+    backends(hosts, "a", slow)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("a", extra="Connection: close\r\n"))
+        assert arrived.wait(10)
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.expect("draining 1 connections")
+        answer.set()
+        [(status, _, body)] = exchange(sock, b"")
+    assert (status, body) == (200, b"slow")
+    assert proxy.process.wait(timeout=10) == 0
+
+
+def test_version_and_help(twin):
+    out = subprocess.run(
+        [sys.executable, "-m", "fasthttpdir", "--version"], env=twin.env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("fasthttpdir ") and f"({twin.name})" in out.stdout
