@@ -510,6 +510,7 @@ class HttpConnection(asyncio.Protocol):
         if self.transport.get_write_buffer_size() > HIGH_WATER:
             backend.transport.pause_reading()
         self.pump()
+        self.flow()
 
     def pump(self) -> None:
         """Write what has arrived of the request in progress to its backend."""

@@ -566,6 +566,7 @@ cdef class HttpConnection:
         if self.transport.get_write_buffer_size() > HIGH_WATER:
             backend.transport.pause_reading()
         self.pump()
+        self.flow()
 
     def pump(self):
         """Write what has arrived of the request in progress to its backend."""
