@@ -1,0 +1,91 @@
+"""fasthttpdir's twins agree: request framing and host extraction, pure vs compiled (hypothesis)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pure = importlib.import_module("fasthttpdir.proxy")
+
+SEEDS = [
+    b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    b"GET http://a.example:8080/x HTTP/1.1\r\nHost: A.example.\r\nX-Forwarded-For: 1\r\n\r\n",
+    b"POST /u HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.0\r\nHost: c\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: w\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nframes",
+    b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+]
+
+
+def compiled():
+    try:
+        return importlib.import_module("fasthttpdir._http")
+    except ImportError:
+        pytest.skip("fasthttpdir._http is not built")
+
+
+@st.composite
+def mutated(draw):
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(0, 4))):
+        where = draw(st.integers(0, len(data)))
+        action = draw(st.sampled_from(["insert", "delete", "replace"]))
+        byte = draw(st.sampled_from(b" \t\r\n:.,;-0aZ\x00\x7f\xff[]/@"))
+        if action == "insert":
+            data[where:where] = bytes([byte])
+        elif data and where < len(data):
+            if action == "delete":
+                del data[where]
+            else:
+                data[where] = byte
+    return bytes(data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(mutated(), st.binary(max_size=200)))
+def test_framing_agrees(data):
+    assert pure.frame(data) == compiled().frame(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.one_of(st.binary(max_size=30), st.from_regex(rb"\A[A-Za-z0-9.\-:\[\]]{0,20}\Z")), max_size=2),
+    st.one_of(st.just(b"/"), st.binary(max_size=30), st.from_regex(rb"\Ahttps?://[a-z.:0-9@]{0,20}/?\Z")),
+)
+def test_host_name_agrees(hosts, target):
+    def outcome(module):
+        try:
+            return module.host_name(hosts, target)
+        except module.Rejected as rejection:
+            return (rejection.status, rejection.reason)
+
+    assert outcome(pure) == outcome(compiled())
+
+
+@pytest.mark.parametrize(
+    "hosts, target, expected",
+    [
+        ([b"A.Example."], b"/", "a.example"),
+        ([b"a.example:8080"], b"/", "a.example"),
+        ([b"1.2.3.4"], b"/", "1.2.3.4"),
+        ([b"a"], b"http://A:1/x", "a"),
+        ([b"a"], b"*", "a"),
+        ([b"[::1]"], b"/", 400),
+        ([b"a:"], b"/", 400),
+        ([b"a.."], b"/", 400),
+        ([b"a"], b"http://b/", 400),
+        ([b"a"], b"http://u@a/", 400),
+        ([], b"/", 400),
+        ([b"a", b"a"], b"/", 400),
+    ],
+)
+def test_host_name_table(twin, hosts, target, expected):
+    module = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    try:
+        got = module.host_name(hosts, target)
+    except module.Rejected as rejection:
+        got = rejection.status
+    assert got == expected
