@@ -418,3 +418,60 @@ def test_version_and_help(twin):
         [sys.executable, "-m", "fasthttpdir", "--version"], env=twin.env, capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("fasthttpdir ") and f"({twin.name})" in out.stdout
+
+
+def test_refused_upgrade_continues_as_http(hosts, twin, proxies, backends):
+    seen: list = []
+    backends(hosts, "a", echo(seen))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    upgrade = get("a", "/ws", "Upgrade: websocket\r\nConnection: Upgrade\r\n")
+    with proxy.connect() as sock:
+        responses = exchange(sock, upgrade + get("a", "/after"), 2)
+    assert [status for status, _, _ in responses] == [200, 200]
+    assert [r["target"] for r in seen] == ["/ws", "/after"]
+
+
+def test_raw_relay_after_101(hosts, twin, proxies, backends):
+    def handle(conn: socket.socket) -> None:
+        read_request(conn, bytearray())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nhello ")
+        while data := conn.recv(65536):
+            conn.sendall(data.upper())
+
+    backends(hosts, "a", handle)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("a", "/", "Upgrade: x\r\nConnection: Upgrade\r\n") + b"early bytes ")
+        got = b""
+        while not got.endswith(b"EARLY BYTES "):
+            chunk = sock.recv(65536)
+            assert chunk
+            got += chunk
+        assert got.endswith(b"\r\n\r\nhello EARLY BYTES ")
+        sock.sendall(b"raw not http\r\n\r\n")
+        got = b""
+        while len(got) < 16:
+            got += sock.recv(65536)
+        assert got == b"RAW NOT HTTP\r\n\r\n"
+
+
+def test_expect_100_continue(hosts, twin, proxies, backends):
+    def handle(conn: socket.socket) -> None:
+        buffer = bytearray()
+        while b"\r\n\r\n" not in buffer:
+            buffer += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while not buffer.endswith(b"body"):
+            buffer += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+
+    backends(hosts, "a", handle)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        got = b""
+        while not got.endswith(b"\r\n\r\n"):
+            got += sock.recv(65536)
+        assert got == b"HTTP/1.1 100 Continue\r\n\r\n"
+        [(status, _, body)] = exchange(sock, b"body")
+    assert (status, body) == (200, b"done")
