@@ -118,6 +118,8 @@ class Request:
         self.upgrade = False
         self.chunked = False
         self.error: Rejected | None = None
+        self.replay = b""  # the head again, for a retry on a backend that closed idle
+        self.has_body = False
 
 
 class RequestReader:
@@ -223,6 +225,7 @@ class RequestReader:
         head = b"".join(lines)
         request.data.append(head)
         request.size = len(head)
+        request.replay = head
         self.current = request
         self.requests.append(request)
 
@@ -234,6 +237,7 @@ class RequestReader:
         request = self.current
         if request.chunked:
             body = b"%x\r\n%s\r\n" % (len(body), body)
+        request.has_body = True
         request.data.append(body)
         request.size += len(body)
 
@@ -325,6 +329,7 @@ class HttpConnection(asyncio.Protocol):
         self.upgrade_wait = False
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
+        self.reused = False  # the exchange in progress went to an open backend connection
 
     # client side
 
@@ -457,6 +462,7 @@ class HttpConnection(asyncio.Protocol):
                 if backend.transport is not None:
                     backend.transport.close()
                 backend = None
+            self.reused = backend is not None
             if backend is None:
                 if not self.connect(request):
                     continue  # answered with an error; the next request may go on
@@ -611,6 +617,16 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.close_delimited:
             self.close()  # EOF ends a body without a length
+            return
+        request = self.active
+        if self.reused and self.forwarded == 0 and request.complete and not request.has_body:
+            # the backend closed an idle connection as the request went out: retry once, fresh
+            self.reused = False
+            request.data = [request.replay]
+            request.size = len(request.replay)
+            if not self.connect(request):
+                self.next()
+                self.flow()
             return
         self.fail_answer("backend closed before its answer was complete")
 

@@ -117,6 +117,8 @@ cdef class Request:
     cdef public bint upgrade
     cdef public bint chunked
     cdef public object error
+    cdef public bytes replay
+    cdef public bint has_body
 
     def __init__(self):
         self.name = None
@@ -129,6 +131,8 @@ cdef class Request:
         self.upgrade = False
         self.chunked = False
         self.error = None
+        self.replay = b""  # the head again, for a retry on a backend that closed idle
+        self.has_body = False
 
 
 cdef class RequestReader:
@@ -247,6 +251,7 @@ cdef class RequestReader:
         head = b"".join(lines)
         request.data.append(head)
         request.size = len(head)
+        request.replay = head
         self.current = request
         self.requests.append(request)
 
@@ -258,6 +263,7 @@ cdef class RequestReader:
         cdef Request request = self.current
         if request.chunked:
             body = b"%x\r\n%s\r\n" % (len(body), body)
+        request.has_body = True
         request.data.append(body)
         request.size += len(body)
 
@@ -357,6 +363,7 @@ cdef class HttpConnection:
     cdef public bint upgrade_wait
     cdef public bint closing
     cdef public object timer
+    cdef public bint reused
 
     def __init__(self):
         self.transport = None
@@ -377,6 +384,7 @@ cdef class HttpConnection:
         self.upgrade_wait = False
         self.closing = False
         self.timer = None
+        self.reused = False  # the exchange in progress went to an open backend connection
 
     # client side
 
@@ -513,6 +521,7 @@ cdef class HttpConnection:
                 if backend.transport is not None:
                     backend.transport.close()
                 backend = None
+            self.reused = backend is not None
             if backend is None:
                 if not self.connect(request):
                     continue  # answered with an error; the next request may go on
@@ -667,6 +676,16 @@ cdef class HttpConnection:
             return
         if self.close_delimited:
             self.close()  # EOF ends a body without a length
+            return
+        request = self.active
+        if self.reused and self.forwarded == 0 and request.complete and not request.has_body:
+            # the backend closed an idle connection as the request went out: retry once, fresh
+            self.reused = False
+            request.data = [request.replay]
+            request.size = len(request.replay)
+            if not self.connect(request):
+                self.next()
+                self.flow()
             return
         self.fail_answer("backend closed before its answer was complete")
 

@@ -475,3 +475,31 @@ def test_expect_100_continue(hosts, twin, proxies, backends):
         assert got == b"HTTP/1.1 100 Continue\r\n\r\n"
         [(status, _, body)] = exchange(sock, b"body")
     assert (status, body) == (200, b"done")
+
+
+def test_streamed_answer_flows_as_it_arrives(hosts, twin, proxies, backends):
+    first_seen = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        read_request(conn, bytearray())
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        conn.sendall(b"7\r\ndata: 1\r\n")
+        first_seen.wait(10)  # the second event only after the client saw the first
+        conn.sendall(b"7\r\ndata: 2\r\n0\r\n\r\n")
+
+    backends(hosts, "a", handle)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("a", "/events"))
+        got = b""
+        while not got.endswith(b"data: 1\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk
+            got += chunk
+        first_seen.set()
+        while not got.endswith(b"0\r\n\r\n"):
+            got += sock.recv(65536)
+        [(status, _, _)] = exchange(sock, get("a", "/events"))  # still usable
+    assert status == 200
