@@ -12,7 +12,6 @@ from setuptools.command.build_ext import build_ext
 
 EXTENSIONS = {
     "fastsni._tls": "pyx/_tls.pyx",
-    "fastsni._relay": "pyx/_relay.pyx",
     "fastsni._engine": "pyx/_engine.pyx",
     "fastsni._proxy": "pyx/_proxy.pyx",
     "fasthttpdir._http": "pyx/_http.pyx",

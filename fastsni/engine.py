@@ -70,6 +70,11 @@ def connect_backend(name: str, leaf: str) -> tuple[int, bool]:
         sock.close()  # a no-op once detached
 
 
+def errno_name(exc: OSError) -> str:
+    """ENOENT, ECONNREFUSED, ...: how connect_backend failed, for log lines."""
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
 def shutdown_write(fd: int) -> None:
     """shutdown(fd, SHUT_WR); errors are left for the next read or write to report."""
     sock = socket.socket(fileno=fd)

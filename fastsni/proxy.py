@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import sys
 
-from fastsni.engine import CHUNK, CLOSING, RETRY, Relay, Service, connect_backend
-from fastsni.relay import describe, errno_name, proxy_v1_header
+from fastsni.addresses import describe, of_descriptor, proxy_v1_header
+from fastsni.engine import CHUNK, CLOSING, RETRY, Relay, Service, connect_backend, errno_name
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
 
 HELLO_TIMEOUT = 10.0  # seconds from accept to a complete ClientHello
@@ -20,18 +19,9 @@ BACKEND_SOCKET = "tls-socket"
 ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ECONNREFUSED))
 
 
-def addresses(fd: int) -> tuple[tuple, tuple]:
-    """(peer, local) socket addresses of a connected descriptor."""
-    sock = socket.socket(fileno=fd)
-    try:
-        return sock.getpeername(), sock.getsockname()
-    finally:
-        sock.detach()
-
-
 def log(fd: int, name: str | None, reason: str) -> None:
     try:
-        client = describe(addresses(fd)[0])
+        client = describe(of_descriptor(fd)[0])
     except OSError:
         client = "(gone)"
     sys.stderr.write(f"fastsni: {client} {name or '-'}: {reason}\n")
@@ -83,7 +73,7 @@ class TlsConnection:
         hello = bytes(self.reader.received)
         self.reader = None
         if send_proxy:
-            hello = proxy_v1_header(*addresses(self.fd)) + hello
+            hello = proxy_v1_header(*of_descriptor(self.fd)) + hello
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self) -> None:

@@ -14,6 +14,7 @@ from posix.unistd cimport close, read, write
 
 import os
 
+from fastsni.engine import errno_name  # noqa: F401  (the same function, for callers of either twin)
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,

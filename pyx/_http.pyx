@@ -13,15 +13,17 @@ consecutive requests name the same host.
 
 import asyncio
 import errno
+import socket
 import sys
 from collections import deque
 
 import httptools
 
-from fastsni._relay import LIVE
-from fastsni._relay import take_over as _take_over
+from fastsni._engine import Reactor, Relay, connect_backend
 from fastsni._tls import check_hostname
-from fastsni.relay import HIGH_WATER, client_ip, connect_backend, describe, errno_name, proxy_v1_header
+from fastsni.addresses import client_ip, describe, proxy_v1_header
+from fastsni.engine import errno_name
+from fasthttpdir.proxy import HIGH_WATER, LIVE, steal
 
 HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
 MAX_HEAD = 64 * 1024  # bytes of request head before 431
@@ -39,6 +41,16 @@ REASONS = {
 }
 
 __all__ = ["LIVE", "HttpConnection", "Rejected", "host_name", "frame"]
+
+_reactor = None
+
+
+def reactor():
+    """This process's reactor for relays after an upgrade, made on first use."""
+    global _reactor
+    if _reactor is None:
+        _reactor = Reactor(asyncio.get_running_loop())
+    return _reactor
 
 
 class Rejected(Exception):
@@ -338,6 +350,9 @@ cdef class Backend:
         self.connection.flow()
 
     def resume_writing(self):
+        if self.connection.switching is not None:
+            asyncio.get_running_loop().call_soon(self.connection.hand_over)
+            return
         self.connection.backend_full = False
         self.connection.flow()
 
@@ -364,6 +379,7 @@ cdef class HttpConnection:
     cdef public bint closing
     cdef public object timer
     cdef public bint reused
+    cdef public bytes switching
 
     def __init__(self):
         self.transport = None
@@ -385,6 +401,7 @@ cdef class HttpConnection:
         self.closing = False
         self.timer = None
         self.reused = False  # the exchange in progress went to an open backend connection
+        self.switching = None  # a 101 answer, while the sockets leave their transports
 
     # client side
 
@@ -458,6 +475,9 @@ cdef class HttpConnection:
             self.backend.transport.pause_reading()
 
     def resume_writing(self):
+        if self.switching is not None:
+            asyncio.get_running_loop().call_soon(self.hand_over)
+            return
         if self.backend is not None and self.backend.transport is not None:
             self.backend.transport.resume_reading()
 
@@ -536,7 +556,7 @@ cdef class HttpConnection:
     def connect(self, request):
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
-            sock, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
+            fd, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
             if exc.errno in NOT_FOUND:
                 status = 404
@@ -557,6 +577,7 @@ cdef class HttpConnection:
         backend = Backend(self, request.name, greeting)
         self.backend = backend
         loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
         task = loop.create_task(loop.create_unix_connection(lambda: backend, sock=sock))
         task.add_done_callback(lambda task: self.connected(task, backend, request))
         return True
@@ -601,8 +622,7 @@ cdef class HttpConnection:
             if self.status != 101 or not self.active.upgrade:
                 self.fail_answer("101 without an upgrade request")
                 return
-            self.transport.write(data)
-            self.relay()
+            self.relay(data)
             return
         except httptools.HttpParserError as exc:
             self.fail_answer(f"bad response: {exc}")
@@ -709,18 +729,38 @@ cdef class HttpConnection:
         else:
             self.transport.abort()
 
-    def relay(self):
-        """A 101 answer: from here on, bytes flow raw both ways."""
-        backend = self.backend
-        self.backend = None
+    def relay(self, answer):
+        """A 101 answer: from here on, bytes flow raw both ways, through fastsni's relay.
+
+        The two sockets leave their transports once both wrote everything queued
+        (resume_writing brings us back to hand_over); then ``answer`` (the 101 and
+        whatever followed it) goes to the client, held client bytes to the backend."""
+        self.switching = answer
         self.disarm()
+        self.transport.pause_reading()
+        self.backend.transport.pause_reading()
+        self.hand_over()
+
+    def hand_over(self):
+        backend = self.backend
+        if self.switching is None or backend is None or self.transport.is_closing():
+            return
+        for transport in (self.transport, backend.transport):
+            if transport.get_write_buffer_size():
+                transport.set_write_buffer_limits(0, 0)  # resume_writing says when it is empty
+                return
+        answer = self.switching
         held = self.reader.held
+        self.switching = None
         self.reader = None
-        client_side = _take_over(self.transport)
-        backend_side = _take_over(backend.transport)
-        client_side.peer = backend_side
-        backend_side.peer = client_side
-        if held:
-            backend.transport.write(held)
-        backend.transport.resume_reading()
-        self.transport.resume_reading()
+        self.backend = None
+        LIVE.discard(self.transport)
+        LIVE.add(self)
+        client = steal(self.transport)
+        server = steal(backend.transport)
+        shared = reactor()
+        shared.add(client, None)
+        Relay(shared, client, server, held, answer, self.relay_closed, True)
+
+    def relay_closed(self):
+        LIVE.discard(self)

@@ -5,10 +5,10 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from posix.unistd cimport close, read, write
 
 from fastsni._engine import Relay, connect_backend
-from fastsni.engine import CLOSING
+from fastsni.addresses import of_descriptor, proxy_v1_header
+from fastsni.engine import CLOSING, errno_name
 from fastsni._tls import HelloReader
-from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, addresses, log
-from fastsni.relay import errno_name, proxy_v1_header
+from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, log
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, alert
 
 cdef enum:
@@ -69,7 +69,7 @@ cdef class TlsConnection:
         cdef bytes hello = bytes(self.reader.received)
         self.reader = None
         if send_proxy:
-            hello = proxy_v1_header(*addresses(self.fd)) + hello
+            hello = proxy_v1_header(*of_descriptor(self.fd)) + hello
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self):

@@ -11,7 +11,8 @@ from conftest import REQUIRE_COMPILED
 
 PAIRS = [
     ("fastsni.tls", "fastsni._tls"),
-    ("fastsni.relay", "fastsni._relay"),
+    ("fastsni.engine", "fastsni._engine"),
+    ("fasthttpdir.proxy", "fasthttpdir._http"),
     ("fastsni.proxy", "fastsni._proxy"),
 ]
 

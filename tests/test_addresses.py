@@ -1,13 +1,10 @@
-"""Shared helpers of the relay module: PROXY v1 header and address formatting (both twins)."""
+"""Addresses as the proxies show them: PROXY v1 line, client IP, log form (pure only: not hot)."""
 
 from __future__ import annotations
 
 import pytest
 
-
-@pytest.fixture
-def relay(twin):
-    return twin.module("fastsni.relay", "fastsni._relay")
+from fastsni import addresses as relay
 
 
 @pytest.mark.parametrize(
@@ -28,12 +25,12 @@ def relay(twin):
         (("fe80::1%eth0", 1, 0, 2), ("fe80::2%eth0", 2, 0, 2), b"PROXY TCP6 fe80::1 fe80::2 1 2\r\n"),
     ],
 )
-def test_proxy_v1_header(relay, client, server, line):
+def test_proxy_v1_header(client, server, line):
     assert relay.proxy_v1_header(client, server) == line
     assert len(line) <= 107  # proxy-protocol.txt §2.1: the longest v1 line
 
 
-def test_client_ip_and_describe(relay):
+def test_client_ip_and_describe():
     assert relay.client_ip(("::ffff:10.1.2.3", 9, 0, 0)) == "10.1.2.3"
     assert relay.client_ip(("2001:db8::5", 9, 0, 0)) == "2001:db8::5"
     assert relay.describe(("127.0.0.1", 80)) == "127.0.0.1:80"

@@ -1,0 +1,46 @@
+"""Socket addresses as the proxies show them: the PROXY v1 line, the client IP for
+X-Forwarded-For, and the ``ip:port`` of log lines.  Not on the hot path: pure only.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+def _plain_ip(address: str) -> tuple[int, str]:
+    """(4 or 6, address) with IPv4-mapped IPv6 unwrapped and any %scope dropped."""
+    if ":" not in address:
+        return 4, address
+    address = address.split("%", 1)[0]
+    if address.lower().startswith("::ffff:") and "." in address:
+        return 4, address[7:]
+    return 6, address
+
+
+def proxy_v1_header(client: tuple, server: tuple) -> bytes:
+    """The PROXY protocol v1 line (haproxy proxy-protocol.txt §2.1) for a TCP connection."""
+    client_family, client_ip = _plain_ip(client[0])
+    server_family, server_ip = _plain_ip(server[0])
+    if client_family != server_family:
+        return b"PROXY UNKNOWN\r\n"
+    return f"PROXY TCP{client_family} {client_ip} {server_ip} {client[1]} {server[1]}\r\n".encode("ascii")
+
+
+def client_ip(address: tuple) -> str:
+    """The client's IP as shown to backends: IPv4-mapped IPv6 as plain IPv4."""
+    return _plain_ip(address[0])[1]
+
+
+def describe(address: tuple) -> str:
+    """``ip:port`` or ``[ip]:port`` for log lines."""
+    family, ip = _plain_ip(address[0])
+    return f"{ip}:{address[1]}" if family == 4 else f"[{ip}]:{address[1]}"
+
+
+def of_descriptor(fd: int) -> tuple[tuple, tuple]:
+    """(peer, local) addresses of a connected socket descriptor."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getpeername(), sock.getsockname()
+    finally:
+        sock.detach()
