@@ -1,10 +1,11 @@
-"""``fastsni-demo [--once]``: fastsni on a loopback port in front of a sample TLS backend.
+"""``fastsni-demo [--once]``: fastsni and fasthttpdir on loopback ports in front of sample backends.
 
 Makes a temporary hosts directory with ``demo.localhost/tls-socket`` served by a
-small HTTPS server (a self-signed certificate made with the openssl command), starts
-fastsni on 127.0.0.1 with that directory as its current directory, fetches one page
-through it to show it works, prints the curl line that reaches it, and keeps serving
-until Ctrl-C (with --once: exits after the check).  Everything is removed at exit.
+small HTTPS server (a self-signed certificate made with the openssl command) and
+``demo.localhost/http-socket`` served by a small HTTP server, starts fastsni and
+fasthttpdir on 127.0.0.1 with that directory as their current directory, fetches one
+page through each to show they work, prints the curl lines that reach them, and keeps
+serving until Ctrl-C (with --once: exits after the checks).  Everything is removed at exit.
 """
 
 from __future__ import annotations
@@ -33,14 +34,18 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The sample backend: one HTTP/1.1 response per connection."""
+    """The sample backends: one HTTP/1.1 response per connection."""
     try:
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
         writer.close()
         return
     tls = writer.get_extra_info("ssl_object")
-    body = f"Hello from the {NAME} backend: TLS {tls.version()} ended here, not in fastsni.\n".encode()
+    if tls is not None:
+        body = f"Hello from the {NAME} backend: TLS {tls.version()} ended here, not in fastsni.\n".encode()
+    else:
+        forwarded = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-forwarded-for:")]
+        body = f"Hello from the {NAME} HTTP backend via fasthttpdir ({forwarded[0].decode()}).\n".encode()
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -50,15 +55,31 @@ async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.close()
 
 
-def fetch(port: int, cert: Path) -> str:
-    context = ssl.create_default_context(cafile=str(cert))
+def fetch(port: int, cert: Path | None) -> str:
+    """GET / from demo.localhost on a loopback port, over TLS when ``cert`` is given."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname=NAME) as tls:
-            tls.sendall(f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode())
+        conn = (
+            ssl.create_default_context(cafile=str(cert)).wrap_socket(raw, server_hostname=NAME)
+            if cert
+            else raw
+        )
+        with conn:
+            conn.sendall(f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode())
             data = b""
-            while chunk := tls.recv(65536):
+            while chunk := conn.recv(65536):
                 data += chunk
     return data.decode(errors="replace").split("\r\n\r\n", 1)[-1]
+
+
+async def start(program: str, hosts: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """Start ``program`` with a listening socket on a free loopback port as fd 0."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", program, stdin=listener.fileno(), cwd=hosts
+    )
+    listener.close()
+    return process, port
 
 
 async def run(once: bool) -> int:
@@ -70,29 +91,33 @@ async def run(once: bool) -> int:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         context.set_alpn_protocols(["http/1.1"])
-        backend = await asyncio.start_unix_server(answer, str(hosts / NAME / "tls-socket"), ssl=context)
-        listener = socket.create_server(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        proxy = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fastsni", stdin=listener.fileno(), cwd=hosts
-        )
-        listener.close()
+        backends = [
+            await asyncio.start_unix_server(answer, str(hosts / NAME / "tls-socket"), ssl=context),
+            await asyncio.start_unix_server(answer, str(hosts / NAME / "http-socket")),
+        ]
+        proxies = {program: await start(program, hosts) for program in ("fastsni", "fasthttpdir")}
         try:
-            body = await asyncio.to_thread(fetch, port, cert)
+            tls_port, http_port = proxies["fastsni"][1], proxies["fasthttpdir"][1]
+            body = await asyncio.to_thread(fetch, tls_port, cert)
             print(f"fetched through fastsni: {body.strip()}", flush=True)
+            body = await asyncio.to_thread(fetch, http_port, None)
+            print(f"fetched through fasthttpdir: {body.strip()}", flush=True)
             print(
                 f"\nhosts directory: {hosts}\ntry:  curl --cacert {cert} "
-                f"--resolve {NAME}:{port}:127.0.0.1 https://{NAME}:{port}/",
+                f"--resolve {NAME}:{tls_port}:127.0.0.1 https://{NAME}:{tls_port}/\n"
+                f"      curl --resolve {NAME}:{http_port}:127.0.0.1 http://{NAME}:{http_port}/",
                 flush=True,
             )
             if not once:
                 print("Ctrl-C stops the demo.", flush=True)
-                await proxy.wait()
+                await asyncio.wait([asyncio.ensure_future(p.wait()) for p, _ in proxies.values()])
         finally:
-            if proxy.returncode is None:
-                proxy.terminate()
-                await proxy.wait()
-            backend.close()
+            for process, _ in proxies.values():
+                if process.returncode is None:
+                    process.terminate()
+                    await process.wait()
+            for backend in backends:
+                backend.close()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The README's first command: the demo routes a real HTTPS request through fastsni."""
+"""The README's first command: the demo routes real requests through fastsni and fasthttpdir."""
 
 from __future__ import annotations
 
@@ -16,5 +16,8 @@ def test_demo_once(twin):
     )
     assert result.returncode == 0, result.stderr
     assert "fetched through fastsni: Hello from the demo.localhost backend" in result.stdout
+    assert "fetched through fasthttpdir: Hello from the demo.localhost HTTP backend" in result.stdout
+    assert "X-Forwarded-For: 127.0.0.1" in result.stdout
     assert "curl --cacert" in result.stdout
-    assert f"({twin.name}," in result.stderr
+    assert f"fastsni 0.1.0 ({twin.name}," in result.stderr
+    assert f"fasthttpdir 0.1.0 ({twin.name}," in result.stderr
