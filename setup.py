@@ -55,4 +55,5 @@ def extensions():
             print(f"fastsni: cannot cythonize {source} ({exc}); its pure twin will run", file=sys.stderr)
     return built
 
+
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
