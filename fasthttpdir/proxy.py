@@ -358,6 +358,7 @@ class HttpConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.reused = False  # the exchange in progress went to an open backend connection
         self.switching: bytes | None = None  # a 101 answer, while the sockets leave their transports
+        self.overrun = False  # the backend sent more after its final answer
 
     # client side
 
@@ -485,6 +486,7 @@ class HttpConnection(asyncio.Protocol):
             self.status = 0
             self.forwarded = 0
             self.final = False
+            self.overrun = False
             self.close_delimited = False
             self.response_keep_alive = True
             backend = self.backend
@@ -579,12 +581,19 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.fail_answer(f"bad response: {exc}")
             return
+        if self.overrun:
+            # More after the final answer, unasked: never let it pass as the answer to
+            # the client's next request (which may be for another host).
+            self.fail_answer("backend sent bytes after its answer")
+            return
         self.forwarded += len(data)
         self.transport.write(data)
         if self.final:
             self.answered()
 
     def on_message_begin(self) -> None:
+        if self.final:
+            self.overrun = True
         self.status = 0
         self.framed = False
 

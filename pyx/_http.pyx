@@ -380,6 +380,7 @@ cdef class HttpConnection:
     cdef public object timer
     cdef public bint reused
     cdef public bytes switching
+    cdef public bint overrun
 
     def __init__(self):
         self.transport = None
@@ -402,6 +403,7 @@ cdef class HttpConnection:
         self.timer = None
         self.reused = False  # the exchange in progress went to an open backend connection
         self.switching = None  # a 101 answer, while the sockets leave their transports
+        self.overrun = False  # the backend sent more after its final answer
 
     # client side
 
@@ -533,6 +535,7 @@ cdef class HttpConnection:
             self.status = 0
             self.forwarded = 0
             self.final = False
+            self.overrun = False
             self.close_delimited = False
             self.response_keep_alive = True
             backend = self.backend
@@ -627,12 +630,19 @@ cdef class HttpConnection:
         except httptools.HttpParserError as exc:
             self.fail_answer(f"bad response: {exc}")
             return
+        if self.overrun:
+            # More after the final answer, unasked: never let it pass as the answer to
+            # the client's next request (which may be for another host).
+            self.fail_answer("backend sent bytes after its answer")
+            return
         self.forwarded += len(data)
         self.transport.write(data)
         if self.final:
             self.answered()
 
     def on_message_begin(self):
+        if self.final:
+            self.overrun = True
         self.status = 0
         self.framed = False
 

@@ -250,6 +250,30 @@ def test_smuggled_second_request_is_not_forwarded(hosts, twin, proxies, backends
     assert [r["target"] for r in seen] == ["/ok"]
 
 
+def test_backend_cannot_answer_the_next_request(hosts, twin, proxies, backends):
+    """Bytes after a backend's answer must never pass as the answer to the client's next
+    request, which may be for another tenant's host (response splitting)."""
+    injected = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+
+    def splitter(conn: socket.socket) -> None:
+        read_request(conn, bytearray())
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + injected)
+        conn.recv(1)  # hold the connection open until the proxy drops it
+
+    seen: list = []
+    backends(hosts, "evil", splitter)
+    backends(hosts, "victim", echo(seen))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("evil") + get("victim"))
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert b"forged" not in received
+    assert received.startswith(b"HTTP/1.1 502 ")
+    assert "after its answer" in proxy.expect("evil")
+
+
 def test_connect_is_405(hosts, twin, proxies):
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
