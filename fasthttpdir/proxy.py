@@ -41,7 +41,7 @@ REASONS = {
 }
 
 HIGH_WATER = 64 * 1024  # per transport: more unsent bytes than this stop the other side being read
-LIVE: set = set()  # open client connections (transports; connections after an upgrade), for the drain
+LIVE: set = set()  # open client connections, for the drain on SIGHUP
 
 __all__ = ["LIVE", "HttpConnection", "Rejected", "host_name", "frame"]
 
@@ -359,6 +359,8 @@ class HttpConnection(asyncio.Protocol):
         self.reused = False  # the exchange in progress went to an open backend connection
         self.switching: bytes | None = None  # a 101 answer, while the sockets leave their transports
         self.overrun = False  # the backend sent more after its final answer
+        self.relayed = False  # handed to fastsni's relay after a 101
+        self.draining = False  # SIGHUP: close once the requests begun are answered
 
     # client side
 
@@ -367,7 +369,7 @@ class HttpConnection(asyncio.Protocol):
         self.client = transport.get_extra_info("peername")
         self.server = transport.get_extra_info("sockname")
         transport.set_write_buffer_limits(HIGH_WATER)
-        LIVE.add(transport)
+        LIVE.add(self)
         self.reader = RequestReader(client_ip(self.client))
         self.arm()
 
@@ -417,7 +419,8 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        LIVE.discard(self.transport)
+        if not self.relayed:
+            LIVE.discard(self)
         self.disarm()
         self.reader = None
         backend = self.backend
@@ -502,7 +505,7 @@ class HttpConnection(asyncio.Protocol):
             elif backend.transport is not None:
                 self.pump()
         if self.active is None and reader is not None and not reader.requests:
-            if self.closing:
+            if self.closing or (self.draining and not reader.head_size):
                 self.close()
             elif not self.transport.is_closing():
                 self.arm()
@@ -715,8 +718,7 @@ class HttpConnection(asyncio.Protocol):
         self.switching = None
         self.reader = None
         self.backend = None
-        LIVE.discard(self.transport)
-        LIVE.add(self)
+        self.relayed = True
         client = steal(self.transport)
         server = steal(backend.transport)
         shared = reactor()
@@ -725,3 +727,11 @@ class HttpConnection(asyncio.Protocol):
 
     def relay_closed(self) -> None:
         LIVE.discard(self)
+
+    def drain(self) -> None:
+        """SIGHUP: answer the requests begun, then close (see next); an idle one closes now."""
+        if self.relayed or self.reader is None:
+            return  # a relay (or a connection already closing) runs to its end
+        self.draining = True
+        if self.active is None and not self.reader.requests and not self.reader.head_size:
+            self.close()  # between requests

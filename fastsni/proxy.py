@@ -96,3 +96,6 @@ class TlsConnection:
 
     def relay_closed(self) -> None:
         self.service.closed(self)
+
+    def drain(self) -> None:
+        """SIGHUP: nothing to do; a TLS stream has no request boundary to stop at."""

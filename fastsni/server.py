@@ -109,7 +109,7 @@ def address_text(address: tuple) -> str:
 
 def serve_connections(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
     """Run a proxy on the engine: ``start(service, fd)`` serves each accepted descriptor
-    (see fastsni.engine.Service)."""
+    (see fastsni.engine.Service) with an object that has a ``drain()`` method for SIGHUP."""
     engine = twins.load("fastsni.engine", "fastsni._engine")
 
     def begin(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[Callable[[], None], set]:
@@ -129,7 +129,8 @@ def serve(
     live: set,
 ) -> None:
     """Run a proxy of asyncio protocols: ``make_protocol`` builds each accepted
-    connection's protocol and ``live`` holds the client transports still open."""
+    connection's protocol and ``live`` holds the connections still open, each with a
+    ``drain()`` method that SIGHUP calls."""
 
     def begin(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[Callable[[], None], set]:
         server = loop.run_until_complete(loop.create_server(make_protocol, sock=sock, backlog=BACKLOG))
@@ -169,6 +170,8 @@ def _run(program: str, summary: str, argv: list[str], twin: ModuleType, begin: C
             f"{program}: SIGHUP: stopped accepting; draining {len(live)} connections for up to "
             f"{DRAIN_SECONDS:g} s\n"
         )
+        for connection in list(live):
+            connection.drain()  # e.g. close idle keep-alive connections now
         loop.add_signal_handler(signal.SIGTERM, loop.stop)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
         try:

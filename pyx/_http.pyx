@@ -381,6 +381,8 @@ cdef class HttpConnection:
     cdef public bint reused
     cdef public bytes switching
     cdef public bint overrun
+    cdef public bint relayed
+    cdef public bint draining
 
     def __init__(self):
         self.transport = None
@@ -404,6 +406,8 @@ cdef class HttpConnection:
         self.reused = False  # the exchange in progress went to an open backend connection
         self.switching = None  # a 101 answer, while the sockets leave their transports
         self.overrun = False  # the backend sent more after its final answer
+        self.relayed = False  # handed to fastsni's relay after a 101
+        self.draining = False  # SIGHUP: close once the requests begun are answered
 
     # client side
 
@@ -412,7 +416,7 @@ cdef class HttpConnection:
         self.client = transport.get_extra_info("peername")
         self.server = transport.get_extra_info("sockname")
         transport.set_write_buffer_limits(HIGH_WATER)
-        LIVE.add(transport)
+        LIVE.add(self)
         self.reader = RequestReader(client_ip(self.client))
         self.arm()
 
@@ -464,7 +468,8 @@ cdef class HttpConnection:
         return True
 
     def connection_lost(self, exc):
-        LIVE.discard(self.transport)
+        if not self.relayed:
+            LIVE.discard(self)
         self.disarm()
         self.reader = None
         backend = self.backend
@@ -551,7 +556,7 @@ cdef class HttpConnection:
             elif backend.transport is not None:
                 self.pump()
         if self.active is None and reader is not None and not reader.requests:
-            if self.closing:
+            if self.closing or (self.draining and not reader.head_size):
                 self.close()
             elif not self.transport.is_closing():
                 self.arm()
@@ -764,8 +769,7 @@ cdef class HttpConnection:
         self.switching = None
         self.reader = None
         self.backend = None
-        LIVE.discard(self.transport)
-        LIVE.add(self)
+        self.relayed = True
         client = steal(self.transport)
         server = steal(backend.transport)
         shared = reactor()
@@ -774,3 +778,11 @@ cdef class HttpConnection:
 
     def relay_closed(self):
         LIVE.discard(self)
+
+    def drain(self):
+        """SIGHUP: answer the requests begun, then close (see next); an idle one closes now."""
+        if self.relayed or self.reader is None:
+            return  # a relay (or a connection already closing) runs to its end
+        self.draining = True
+        if self.active is None and not self.reader.requests and not self.reader.head_size:
+            self.close()  # between requests

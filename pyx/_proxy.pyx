@@ -90,3 +90,6 @@ cdef class TlsConnection:
 
     def relay_closed(self):
         self.service.closed(self)
+
+    def drain(self):
+        """SIGHUP: nothing to do; a TLS stream has no request boundary to stop at."""

@@ -437,6 +437,22 @@ def test_sighup_drains_request_in_flight(hosts, twin, proxies, backends):
     assert proxy.process.wait(timeout=10) == 0
 
 
+def test_sighup_closes_idle_keepalive_connections_at_once(hosts, twin, proxies, backends):
+    backends(hosts, "a", echo())
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect(timeout=5) as idle, proxy.connect(timeout=5) as busy:
+        [(status, _, _)] = exchange(idle, get("a"))  # answered; the connection stays open
+        assert status == 200
+        busy.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # a head not complete yet
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.expect("draining 2 connections")
+        assert idle.recv(1) == b""  # closed by the drain, well before its 10 s
+        [(status, _, _)] = exchange(busy, b"\r\n")  # the request in progress is answered
+        assert status == 200
+        assert busy.recv(1) == b""  # then that connection closes too
+    assert proxy.process.wait(timeout=5) == 0
+
+
 def test_version_and_help(twin):
     out = subprocess.run(
         [sys.executable, "-m", "fasthttpdir", "--version"], env=twin.env, capture_output=True, text=True
