@@ -101,7 +101,9 @@ def scripted(answer: bytes, then_close: bool = False):
 
 
 def exchange(sock: socket.socket, data: bytes, count: int = 1, head: bool = False) -> list[tuple]:
-    """Send ``data``; read ``count`` responses: (status, headers dict, body)."""
+    """Send ``data``; read ``count`` responses: (status, headers dict, body).
+
+    Each response is taken as it completes, so several in one recv() all count."""
     sock.sendall(data)
     responses: list[tuple] = []
     state: dict = {}
@@ -121,22 +123,26 @@ def exchange(sock: socket.socket, data: bytes, count: int = 1, head: bool = Fals
             state["body"] += body
 
         def on_message_complete(self):
-            state["done"] = True
+            if not head:
+                responses.append((parser.get_status_code(), state["headers"], bytes(state["body"])))
+                state.clear()
 
     parser = httptools.HttpResponseParser(Callbacks())
     while len(responses) < count:
         chunk = sock.recv(1 << 20)
         if not chunk:
-            if state and not state["done"]:
+            if state and not state.get("done", True):
                 raise ConnectionError("EOF in the middle of a response")
             break
-        for byte_range in (chunk,) if not head else [chunk[i : i + 1] for i in range(len(chunk))]:
-            parser.feed_data(byte_range)
+        if not head:
+            parser.feed_data(chunk)
+            continue
+        for byte in [chunk[i : i + 1] for i in range(len(chunk))]:  # a HEAD answer ends at its head
+            parser.feed_data(byte)
             if state.get("done"):
                 responses.append((parser.get_status_code(), state["headers"], bytes(state["body"])))
                 state.clear()
-                if head:
-                    parser = httptools.HttpResponseParser(Callbacks())
+                parser = httptools.HttpResponseParser(Callbacks())
     return responses
 
 
