@@ -2,7 +2,8 @@
 and sniproxy: ``python3 perf/bench.py [--quick] [--save-baseline]``.
 
 Every proxy runs single-worker pinned to CPU 1; the C load generator (perf/loadgen.c)
-and the C backend (perf/backend.c, on Unix sockets) share CPU 0.  The comparable figure
+and the C backend (perf/backend.c, on Unix sockets) share CPU 0, as do h2load and the
+TLS backend nginx of workload F (perf/perf_tls.py).  The comparable figure
 is proxy CPU time per operation, read from /proc/<pid>/stat before and after each run.
 See perf/README.md.
 """
@@ -26,6 +27,16 @@ from typing import Any
 
 from perf_peers import PEERS, Peer, peer_command, write_peer_config
 from perf_report import compare_baseline, machine_info, ratios, render_table
+from perf_tls import (
+    TLS_CLIENTS,
+    TLS_HOSTS,
+    backend_config,
+    h2load_long,
+    h2load_short,
+    latency_percentiles,
+    make_certificate,
+    parse_h2load,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -44,6 +55,7 @@ APT_PACKAGES = {
     "sniproxy": "sniproxy",
     "wrk": "wrk",
     "h2load": "nghttp2-client",
+    "openssl": "openssl",
 }
 
 
@@ -60,13 +72,16 @@ class Settings:
     idle_conns: int
     concurrency: int = 32
     msg_size: int = 64
+    tls_count: int = 8000  # F(a): TLS connections, one request each (~900/s: CPU 0 bound)
+    tls_seconds: float = 5.0  # F(b): h2load -D
+    tls_timeout: float = 60.0  # F: h2load is killed (and F marked broken) past this
 
     @classmethod
     def for_run(cls, quick: bool, smoke: bool = False) -> Settings:
         if smoke:  # a functional check of the harness, not a measurement
-            return cls(0.5, 20_000, 0.5, 200_000, 0.5, 1 << 30, 200)
+            return cls(0.5, 20_000, 0.5, 200_000, 0.5, 1 << 30, 200, tls_count=200, tls_seconds=0.5)
         if quick:
-            return cls(2.5, 400_000, 2.5, 4_000_000, 2.0, 40 << 30, 2000)
+            return cls(2.5, 400_000, 2.5, 4_000_000, 2.0, 40 << 30, 2000, tls_count=2500, tls_seconds=2.0)
         return cls(8.0, 2_000_000, 8.0, 20_000_000, 5.0, 200 << 30, 5000)
 
 
@@ -245,6 +260,8 @@ class Bench:
     hellos: dict[str, Path]
     sockets: dict[str, Path]
     backend_pids: list[int]
+    tls_port: int | None = None  # the TLS backend's own 127.0.0.1 listener (F's direct)
+    tls_pids: list[int] = field(default_factory=list)
 
     def loadgen(self, mode: str, target: str, hello: str, *args: int | float) -> list[str]:
         cmd = [str(self.tools["loadgen"]), mode, target, str(self.hellos[hello]), *map(str, args)]
@@ -333,6 +350,52 @@ class Bench:
             },
         }
 
+    def tls(self, target: str, pids: list[int], procs: Procs, tmp: Path) -> dict[str, Any]:
+        """F: h2load through the proxy to the TLS nginx backend: (a) one request per TLS
+        connection, (b) a few long HTTP/2 connections with many streams."""
+        s = self.settings
+        log = tmp / "h2load.log"
+        short = h2load_short(target, TLS_CLIENTS, s.tls_count, log)
+        out: dict[str, Any] = {"Fa": self.h2load(short, log, pids, procs)}
+        if "broken" not in out["Fa"]:  # one request per connection: per request = per connection
+            out["Fa"]["conn_per_s"] = out["Fa"]["req_per_s"]
+            out["Fa"]["proxy_cpu_us_per_conn"] = out["Fa"]["proxy_cpu_us_per_req"]
+        out["Fb"] = self.h2load(h2load_long(target, s.tls_seconds, log), log, pids, procs)
+        return out
+
+    def h2load(self, cmd: list[str], log: Path, pids: list[int], procs: Procs) -> dict[str, Any]:
+        """Run one h2load on CPU 0, killed past tls_timeout; requests/s, p50/p99, CPU."""
+        log.unlink(missing_ok=True)
+        before = cpu_seconds(pids), cpu_seconds(self.tls_pids), children_cpu()
+        started = time.monotonic()
+        proc = procs.spawn(pinned(LOAD_CPU, cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=self.settings.tls_timeout)
+        except subprocess.TimeoutExpired:
+            return {"broken": f"h2load ran past {self.settings.tls_timeout:g} s and was killed"}
+        finally:
+            procs.stop(proc)
+        wall = max(time.monotonic() - started, 1e-9)
+        after = cpu_seconds(pids), cpu_seconds(self.tls_pids), children_cpu()
+        figures = parse_h2load(stdout)
+        done = figures.get("succeeded", 0)
+        if not done or "seconds" not in figures:
+            return {"broken": f"h2load: {(stdout + stderr).strip()[-300:]}"}
+        failed = figures.get("failed", 0)
+        return {
+            "req_per_s": done / figures["seconds"],
+            **latency_percentiles(log),
+            "proxy_cpu_us_per_req": (after[0] - before[0]) / done * 1e6 if pids else None,
+            "succeeded": done,
+            "seconds": figures["seconds"],
+            "errors": f"{failed} failed; {figures.get('status', '')}" if failed else 0,
+            "cpu_pct": {
+                "proxy": round(100 * (after[0] - before[0]) / wall),
+                "loadgen": round(100 * (after[2] - before[2]) / wall),
+                "backend": round(100 * (after[1] - before[1]) / wall),
+            },
+        }
+
     def idle(self, target: str, pids: list[int], procs: Procs) -> dict[str, Any]:
         """RSS growth of the proxy per idle relayed connection."""
         s = self.settings
@@ -391,7 +454,8 @@ def run_peer(peer: Peer, bench: Bench, procs: Procs, tmp: Path) -> dict[str, Any
     """Start one peer, run its workloads, stop it; a failure is recorded, not raised."""
     if peer.name == "direct":
         targets = {mode: f"unix:{path}" for mode, path in bench.sockets.items()}
-        return run_workloads(peer, bench, procs, targets, [])
+        targets["tls"] = f"127.0.0.1:{bench.tls_port}"
+        return run_workloads(peer, bench, procs, targets, [], tmp)
     port = free_port()
     workdir = tmp / peer.name
     workdir.mkdir()
@@ -404,14 +468,15 @@ def run_peer(peer: Peer, bench: Bench, procs: Procs, tmp: Path) -> dict[str, Any
             return {"broken": f"did not listen: {tail(workdir / 'stderr.log')}"}
         time.sleep(0.2)
         target = f"tcp:127.0.0.1:{port}"
-        return run_workloads(peer, bench, procs, {"echo": target, "source": target}, [proc.pid])
+        targets = {"echo": target, "source": target, "tls": f"127.0.0.1:{port}"}
+        return run_workloads(peer, bench, procs, targets, [proc.pid], workdir)
     finally:
         procs.stop(proc)
         log.close()
 
 
 def run_workloads(
-    peer: Peer, bench: Bench, procs: Procs, targets: dict[str, str], pids: list[int]
+    peer: Peer, bench: Bench, procs: Procs, targets: dict[str, str], pids: list[int], workdir: Path
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     target = targets["echo"]
@@ -433,6 +498,8 @@ def run_workloads(
             results["B"] = bench.messages(target, tree)
         elif workload == "C":
             results["C"] = bench.bulk(targets["source"], tree)
+        elif workload == "F" and bench.tls_port:
+            results.update(bench.tls(targets["tls"], process_tree(pids[0]) if pids else [], procs, workdir))
     return results
 
 
@@ -462,6 +529,29 @@ def start_backends(tmp: Path, tools: dict[str, Path], procs: Procs) -> tuple[dic
             raise RuntimeError(f"backend {mode} did not start")
         sockets[mode], pids = path, [*pids, proc.pid]
     return sockets, pids
+
+
+def start_tls_backend(tmp: Path, procs: Procs) -> tuple[dict[str, Path], int, list[int]]:
+    """F's backend: its own nginx (prefix, conf, pid, logs under tmp/tls-backend), one
+    worker, on CPU 0; Unix sockets hosts/<name>/tls-socket and one 127.0.0.1 port."""
+    workdir = tmp / "tls-backend"
+    workdir.mkdir()
+    sockets = {kind: tmp / "hosts" / name / "tls-socket" for kind, name in TLS_HOSTS.items()}
+    for path in sockets.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    cert, key = make_certificate(workdir)
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(backend_config(workdir, sockets, port, cert, key))
+    cmd = ["nginx", "-p", f"{workdir}/", "-c", str(conf), "-e", str(workdir / "error.log")]
+    log = (workdir / "stderr.log").open("w")
+    # umask 0: the socket files must be writable by the proxies' unprivileged workers
+    proc = procs.spawn(pinned(LOAD_CPU, cmd), stdout=log, stderr=log, umask=0)
+    log.close()
+    if not wait_listening(port, proc) or not all(wait_path(path) for path in sockets.values()):
+        raise RuntimeError(f"TLS backend nginx did not start: {tail(workdir / 'error.log')}")
+    time.sleep(0.2)
+    return sockets, port, process_tree(proc.pid)
 
 
 # ---------------------------------------------------------------- main
@@ -509,6 +599,15 @@ def run_all(
     hellos = write_hellos(tmp)
     sockets, backend_pids = start_backends(tmp, tools, procs)
     bench = Bench(settings, tools, hellos, sockets, backend_pids)
+    if any("F" in peer.workloads for peer in peers):
+        if not (shutil.which("h2load") and shutil.which("nginx") and shutil.which("openssl")):
+            notes.append("F skipped: it needs h2load (nghttp2-client), nginx and openssl")
+        else:
+            try:
+                tls_sockets, bench.tls_port, bench.tls_pids = start_tls_backend(tmp, procs)
+                sockets.update(tls_sockets)
+            except (RuntimeError, subprocess.CalledProcessError) as error:
+                notes.append(f"F skipped: {error}")
     results: dict[str, Any] = {}
     for peer in peers:
         if peer.binary and not shutil.which(peer.binary):

@@ -1,12 +1,14 @@
 """The proxies compared by perf/bench.py and their equivalent configurations: one
-worker, frontend on 127.0.0.1:PORT, route echo.test and bulk.test by SNI to Unix sockets,
-no access log."""
+worker, frontend on 127.0.0.1:PORT, route echo.test and bulk.test (and F's once.test and
+h2.test) by SNI to Unix sockets, no access log."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from perf_tls import TLS_HOSTS
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -16,7 +18,7 @@ class Peer:
     name: str
     kind: str  # fastsni, nginx, haproxy, sniproxy or direct (no proxy: the ceiling)
     binary: str | None
-    workloads: tuple[str, ...] = ("D", "A", "B", "C")
+    workloads: tuple[str, ...] = ("D", "A", "B", "C", "F")
     variant: str = ""
 
 
@@ -26,7 +28,7 @@ PEERS = [
     Peer("nginx", "nginx", "nginx"),
     Peer("haproxy", "haproxy", "haproxy"),
     Peer("sniproxy", "sniproxy", "sniproxy"),
-    Peer("direct", "direct", None, ("A", "B", "C")),
+    Peer("direct", "direct", None, ("A", "B", "C", "F")),  # F: the TLS backend's TCP port
     Peer("nginx-buf256k", "nginx", "nginx", ("C",), "buf256k"),
     Peer("haproxy-splice", "haproxy", "haproxy", ("C",), "splice"),
     Peer("fasthttpdir", "fasthttpdir", None, ("E",)),
@@ -38,6 +40,7 @@ PEERS = [
 
 def write_peer_config(peer: Peer, workdir: Path, port: int, sockets: dict[str, Path]) -> None:
     routes = {"echo.test": sockets["echo"], "bulk.test": sockets["source"]}
+    routes.update({name: sockets[kind] for kind, name in TLS_HOSTS.items() if kind in sockets})  # F
     if peer.variant == "http":
         routes = {"echo.test": sockets["http"]}
     writer = {"nginx": nginx_config, "haproxy": haproxy_config, "sniproxy": sniproxy_config}.get(peer.kind)

@@ -22,6 +22,12 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("E", "req_per_s", "HTTP req/s", True),
     ("E", "http_p99_us", "HTTP p99 µs", False),
     ("E", "proxy_cpu_us_per_req", "proxy CPU µs/req", False),
+    ("Fa", "conn_per_s", "TLS conn/s", True),
+    ("Fa", "p99_us", "req p99 µs", False),
+    ("Fa", "proxy_cpu_us_per_conn", "proxy CPU µs/conn", False),
+    ("Fb", "req_per_s", "h2 req/s", True),
+    ("Fb", "p99_us", "h2 req p99 µs", False),
+    ("Fb", "proxy_cpu_us_per_req", "proxy CPU µs/req", False),
 ]
 TWINS = ("fastsni", "fastsni-pure", "fasthttpdir", "fasthttpdir-pure")
 
@@ -37,6 +43,8 @@ WORKLOAD_NAMES = {
     "C": "C bulk download",
     "D": "D idle connections",
     "E": "E HTTP via wrk",
+    "Fa": "F TLS 1 req/conn",
+    "Fb": "F TLS h2 4x32",
 }
 
 
