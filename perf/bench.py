@@ -81,7 +81,7 @@ class Settings:
         if smoke:  # a functional check of the harness, not a measurement
             return cls(0.5, 20_000, 0.5, 200_000, 0.5, 1 << 30, 200, tls_count=200, tls_seconds=0.5)
         if quick:
-            return cls(2.5, 400_000, 2.5, 4_000_000, 2.0, 40 << 30, 2000, tls_count=2500, tls_seconds=2.0)
+            return cls(2.5, 400_000, 2.5, 4_000_000, 2.0, 40 << 30, 2000, tls_count=2000, tls_seconds=2.0)
         return cls(8.0, 2_000_000, 8.0, 20_000_000, 5.0, 200 << 30, 5000)
 
 
