@@ -623,6 +623,9 @@ def run_all(
         results[peer.name] = run_peer(peer, bench, procs, tmp)
         if "broken" in results[peer.name]:
             notes.append(f"{peer.name}: {results[peer.name]['broken']}")
+        for part in ("Fa", "Fb"):  # F's halves can fail alone
+            if "broken" in results[peer.name].get(part, {}):
+                notes.append(f"{peer.name} {part}: {results[peer.name][part]['broken']}")
     return results
 
 
