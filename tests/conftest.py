@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 REQUIRE_COMPILED = os.environ.get("FASTSNI_REQUIRE_COMPILED", "") not in ("", "0")
+ROOT = Path(__file__).resolve().parent.parent  # processes the tests start import this tree
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Twin:
         if self.name == "pure":
             env["FASTSNI_NO_EXTENSIONS"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
     def module(self, pure: str, compiled: str):

@@ -17,15 +17,6 @@ import httptools
 import pytest
 from backends import UnixBackend, read_proxy_line
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def this_tree(monkeypatch):
-    """Proxy processes import fasthttpdir from this tree, whatever checkout is installed."""
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{path}" if path else str(ROOT))
-
 
 def read_request(conn: socket.socket, buffer: bytearray) -> tuple[dict, bytes] | None:
     """Read one request (blocking) with httptools; leftover bytes stay in ``buffer``."""

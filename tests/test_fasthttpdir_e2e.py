@@ -4,7 +4,6 @@ big transfers both ways and a slow client's bounded memory."""
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import subprocess
 import sys
@@ -15,15 +14,7 @@ from pathlib import Path
 import httptools
 import pytest
 from backends import UnixBackend
-from test_fasthttpdir import ROOT, read_request
-
-
-@pytest.fixture(autouse=True)
-def this_tree(monkeypatch):
-    """Proxy processes import fasthttpdir from this tree, whatever checkout is installed."""
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{path}" if path else str(ROOT))
-
+from test_fasthttpdir import read_request
 
 APP = """
 async def app(scope, receive, send):
