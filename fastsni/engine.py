@@ -23,6 +23,7 @@ import errno
 import os
 import select
 import socket
+import sys
 from collections.abc import Callable
 
 CHUNK = 128 * 1024  # bytes per read(); also the most that waits unsent per direction
@@ -86,6 +87,15 @@ def shutdown_write(fd: int) -> None:
         sock.detach()
 
 
+def abandon(handler, exc: Exception) -> None:
+    """A connection's handler failed unexpectedly (e.g. epoll_ctl ENOSPC): log, close it."""
+    sys.stderr.write(f"fastsni: closing a connection after an internal error: {exc!r}\n")
+    try:
+        handler.close()
+    except Exception:
+        pass
+
+
 class Reactor:
     """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
 
@@ -118,7 +128,10 @@ class Reactor:
         for fd, events in self.epoll.poll(0, MAX_EVENTS):
             handler = handlers.get(fd)
             if handler is not None:  # closed by an earlier event of this batch
-                handler.ready(fd, events)
+                try:
+                    handler.ready(fd, events)
+                except Exception as exc:  # never strand the rest of the batch (edge-triggered)
+                    abandon(handler, exc)
 
     def later(self, flow: Flow) -> None:
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""

@@ -14,7 +14,7 @@ from posix.unistd cimport close, read, write
 
 import os
 
-from fastsni.engine import errno_name  # noqa: F401  (the same function, for callers of either twin)
+from fastsni.engine import abandon, errno_name  # not hot: the pure module's own
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,
@@ -189,7 +189,10 @@ cdef class Reactor:
         for i in range(count):
             handler = handlers.get(self.events[i].data.fd)
             if handler is not None:
-                handler.ready(self.events[i].data.fd, self.events[i].events)
+                try:
+                    handler.ready(self.events[i].data.fd, self.events[i].events)
+                except Exception as exc:
+                    abandon(handler, exc)
 
     cdef later(self, Flow flow):
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
