@@ -381,6 +381,8 @@ cdef class HttpConnection:
     cdef public bint reused
     cdef public bytes switching
     cdef public bint overrun
+    cdef public int heads
+    cdef public bytes tail
     cdef public bint relayed
     cdef public bint draining
 
@@ -406,6 +408,8 @@ cdef class HttpConnection:
         self.reused = False  # the exchange in progress went to an open backend connection
         self.switching = None  # a 101 answer, while the sockets leave their transports
         self.overrun = False  # the backend sent more after its final answer
+        self.heads = 0  # answer heads completed in the bytes being parsed
+        self.tail = b""  # the last 3 bytes of the answer so far, to find a head's end
         self.relayed = False  # handed to fastsni's relay after a 101
         self.draining = False  # SIGHUP: close once the requests begun are answered
 
@@ -541,6 +545,7 @@ cdef class HttpConnection:
             self.forwarded = 0
             self.final = False
             self.overrun = False
+            self.tail = b""
             self.close_delimited = False
             self.response_keep_alive = True
             backend = self.backend
@@ -624,6 +629,7 @@ cdef class HttpConnection:
             if backend is self.backend:
                 self.backend = None
             return
+        self.heads = 0
         try:
             self.response.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -635,6 +641,9 @@ cdef class HttpConnection:
         except httptools.HttpParserError as exc:
             self.fail_answer(f"bad response: {exc}")
             return
+        if self.final and self.active.method == b"HEAD" and self.head_end(data) < len(data):
+            self.overrun = True  # llhttp would read them as a body: a HEAD answer ends at its head
+        self.tail = (self.tail + data)[-3:]
         if self.overrun:
             # More after the final answer, unasked: never let it pass as the answer to
             # the client's next request (which may be for another host).
@@ -644,6 +653,14 @@ cdef class HttpConnection:
         self.transport.write(data)
         if self.final:
             self.answered()
+
+    def head_end(self, data):
+        """Where in ``data`` the last answer head completed in it ends."""
+        seen = self.tail + data
+        at = -4
+        for _ in range(self.heads):
+            at = seen.index(b"\r\n\r\n", at + 4)
+        return at + 4 - len(self.tail)
 
     def on_message_begin(self):
         if self.final:
@@ -657,6 +674,7 @@ cdef class HttpConnection:
             self.framed = True
 
     def on_headers_complete(self):
+        self.heads += 1
         parser = self.response
         status = parser.get_status_code()
         self.status = status

@@ -271,6 +271,29 @@ def test_backend_cannot_answer_the_next_request(hosts, twin, proxies, backends):
     assert "after its answer" in proxy.expect("evil")
 
 
+def test_backend_cannot_answer_the_next_request_after_head(hosts, twin, proxies, backends):
+    """The same for HEAD, whose answer ends at its head although it names a length."""
+    injected = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+
+    def splitter(conn: socket.socket) -> None:
+        read_request(conn, bytearray())
+        # The length covers exactly the forged answer, so a parser reading it as a body
+        # would see one complete answer and nothing after it.
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(injected) + injected)
+        conn.recv(1)
+
+    backends(hosts, "evil", splitter)
+    backends(hosts, "victim", echo())
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: evil\r\n\r\n" + get("victim"))
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert b"forged" not in received
+    assert received.startswith(b"HTTP/1.1 502 ")
+
+
 def test_connect_is_405(hosts, twin, proxies):
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
