@@ -4,6 +4,8 @@ big transfers both ways and a slow client's bounded memory."""
 from __future__ import annotations
 
 import hashlib
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,6 +94,34 @@ def test_curl_and_httpx_through_uvicorn(hosts, twin, proxies, uvicorn_backend):
             assert response.status_code == 200
             assert response.text == f"POST /h{index} 100000 127.0.0.1\n"
         assert client.get("/", headers={"Host": "nobody.example"}).status_code == 404
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed")
+def test_wrk_for_two_seconds_through_uvicorn(hosts, twin, proxies, uvicorn_backend):
+    """Keep-alive load from a real benchmark client: every answer a 200, the proxy unharmed."""
+    proxy = proxies("fasthttpdir", hosts, twin)
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            "16",
+            "-d",
+            "2s",
+            "-H",
+            "Host: app.example",
+            f"http://127.0.0.1:{proxy.port}/w",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    done = re.search(r"(\d+) requests in", out.stdout)
+    assert done and int(done.group(1)) > 100, out.stdout
+    assert "Non-2xx" not in out.stdout and "Socket errors" not in out.stdout, out.stdout
+    assert proxy.process.poll() is None
 
 
 def test_websocket_echo_through_uvicorn(hosts, twin, proxies, uvicorn_backend):
