@@ -12,7 +12,6 @@ consecutive requests name the same host.
 """
 
 import asyncio
-import errno
 import socket
 import sys
 from collections import deque
@@ -23,22 +22,20 @@ from fastsni._engine import Reactor, Relay, connect_backend
 from fastsni._tls import check_hostname
 from fastsni.addresses import client_ip, describe, proxy_v1_header
 from fastsni.engine import errno_name
-from fasthttpdir.proxy import HIGH_WATER, LIVE, steal
-
-HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
-MAX_HEAD = 64 * 1024  # bytes of request head before 431
-BACKEND_SOCKET = "http-socket"
-DROPPED = frozenset((b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"))
-NOT_FOUND = frozenset((errno.ENOENT, errno.ENOTDIR))
-UNAVAILABLE = frozenset((errno.EACCES, errno.ECONNREFUSED))
-REASONS = {
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    431: b"Request Header Fields Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-}
+from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
+    BACKEND_SOCKET,
+    DROPPED,
+    HEAD_TIMEOUT,
+    HIGH_WATER,
+    LIVE,
+    MAX_HEAD,
+    NOT_FOUND,
+    UNAVAILABLE,
+    Rejected,
+    error_response,
+    log,
+    steal,
+)
 
 __all__ = ["LIVE", "HttpConnection", "Rejected", "host_name", "frame"]
 
@@ -51,15 +48,6 @@ def reactor():
     if _reactor is None:
         _reactor = Reactor(asyncio.get_running_loop())
     return _reactor
-
-
-class Rejected(Exception):
-    """A request answered by the proxy itself: an HTTP status and a reason for the log."""
-
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 def _authority_name(authority):
@@ -102,18 +90,6 @@ def host_name(hosts, target):
     if _authority_name(authority) != name:
         raise Rejected(400, "request target and Host disagree")
     return name
-
-
-def error_response(status, close):
-    reason = REASONS[status]
-    body = b"%d %s\n" % (status, reason)
-    return b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        status,
-        reason,
-        len(body),
-        b"Connection: close\r\n" if close else b"",
-        body,
-    )
 
 
 cdef class Request:
@@ -302,11 +278,6 @@ def frame(data, ip="192.0.2.1"):
         (r.name, r.error.status if r.error else 0, b"".join(r.data), r.complete, r.keep_alive, r.upgrade)
         for r in reader.requests
     ]
-
-
-def log(client, name, reason):
-    where = describe(client) if client else "(gone)"
-    sys.stderr.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
 
 
 cdef class HttpConnection
