@@ -2,11 +2,11 @@
 """Compiled twin of fastsni/proxy.py: read the ClientHello, route by SNI, relay."""
 
 from libc.errno cimport EAGAIN, EINTR, errno
-from posix.unistd cimport close, read, write
+from posix.unistd cimport read, write
 
 from fastsni._engine import Relay, connect_backend
 from fastsni.addresses import of_descriptor, proxy_v1_header
-from fastsni.engine import CLOSING, errno_name
+from fastsni.engine import CHUNK, CLOSING, errno_name
 from fastsni._tls import HelloReader
 from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, log
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, alert
@@ -14,6 +14,7 @@ from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloE
 cdef enum:
     C_CHUNK = 128 * 1024
 
+assert CHUNK == C_CHUNK
 cdef char _buffer[C_CHUNK]
 cdef unsigned int C_CLOSING = CLOSING
 
