@@ -42,6 +42,14 @@ def read_proxy_line(conn: socket.socket) -> bytes:
     return line
 
 
+def recv_until_eof(conn: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (or shuts down) its side."""
+    data = bytearray()
+    while chunk := conn.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
 def recv_exactly(conn: socket.socket, size: int) -> bytes:
     data = bytearray()
     while len(data) < size:

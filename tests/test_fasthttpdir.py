@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httptools
 import pytest
-from backends import UnixBackend, read_proxy_line
+from backends import UnixBackend, read_proxy_line, recv_until_eof
 
 
 def read_request(conn: socket.socket, buffer: bytearray) -> tuple[dict, bytes] | None:
@@ -263,9 +263,7 @@ def test_backend_cannot_answer_the_next_request(hosts, twin, proxies, backends):
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
         sock.sendall(get("evil") + get("victim"))
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+        received = recv_until_eof(sock)
     assert b"forged" not in received
     assert received.startswith(b"HTTP/1.1 502 ")
     assert "after its answer" in proxy.expect("evil")
@@ -287,9 +285,7 @@ def test_backend_cannot_answer_the_next_request_after_head(hosts, twin, proxies,
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
         sock.sendall(b"HEAD / HTTP/1.1\r\nHost: evil\r\n\r\n" + get("victim"))
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+        received = recv_until_eof(sock)
     assert b"forged" not in received
     assert received.startswith(b"HTTP/1.1 502 ")
 
@@ -394,9 +390,7 @@ def test_close_delimited_body_ends_at_eof(hosts, twin, proxies, backends):
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
         sock.sendall(get("a"))
-        got = b""
-        while chunk := sock.recv(65536):
-            got += chunk
+        got = recv_until_eof(sock)
     assert got == answer
 
 
@@ -406,9 +400,7 @@ def test_backend_connection_close_ends_client_connection(hosts, twin, proxies, b
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
         sock.sendall(get("a") + get("a"))
-        got = b""
-        while chunk := sock.recv(65536):
-            got += chunk
+        got = recv_until_eof(sock)
     assert got == answer
 
 

@@ -13,7 +13,14 @@ import threading
 import time
 
 import pytest
-from backends import UnixBackend, client_hello, read_proxy_line, recv_exactly, tls_http_backend
+from backends import (
+    UnixBackend,
+    client_hello,
+    read_proxy_line,
+    recv_exactly,
+    recv_until_eof,
+    tls_http_backend,
+)
 
 NAME = "app.example.test"
 
@@ -34,10 +41,7 @@ def backends():
 
 def alert_from(sock: socket.socket) -> bytes:
     """What fastsni answers before closing: expected to be exactly one 7-byte alert."""
-    data = b""
-    while chunk := sock.recv(64):
-        data += chunk
-    return data
+    return recv_until_eof(sock)
 
 
 def tls_client(ca, proxy, name: str, alpn=("h2", "http/1.1")) -> ssl.SSLSocket:
@@ -49,10 +53,7 @@ def tls_client(ca, proxy, name: str, alpn=("h2", "http/1.1")) -> ssl.SSLSocket:
 
 def http_get(tls: ssl.SSLSocket, name: str) -> bytes:
     tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
-    data = b""
-    while chunk := tls.recv(65536):
-        data += chunk
-    return data
+    return recv_until_eof(tls)
 
 
 # -- real clients verify the backend's certificate through fastsni ------------------------
@@ -271,9 +272,7 @@ def test_symlink_switch_under_load_loses_nothing(twin, hosts, proxies, backends)
             try:
                 with proxy.connect() as sock:
                     sock.sendall(hello)
-                    data = b""
-                    while chunk := sock.recv(16):
-                        data += chunk
+                    data = recv_until_eof(sock)
                     answers.append(data)
                     if data not in (b"blue", b"green"):
                         failures.append(AssertionError(data))
@@ -369,9 +368,7 @@ def test_half_close_both_directions(twin, hosts, proxies, backends):
     with proxy.connect() as sock:
         sock.sendall(hello + b"question")
         sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = recv_until_eof(sock)
     assert data == b"reply to question"
     assert events == ["backend saw EOF"]
 
@@ -390,9 +387,7 @@ def test_half_close_under_load(twin, hosts, proxies, backends):
                 with proxy.connect() as sock:
                     sock.sendall(hello + b"x" * 1000)
                     sock.shutdown(socket.SHUT_WR)
-                    data = b""
-                    while chunk := sock.recv(65536):
-                        data += chunk
+                    data = recv_until_eof(sock)
                     if data != b"x" * 1000:
                         failures.append(AssertionError(len(data)))
                     done.append(1)
