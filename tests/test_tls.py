@@ -508,6 +508,17 @@ def padded_hello(size: int) -> bytes:
     return hello(sni(b"big.example") + extension(21, b"\x00" * (size - fixed)))
 
 
+def feed_byte_by_byte(module, stream: bytes, name: str):
+    """Feed ``stream`` one byte per call; the name must come with the last byte, not before."""
+    reader = module.HelloReader()
+    last = len(stream) - 1
+    for at in range(last):
+        if reader.feed(stream[at : at + 1]) is not None:
+            raise AssertionError(f"name returned early at byte {at}")
+    assert reader.feed(stream[last:]) == name
+    return reader
+
+
 def test_linear_one_byte_records_one_byte_segments(twin):
     """The biggest hello that fits 128 KiB as 1-byte records, fed 1 byte per call.
 
@@ -519,13 +530,7 @@ def test_linear_one_byte_records_one_byte_segments(twin):
     message = padded_hello(128 * 1024 // 6)
     stream = records(message, [1])
     assert len(stream) <= 128 * 1024
-    reader = module.HelloReader()
-    feed = reader.feed
-    last = len(stream) - 1
-    for at in range(last):
-        if feed(stream[at : at + 1]) is not None:
-            raise AssertionError(f"name returned early at byte {at}")
-    assert feed(stream[last:]) == "big.example"
+    reader = feed_byte_by_byte(module, stream, "big.example")
     assert len(reader.received) == len(stream)
     assert reader.hello_length == len(message) - 4
 
@@ -535,13 +540,7 @@ def test_linear_64KiB_hello_one_byte_segments(twin):
     module = tls_module(twin)
     message = padded_hello(64 * 1024 + 40)
     stream = records(message, [16384])
-    reader = module.HelloReader()
-    feed = reader.feed
-    last = len(stream) - 1
-    for at in range(last):
-        if feed(stream[at : at + 1]) is not None:
-            raise AssertionError(f"name returned early at byte {at}")
-    assert feed(stream[last:]) == "big.example"
+    reader = feed_byte_by_byte(module, stream, "big.example")
     assert bytes(reader.received) == stream
     # 6 bytes per hello byte as 1-byte records: over 128 KiB before the hello completes.
     with pytest.raises(module.HelloError) as caught:
