@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tls import TLS_HOSTS
+from perf_tls import TLS_HOSTS, nginx_http_preamble
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -92,14 +92,22 @@ stream {{
 
 
 def haproxy_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
-    if peer.variant == "http":
-        return haproxy_http_config(workdir, port, routes)
-    splice = "    option splice-auto\n" if peer.variant == "splice" else ""
+    """mode tcp, use_backend by req.ssl_sni (variant "splice": splice-auto); variant "http":
+    mode http, use_backend by Host, default connection reuse to the backend."""
+    http = peer.variant == "http"
+    match = "hdr(host)" if http else "req.ssl_sni"
     rules = "\n".join(
-        f"    use_backend be_{name.split('.')[0]} if {{ req.ssl_sni -i {name} }}" for name in routes
+        f"    use_backend be_{name.split('.')[0]} if {{ {match} -i {name} }}" for name in routes
     )
     backends = "\n".join(
         f"backend be_{name.split('.')[0]}\n    server s1 unix@{path}\n" for name, path in routes.items()
+    )
+    splice = "    option splice-auto\n" if peer.variant == "splice" else ""
+    inspect = (
+        ""
+        if http
+        else "    backlog 4096\n    tcp-request inspect-delay 5s\n"
+        "    tcp-request content accept if { req.ssl_hello_type 1 }\n"
     )
     return f"""global
     nbthread 1
@@ -107,17 +115,14 @@ def haproxy_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]
     pidfile {workdir}/haproxy.pid
 
 defaults
-    mode tcp
+    mode {"http" if http else "tcp"}
     timeout connect 5s
     timeout client 120s
     timeout server 120s
 {splice}
 frontend fe
     bind 127.0.0.1:{port}
-    backlog 4096
-    tcp-request inspect-delay 5s
-    tcp-request content accept if {{ req.ssl_hello_type 1 }}
-{rules}
+{inspect}{rules}
 
 {backends}"""
 
@@ -150,19 +155,7 @@ def nginx_http_config(workdir: Path, port: int, routes: dict[str, Path]) -> str:
         for name, path in routes.items()
     )
     entries = "\n".join(f"        {name} u_{name.split('.')[0]};" for name in routes)
-    return f"""worker_processes 1;
-daemon off;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-worker_rlimit_nofile 19000;
-events {{ worker_connections 18000; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
+    return f"""{nginx_http_preamble(workdir)}
 {upstreams}
     map $host $backend {{
 {entries}
@@ -178,29 +171,3 @@ http {{
     }}
 }}
 """
-
-
-def haproxy_http_config(workdir: Path, port: int, routes: dict[str, Path]) -> str:
-    """mode http, use_backend by Host, default connection reuse to the backend."""
-    rules = "\n".join(
-        f"    use_backend be_{name.split('.')[0]} if {{ hdr(host) -i {name} }}" for name in routes
-    )
-    backends = "\n".join(
-        f"backend be_{name.split('.')[0]}\n    server s1 unix@{path}\n" for name, path in routes.items()
-    )
-    return f"""global
-    nbthread 1
-    maxconn 7000
-    pidfile {workdir}/haproxy.pid
-
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-
-frontend fe
-    bind 127.0.0.1:{port}
-{rules}
-
-{backends}"""

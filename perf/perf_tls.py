@@ -57,6 +57,24 @@ def make_certificate(workdir: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def nginx_http_preamble(workdir: Path) -> str:
+    """The start of every nginx configuration here, up to the first line inside ``http {``:
+    one worker in the foreground, every file under ``workdir``, no access log."""
+    return f"""worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 18000; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;"""
+
+
 def backend_config(workdir: Path, sockets: dict[str, Path], port: int, cert: Path, key: Path) -> str:
     """nginx 1.22: one worker, TLS 1.2/1.3 with full handshakes (no tickets, no session
     cache), HTTP/2 and HTTP/1.1 by ALPN, ``return 200 "ok\\n"``, no access log."""
@@ -75,19 +93,7 @@ def backend_config(workdir: Path, sockets: dict[str, Path], port: int, cert: Pat
     }}"""
         )
     body = "\n".join(servers)
-    return f"""worker_processes 1;
-daemon off;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-worker_rlimit_nofile 19000;
-events {{ worker_connections 18000; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
+    return f"""{nginx_http_preamble(workdir)}
     default_type text/plain;
     ssl_certificate {cert};
     ssl_certificate_key {key};
