@@ -12,14 +12,16 @@ of an strace has one obvious cause:
   Edge-triggered means "read until the kernel has no more, write until it takes no
   more", which the Flow below does.
 - Relay: both directions at once, each reading only while the other side keeps up
-  (at most one CHUNK waits per direction); EOF becomes shutdown(SHUT_WR) on the other
-  side once everything before it is out; an error on either side closes both.
+  (at most one CHUNK waits per direction, in user space or in a pipe); bulk data goes
+  by splice(2), uncopied; EOF becomes shutdown(SHUT_WR) on the other side once
+  everything before it is out; an error on either side closes both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -33,6 +35,7 @@ MAX_EVENTS = 256  # epoll events taken per wakeup
 RESUME_ACCEPT_AFTER = 1.0  # seconds out of descriptors before trying again anyway
 OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 RETRY = (BlockingIOError, InterruptedError)
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
 
 READABLE = select.EPOLLIN
@@ -221,13 +224,20 @@ class Listener:
 
 
 class Flow:
-    """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them."""
+    """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them.
+
+    Bytes go by read(2) and write(2) through user space until a read fills a whole CHUNK
+    (bulk data); from then on they go by splice(2) through a pipe, never copied.
+    """
 
     def __init__(self, relay: Relay, src: int, dst: int) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
         self.pending = b""  # read from src, not yet taken by dst
+        self.pipe_r = -1  # the pipe, once bulk data made splicing worth it
+        self.pipe_w = -1
+        self.piped = 0  # bytes in the pipe, not yet taken by dst
         self.src_ready = False  # src may have bytes to read
         self.src_closing = False  # src reported hang-up or error: read until it says what
         self.dst_ready = True  # dst may take bytes
@@ -236,7 +246,7 @@ class Flow:
 
     def pump(self) -> None:
         """Move bytes until src has none, dst takes no more, or PUMP_ROUNDS chunks went."""
-        if self.pending and not self.send(self.pending):
+        if not self.flush():
             return
         for _ in range(PUMP_ROUNDS):
             if self.eof:
@@ -246,22 +256,69 @@ class Flow:
                 return
             if not self.src_ready:
                 return
-            try:
-                data = os.read(self.src, CHUNK)
-            except RETRY:
-                self.src_ready = False
-                return
-            except OSError:
-                self.relay.close()
-                return
-            if not data:
-                self.eof = True
-                continue
-            if len(data) < CHUNK and not self.src_closing:
-                self.src_ready = False  # drained: bytes that come later bring a new edge
-            if not self.send(data):
+            if not (self.splice() if self.pipe_w >= 0 else self.copy()):
                 return
         self.relay.reactor.later(self)
+
+    def copy(self) -> bool:
+        """read() a chunk from src, write() it to dst; False once one of them must wait."""
+        try:
+            data = os.read(self.src, CHUNK)
+        except RETRY:
+            self.src_ready = False
+            return False
+        except OSError:
+            self.relay.close()
+            return False
+        if not data:
+            self.eof = True
+            return True
+        if len(data) == CHUNK:
+            self.open_pipe()  # bulk data: splice from now on
+        elif not self.src_closing:
+            self.src_ready = False  # drained: bytes that come later bring a new edge
+        return self.send(data)
+
+    def splice(self) -> bool:
+        """splice() a chunk from src into the pipe and on to dst; False once one must wait.
+
+        A short splice says nothing about what is left in src (the pipe may have run
+        out of slots), so only EAGAIN clears src_ready here."""
+        try:
+            moved = os.splice(self.src, self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+        except RETRY:
+            self.src_ready = False
+            return False
+        except OSError:
+            self.relay.close()
+            return False
+        if not moved:
+            self.eof = True
+            return True
+        self.piped = moved
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write what waits (in ``pending`` or in the pipe) to dst; True once nothing does."""
+        if self.pending:
+            return self.send(self.pending)
+        if not self.piped:
+            return True
+        moved = 0
+        if self.dst_ready:
+            try:
+                moved = os.splice(self.pipe_r, self.dst, self.piped, flags=SPLICE_FLAGS)
+            except RETRY:
+                pass
+            except OSError:
+                self.relay.close()
+                return False
+        self.piped -= moved
+        if not self.piped:
+            return True
+        self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
+        self.relay.reactor.want_write(self.dst)
+        return False
 
     def send(self, data: bytes) -> bool:
         """Write ``data`` to dst; True if all of it went.  The rest waits in ``pending``."""
@@ -280,6 +337,23 @@ class Flow:
         self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
         self.relay.reactor.want_write(self.dst)
         return False
+
+    def open_pipe(self) -> None:
+        """A pipe of CHUNK bytes for splicing; out of descriptors, copying goes on instead."""
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass  # the default 64 KiB pipe works too
+
+    def release(self) -> None:
+        if self.pipe_w >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
 
 
 class Relay:
@@ -346,4 +420,6 @@ class Relay:
         self.closed = True
         self.reactor.close(self.client)
         self.reactor.close(self.backend)
+        self.upstream.release()
+        self.downstream.release()
         self.on_close()

@@ -12,6 +12,9 @@ from libc.string cimport memcpy, strlen
 from posix.fcntl cimport O_CLOEXEC, O_DIRECTORY, open as c_open
 from posix.unistd cimport close, read, write
 
+cdef extern from "<unistd.h>":
+    int pipe2(int fds[2], int flags)
+
 import os
 
 from fastsni.engine import abandon, errno_name  # not hot: the pure module's own
@@ -51,7 +54,13 @@ cdef extern from "<sys/un.h>":
         char sun_path[108]
 
 cdef extern from "<fcntl.h>":
+    ssize_t splice(int fd_in, long long* off_in, int fd_out, long long* off_out, size_t length, unsigned int flags)
+    int fcntl(int fd, int command, ...)
     enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        O_NONBLOCK
         O_PATH
         AT_FDCWD
         AT_SYMLINK_NOFOLLOW
@@ -294,12 +303,19 @@ cdef class Listener:
 
 
 cdef class Flow:
-    """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them."""
+    """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them.
+
+    Bytes go by read(2) and write(2) through user space until a read fills a whole CHUNK
+    (bulk data); from then on they go by splice(2) through a pipe, never copied.
+    """
 
     cdef public Relay relay
     cdef public int src
     cdef public int dst
     cdef public bytes pending
+    cdef public int pipe_r
+    cdef public int pipe_w
+    cdef public Py_ssize_t piped
     cdef public bint src_ready
     cdef public bint src_closing
     cdef public bint dst_ready
@@ -311,6 +327,9 @@ cdef class Flow:
         self.src = src
         self.dst = dst
         self.pending = b""
+        self.pipe_r = -1
+        self.pipe_w = -1
+        self.piped = 0
         self.src_ready = False
         self.src_closing = False
         self.dst_ready = True
@@ -320,8 +339,7 @@ cdef class Flow:
     cpdef pump(self):
         """Move bytes until src has none, dst takes no more, or PUMP_ROUNDS chunks went."""
         cdef int i
-        cdef ssize_t got
-        if self.pending and not self.send(self.pending):
+        if not self.flush():
             return
         for i in range(C_PUMP_ROUNDS):
             if self.eof:
@@ -331,21 +349,63 @@ cdef class Flow:
                 return
             if not self.src_ready:
                 return
-            got = read(self.src, _buffer, C_CHUNK)
-            if got < 0:
-                if _retry(errno):
-                    self.src_ready = False
-                else:
-                    self.relay.close()
-                return
-            if got == 0:
-                self.eof = True
-                continue
-            if got < C_CHUNK and not self.src_closing:
-                self.src_ready = False
-            if not self._send(_buffer, got):
+            if not (self.splice() if self.pipe_w >= 0 else self.copy()):
                 return
         self.relay.reactor.later(self)
+
+    cdef bint copy(self):
+        """read() a chunk from src, write() it to dst; False once one of them must wait."""
+        cdef ssize_t got = read(self.src, _buffer, C_CHUNK)
+        if got < 0:
+            if _retry(errno):
+                self.src_ready = False
+            else:
+                self.relay.close()
+            return False
+        if got == 0:
+            self.eof = True
+            return True
+        if got == C_CHUNK:
+            self.open_pipe()
+        elif not self.src_closing:
+            self.src_ready = False
+        return self._send(_buffer, got)
+
+    cdef bint splice(self):
+        """splice() a chunk from src into the pipe and on to dst; False once one must wait."""
+        cdef ssize_t moved = splice(self.src, NULL, self.pipe_w, NULL, C_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        if moved < 0:
+            if _retry(errno):
+                self.src_ready = False
+            else:
+                self.relay.close()
+            return False
+        if moved == 0:
+            self.eof = True
+            return True
+        self.piped = moved
+        return self.flush()
+
+    cdef bint flush(self):
+        """Write what waits (in ``pending`` or in the pipe) to dst; True once nothing does."""
+        cdef ssize_t moved = 0
+        if self.pending:
+            return self.send(self.pending)
+        if not self.piped:
+            return True
+        if self.dst_ready:
+            moved = splice(self.pipe_r, NULL, self.dst, NULL, self.piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if moved < 0:
+                if not _retry(errno):
+                    self.relay.close()
+                    return False
+                moved = 0
+        self.piped -= moved
+        if not self.piped:
+            return True
+        self.dst_ready = False
+        self.relay.reactor.want_write(self.dst)
+        return False
 
     cpdef bint send(self, bytes data):
         """Write ``data`` to dst; True if all of it went.  The rest waits in ``pending``."""
@@ -367,6 +427,21 @@ cdef class Flow:
         self.dst_ready = False
         self.relay.reactor.want_write(self.dst)
         return False
+
+    cdef open_pipe(self):
+        """A pipe of CHUNK bytes for splicing; out of descriptors, copying goes on instead."""
+        cdef int fds[2]
+        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+            return
+        self.pipe_r = fds[0]
+        self.pipe_w = fds[1]
+        fcntl(self.pipe_w, F_SETPIPE_SZ, C_CHUNK)  # on failure the default 64 KiB pipe works too
+
+    cpdef release(self):
+        if self.pipe_w >= 0:
+            close(self.pipe_r)
+            close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
 
 
 cdef class Relay:
@@ -427,4 +502,6 @@ cdef class Relay:
         self.closed = True
         self.reactor.close(self.client)
         self.reactor.close(self.backend)
+        self.upstream.release()
+        self.downstream.release()
         self.on_close()
