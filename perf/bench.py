@@ -314,10 +314,12 @@ class Bench:
             **cpu_shares(r),
         }
 
-    def http(self, port: str, pids: list[int]) -> dict[str, Any]:
-        """wrk: 32 keep-alive connections of GET / with Host: echo.test."""
+    def http(self, port: str, pids: list[int], new_connections: bool = False) -> dict[str, Any]:
+        """wrk: 32 connections of GET / with Host: echo.test, kept alive or (new_connections)
+        with ``Connection: close``, so that every request comes on a new connection."""
         s = self.settings
         url = f"http://127.0.0.1:{port}/"
+        close = ["-H", "Connection: close"] if new_connections else []
         cmd = [
             "wrk",
             "-t1",
@@ -326,6 +328,7 @@ class Bench:
             "--latency",
             "-H",
             "Host: echo.test",
+            *close,
             url,
         ]
         wall = max(1, round(s.msg_seconds))
@@ -482,7 +485,8 @@ def run_workloads(
     target = targets["echo"]
     if peer.workloads == ("E",):
         print(f"  {peer.name}: workload E", file=sys.stderr, flush=True)
-        return {"E": bench.http(target.rsplit(":", 1)[1], process_tree(pids[0]))}
+        port, tree = target.rsplit(":", 1)[1], process_tree(pids[0])
+        return {"E": bench.http(port, tree), "En": bench.http(port, tree, new_connections=True)}
     smoke = subprocess.run(bench.loadgen("conn", target, "echo", 4, 200, 2), capture_output=True, text=True)
     warm = json.loads(smoke.stdout.strip().splitlines()[-1])
     if warm["ops"] == 0:

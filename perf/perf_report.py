@@ -22,6 +22,9 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("E", "req_per_s", "HTTP req/s", True),
     ("E", "http_p99_us", "HTTP p99 µs", False),
     ("E", "proxy_cpu_us_per_req", "proxy CPU µs/req", False),
+    ("En", "req_per_s", "HTTP req/s", True),
+    ("En", "http_p99_us", "HTTP p99 µs", False),
+    ("En", "proxy_cpu_us_per_req", "proxy CPU µs/req", False),
     ("Fa", "conn_per_s", "TLS conn/s", True),
     ("Fa", "p99_us", "req p99 µs", False),
     ("Fa", "proxy_cpu_us_per_conn", "proxy CPU µs/conn", False),
@@ -33,8 +36,8 @@ TWINS = ("fastsni", "fastsni-pure", "fasthttpdir", "fasthttpdir-pure")
 
 
 def twins(workload: str) -> tuple[str, str]:
-    """Ours, compiled and pure: fasthttpdir for the HTTP workload, fastsni for the rest."""
-    return ("fasthttpdir", "fasthttpdir-pure") if workload == "E" else ("fastsni", "fastsni-pure")
+    """Ours, compiled and pure: fasthttpdir for the HTTP workloads, fastsni for the rest."""
+    return ("fasthttpdir", "fasthttpdir-pure") if workload.startswith("E") else ("fastsni", "fastsni-pure")
 
 
 WORKLOAD_NAMES = {
@@ -43,6 +46,7 @@ WORKLOAD_NAMES = {
     "C": "C bulk download",
     "D": "D idle connections",
     "E": "E HTTP via wrk",
+    "En": "E HTTP, conn/req",
     "Fa": "F TLS 1 req/conn",
     "Fb": "F TLS h2 4x32",
 }
