@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from fastsni import __version__, twins
+from fastsni.addresses import describe
 
 DRAIN_SECONDS = 10.0
 BACKLOG = 65535  # the kernel caps it at net.core.somaxconn; asyncio would use 100
@@ -102,11 +103,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def address_text(address: tuple) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def serve_connections(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
     """Run a proxy on the engine: ``start(service, fd)`` serves each accepted descriptor
     (see fastsni.engine.Service) with an object that has a ``drain()`` method for SIGHUP."""
@@ -151,7 +147,7 @@ def _run(program: str, summary: str, argv: list[str], twin: ModuleType, begin: C
     stop_accepting, live = begin(loop, sock)
     sys.stderr.write(
         f"{program} {__version__} ({kind}, {type(loop).__module__.split('.')[0]}) "
-        f"listening on {address_text(sock.getsockname())} serving {os.getcwd()}\n"
+        f"listening on {describe(sock.getsockname())} serving {os.getcwd()}\n"
     )
     stopping: list[str] = []
 
