@@ -26,6 +26,7 @@ from fastsni.engine import Reactor, Relay, connect_backend, errno_name
 from fastsni.tls import check_hostname
 
 HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
+LINGER = 5.0  # seconds a closing connection keeps reading (and dropping) what the client still sends
 MAX_HEAD = 64 * 1024  # bytes of request head before 431
 BACKEND_SOCKET = "http-socket"
 DROPPED = frozenset((b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"))
@@ -472,19 +473,37 @@ class HttpConnection(asyncio.Protocol):
         if backend is not None and backend.transport is not None:
             backend.transport.close()
 
+    def linger(self) -> None:
+        """Close after the last answer without losing it (RFC 9112 §9.6): the client may
+        still be sending (a body, pipelined requests), and closing with its bytes unread
+        would reset the connection, which can destroy the answer before it is read.  So
+        shut our side once the answer is out, then read and drop until the client closes
+        or LINGER seconds pass."""
+        self.drop_backend()
+        self.disarm()
+        self.active = None
+        self.reader = None  # data_received drops what comes; eof_received closes
+        if self.transport.is_closing():
+            return
+        if not self.transport.can_write_eof():
+            self.close()
+            return
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self.timer = asyncio.get_running_loop().call_later(LINGER, self.close)
+
     # exchanges
 
     def next(self) -> None:
         """Start the next queued request if none is in progress."""
-        reader = self.reader
-        while self.active is None and reader is not None and reader.requests:
+        while self.active is None and self.reader is not None and self.reader.requests:
             if self.transport.is_closing():
                 return
-            request = reader.requests[0]
+            request = self.reader.requests[0]
             if request.error is not None:
                 log(self.client, request.name, request.error.reason)
                 self.transport.write(error_response(request.error.status, True))
-                self.close()
+                self.linger()
                 return
             self.active = request
             self.response = httptools.HttpResponseParser(self)
@@ -507,6 +526,7 @@ class HttpConnection(asyncio.Protocol):
                     continue  # answered with an error; the next request may go on
             elif backend.transport is not None:
                 self.pump()
+        reader = self.reader
         if self.active is None and reader is not None and not reader.requests:
             if self.closing or (self.draining and not reader.head_size):
                 self.close()
@@ -531,7 +551,7 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.write(error_response(status, False))
                 return False
             self.transport.write(error_response(status, True))
-            self.close()
+            self.linger()
             return True
         greeting = proxy_v1_header(self.client, self.server) if send_proxy else b""
         backend = Backend(self, request.name, greeting)
@@ -642,7 +662,7 @@ class HttpConnection(asyncio.Protocol):
         request = self.active
         if not (self.response_keep_alive and request.keep_alive) or not request.complete:
             # the request is not all here (an early answer) or either side closes
-            self.close()
+            self.linger()
             return
         self.pump()
         self.finish()
@@ -675,7 +695,7 @@ class HttpConnection(asyncio.Protocol):
         if self.active is None or self.final:
             return
         if self.close_delimited:
-            self.close()  # EOF ends a body without a length
+            self.linger()  # EOF ends a body without a length
             return
         request = self.active
         if self.reused and self.forwarded == 0 and request.complete and not request.has_body:
@@ -695,7 +715,7 @@ class HttpConnection(asyncio.Protocol):
         self.drop_backend()
         if self.forwarded == 0:
             self.transport.write(error_response(502, True))
-            self.close()
+            self.linger()
         else:
             self.transport.abort()
 
@@ -705,7 +725,7 @@ class HttpConnection(asyncio.Protocol):
         self.drop_backend()
         if self.forwarded == 0:
             self.transport.write(error_response(rejection.status, True))
-            self.close()
+            self.linger()
         else:
             self.transport.abort()
 

@@ -27,6 +27,7 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     DROPPED,
     HEAD_TIMEOUT,
     HIGH_WATER,
+    LINGER,
     LIVE,
     MAX_HEAD,
     NOT_FOUND,
@@ -496,19 +497,35 @@ cdef class HttpConnection:
         if backend is not None and backend.transport is not None:
             backend.transport.close()
 
+    def linger(self):
+        """Close after the last answer without losing it (RFC 9112 §9.6): shut our side
+        once the answer is out, then read and drop until the client closes or LINGER
+        seconds pass."""
+        self.drop_backend()
+        self.disarm()
+        self.active = None
+        self.reader = None  # data_received drops what comes; eof_received closes
+        if self.transport.is_closing():
+            return
+        if not self.transport.can_write_eof():
+            self.close()
+            return
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self.timer = asyncio.get_running_loop().call_later(LINGER, self.close)
+
     # exchanges
 
     def next(self):
         """Start the next queued request if none is in progress."""
-        reader = self.reader
-        while self.active is None and reader is not None and reader.requests:
+        while self.active is None and self.reader is not None and self.reader.requests:
             if self.transport.is_closing():
                 return
-            request = reader.requests[0]
+            request = self.reader.requests[0]
             if request.error is not None:
                 log(self.client, request.name, request.error.reason)
                 self.transport.write(error_response(request.error.status, True))
-                self.close()
+                self.linger()
                 return
             self.active = request
             self.response = httptools.HttpResponseParser(self)
@@ -531,6 +548,7 @@ cdef class HttpConnection:
                     continue  # answered with an error; the next request may go on
             elif backend.transport is not None:
                 self.pump()
+        reader = self.reader
         if self.active is None and reader is not None and not reader.requests:
             if self.closing or (self.draining and not reader.head_size):
                 self.close()
@@ -555,7 +573,7 @@ cdef class HttpConnection:
                 self.transport.write(error_response(status, False))
                 return False
             self.transport.write(error_response(status, True))
-            self.close()
+            self.linger()
             return True
         greeting = proxy_v1_header(self.client, self.server) if send_proxy else b""
         backend = Backend(self, request.name, greeting)
@@ -666,7 +684,7 @@ cdef class HttpConnection:
         request = self.active
         if not (self.response_keep_alive and request.keep_alive) or not request.complete:
             # the request is not all here (an early answer) or either side closes
-            self.close()
+            self.linger()
             return
         self.pump()
         self.finish()
@@ -699,7 +717,7 @@ cdef class HttpConnection:
         if self.active is None or self.final:
             return
         if self.close_delimited:
-            self.close()  # EOF ends a body without a length
+            self.linger()  # EOF ends a body without a length
             return
         request = self.active
         if self.reused and self.forwarded == 0 and request.complete and not request.has_body:
@@ -719,7 +737,7 @@ cdef class HttpConnection:
         self.drop_backend()
         if self.forwarded == 0:
             self.transport.write(error_response(502, True))
-            self.close()
+            self.linger()
         else:
             self.transport.abort()
 
@@ -729,7 +747,7 @@ cdef class HttpConnection:
         self.drop_backend()
         if self.forwarded == 0:
             self.transport.write(error_response(rejection.status, True))
-            self.close()
+            self.linger()
         else:
             self.transport.abort()
 

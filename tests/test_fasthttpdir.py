@@ -555,3 +555,58 @@ def test_streamed_answer_flows_as_it_arrives(hosts, twin, proxies, backends):
             got += sock.recv(65536)
         [(status, _, _)] = exchange(sock, get("a", "/events"))  # still usable
     assert status == 200
+
+
+def upload_and_read(sock: socket.socket, head: bytes, size: int) -> bytes:
+    """Send ``head`` and ``size`` body bytes from a thread while reading until EOF here."""
+
+    def upload() -> None:
+        try:
+            sock.sendall(head)
+            sock.sendall(bytes(size))
+        except OSError:
+            pass  # the proxy stopped reading: expected once it has answered
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    try:
+        return recv_until_eof(sock)
+    finally:
+        sock.shutdown(socket.SHUT_WR)
+        sender.join(20)
+
+
+def test_early_answer_reaches_a_client_still_uploading(hosts, twin, proxies, backends):
+    """A backend that refuses an upload at its head (413) without reading the body: the
+    client, still sending, gets the whole answer and then EOF, never a reset."""
+    refused = threading.Event()
+    answer = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlarge"
+
+    def refuse(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(1)
+        conn.sendall(answer)
+        refused.wait(20)  # the body stays unread
+
+    backends(hosts, "a", refuse)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    size = 32 << 20
+    with proxy.connect() as sock:
+        try:
+            got = upload_and_read(
+                sock, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size, size
+            )
+        finally:
+            refused.set()
+    assert got == answer
+
+
+def test_error_answer_reaches_a_client_still_uploading(hosts, twin, proxies):
+    proxy = proxies("fasthttpdir", hosts, twin)
+    size = 32 << 20
+    with proxy.connect() as sock:
+        got = upload_and_read(
+            sock, b"POST / HTTP/1.1\r\nHost: absent\r\nContent-Length: %d\r\n\r\n" % size, size
+        )
+    assert got.startswith(b"HTTP/1.1 404 Not Found\r\n") and got.endswith(b"404 Not Found\n")
