@@ -356,7 +356,9 @@ class HttpConnection(asyncio.Protocol):
         self.reading = True
         self.upgrade_wait = False
         self.closing = False
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time the next head is due by; 0: none due
         self.reused = False  # the exchange in progress went to an open backend connection
         self.switching: bytes | None = None  # a 101 answer, while the sockets leave their transports
         self.overrun = False  # the backend sent more after its final answer
@@ -369,6 +371,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         self.client = transport.get_extra_info("peername")
         self.server = transport.get_extra_info("sockname")
         transport.set_write_buffer_limits(HIGH_WATER)
@@ -377,16 +380,30 @@ class HttpConnection(asyncio.Protocol):
         self.arm()
 
     def arm(self) -> None:
-        self.disarm()
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.expire)
+        """The next head is due within HEAD_TIMEOUT.  The connection keeps one timer and
+        moves its deadline lazily (expire() checks it), so a request costs no timer calls."""
+        self.deadline = self.loop.time() + HEAD_TIMEOUT
+        if self.timer is None:
+            self.timer = self.loop.call_later(HEAD_TIMEOUT, self.expire)
 
     def disarm(self) -> None:
+        """A head is complete: no deadline until the next arm()."""
+        self.deadline = 0.0
+
+    def stop_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.deadline = 0.0
 
     def expire(self) -> None:
         self.timer = None
+        if not self.deadline:
+            return
+        left = self.deadline - self.loop.time()
+        if left > 0:
+            self.timer = self.loop.call_later(left, self.expire)
+            return
         if self.active is None and not self.reader.requests:
             if self.reader.head_size:
                 log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
@@ -424,7 +441,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.relayed:
             LIVE.discard(self)
-        self.disarm()
+        self.stop_timer()
         self.reader = None
         backend = self.backend
         self.backend = None
@@ -465,7 +482,7 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def close(self) -> None:
-        self.disarm()
+        self.stop_timer()
         if self.transport is not None:
             self.transport.close()
         backend = self.backend
@@ -480,7 +497,7 @@ class HttpConnection(asyncio.Protocol):
         shut our side once the answer is out, then read and drop until the client closes
         or LINGER seconds pass."""
         self.drop_backend()
-        self.disarm()
+        self.stop_timer()
         self.active = None
         self.reader = None  # data_received drops what comes; eof_received closes
         if self.transport.is_closing():
@@ -490,7 +507,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self.transport.write_eof()
         self.transport.resume_reading()
-        self.timer = asyncio.get_running_loop().call_later(LINGER, self.close)
+        self.timer = self.loop.call_later(LINGER, self.close)
 
     # exchanges
 
@@ -736,7 +753,7 @@ class HttpConnection(asyncio.Protocol):
         (resume_writing brings us back to hand_over); then ``answer`` (the 101 and
         whatever followed it) goes to the client, held client bytes to the backend."""
         self.switching = answer
-        self.disarm()
+        self.stop_timer()
         self.transport.pause_reading()
         self.backend.transport.pause_reading()
         self.hand_over()

@@ -349,7 +349,9 @@ cdef class HttpConnection:
     cdef public bint reading
     cdef public bint upgrade_wait
     cdef public bint closing
+    cdef public object loop
     cdef public object timer
+    cdef public double deadline
     cdef public bint reused
     cdef public bytes switching
     cdef public bint overrun
@@ -376,7 +378,9 @@ cdef class HttpConnection:
         self.reading = True
         self.upgrade_wait = False
         self.closing = False
+        self.loop = None
         self.timer = None
+        self.deadline = 0.0  # loop time the next head is due by; 0: none due
         self.reused = False  # the exchange in progress went to an open backend connection
         self.switching = None  # a 101 answer, while the sockets leave their transports
         self.overrun = False  # the backend sent more after its final answer
@@ -389,6 +393,7 @@ cdef class HttpConnection:
 
     def connection_made(self, transport):
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         self.client = transport.get_extra_info("peername")
         self.server = transport.get_extra_info("sockname")
         transport.set_write_buffer_limits(HIGH_WATER)
@@ -397,16 +402,30 @@ cdef class HttpConnection:
         self.arm()
 
     def arm(self):
-        self.disarm()
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.expire)
+        """The next head is due within HEAD_TIMEOUT.  The connection keeps one timer and
+        moves its deadline lazily (expire() checks it), so a request costs no timer calls."""
+        self.deadline = self.loop.time() + HEAD_TIMEOUT
+        if self.timer is None:
+            self.timer = self.loop.call_later(HEAD_TIMEOUT, self.expire)
 
     def disarm(self):
+        """A head is complete: no deadline until the next arm()."""
+        self.deadline = 0.0
+
+    def stop_timer(self):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.deadline = 0.0
 
     def expire(self):
         self.timer = None
+        if not self.deadline:
+            return
+        left = self.deadline - self.loop.time()
+        if left > 0:
+            self.timer = self.loop.call_later(left, self.expire)
+            return
         if self.active is None and not self.reader.requests:
             if self.reader.head_size:
                 log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
@@ -446,7 +465,7 @@ cdef class HttpConnection:
     def connection_lost(self, exc):
         if not self.relayed:
             LIVE.discard(self)
-        self.disarm()
+        self.stop_timer()
         self.reader = None
         backend = self.backend
         self.backend = None
@@ -489,7 +508,7 @@ cdef class HttpConnection:
                 self.transport.pause_reading()
 
     def close(self):
-        self.disarm()
+        self.stop_timer()
         if self.transport is not None:
             self.transport.close()
         backend = self.backend
@@ -502,7 +521,7 @@ cdef class HttpConnection:
         once the answer is out, then read and drop until the client closes or LINGER
         seconds pass."""
         self.drop_backend()
-        self.disarm()
+        self.stop_timer()
         self.active = None
         self.reader = None  # data_received drops what comes; eof_received closes
         if self.transport.is_closing():
@@ -512,7 +531,7 @@ cdef class HttpConnection:
             return
         self.transport.write_eof()
         self.transport.resume_reading()
-        self.timer = asyncio.get_running_loop().call_later(LINGER, self.close)
+        self.timer = self.loop.call_later(LINGER, self.close)
 
     # exchanges
 
@@ -758,7 +777,7 @@ cdef class HttpConnection:
         (resume_writing brings us back to hand_over); then ``answer`` (the 101 and
         whatever followed it) goes to the client, held client bytes to the backend."""
         self.switching = answer
-        self.disarm()
+        self.stop_timer()
         self.transport.pause_reading()
         self.backend.transport.pause_reading()
         self.hand_over()
