@@ -7,10 +7,13 @@ of an strace has one obvious cause:
 - Listener: accepts in batches; out of descriptors, it stops accepting until a
   connection closes (or a second passes) instead of spinning.
 - Reactor: one edge-triggered epoll instance; each connection descriptor is added
-  once (closing it removes it), and the event loop watches only the epoll descriptor.
-  Writability is asked for only after a write fell short (one EPOLL_CTL_MOD, kept).
-  Edge-triggered means "read until the kernel has no more, write until it takes no
-  more", which the Flow below does.
+  once (closing it removes it).  Writability is asked for only after a write fell
+  short (one EPOLL_CTL_MOD, kept).  Edge-triggered means "read until the kernel has no
+  more, write until it takes no more", which the Flow below does.  Standalone
+  (``Reactor()``, fastsni) it is the process's only poller: one epoll_wait per wakeup
+  for the listening socket, every connection, the timers and the signals.  Nested
+  (``Reactor(asyncio_loop)``, fasthttpdir's upgraded connections) the asyncio loop
+  watches the epoll descriptor and runs the timers.
 - Relay: both directions at once, each reading only while the other side keeps up
   (at most one CHUNK waits per direction, in user space or in a pipe); bulk data goes
   by splice(2), uncopied; EOF becomes shutdown(SHUT_WR) on the other side once
@@ -22,10 +25,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import math
 import os
 import select
+import signal
 import socket
 import sys
+import time
+from collections import deque
 from collections.abc import Callable
 
 CHUNK = 128 * 1024  # bytes per read(); also the most that waits unsent per direction
@@ -90,29 +97,78 @@ def shutdown_write(fd: int) -> None:
         sock.detach()
 
 
+def ignore_signal(signum: int, frame) -> None:
+    """Python's handler for a signal the Reactor handles: the C-level handler has
+    already written the signal's number to the wakeup pipe, the loop does the rest."""
+
+
+def internal_error(what: str, exc: Exception) -> None:
+    """Log an unexpected exception the loop goes on after."""
+    sys.stderr.write(f"fastsni: {what} after an internal error: {exc!r}\n")
+
+
 def abandon(handler, exc: Exception) -> None:
     """A connection's handler failed unexpectedly (e.g. epoll_ctl ENOSPC): log, close it."""
-    sys.stderr.write(f"fastsni: closing a connection after an internal error: {exc!r}\n")
+    internal_error("closing a connection", exc)
     try:
         handler.close()
     except Exception:
         pass
 
 
-class Reactor:
-    """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
+class Timer:
+    """``callback(*args)`` at ``when`` (time.monotonic()) unless cancelled first."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("when", "callback", "args")
+
+    def __init__(self, when: float, callback: Callable, args: tuple) -> None:
+        self.when = when
+        self.callback: Callable | None = callback
+        self.args = args
+
+    def cancel(self) -> None:
+        """Drop the callback (and what it holds) now; the entry leaves its queue later."""
+        self.callback = None
+        self.args = ()
+
+    def fire(self) -> None:
+        callback, args = self.callback, self.args
+        if callback is not None:
+            self.cancel()
+            callback(*args)
+
+
+class Reactor:
+    """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``.
+
+    ``Reactor()`` runs its own loop (run_forever); ``Reactor(loop)`` is nested in an
+    asyncio loop.  Both offer the few loop methods the server uses: time, call_later,
+    add_signal_handler, run_forever and stop (the last two only standalone).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop
         self.epoll = select.epoll()
         self.handlers: dict[int, object] = {}
         self.writers: set[int] = set()  # descriptors also watched for EPOLLOUT
         self.again: list[Flow] = []  # flows that yielded to others mid-work
-        loop.add_reader(self.epoll.fileno(), self.dispatch)
+        self.timers: dict[float, deque[Timer]] = {}  # one FIFO per delay: each is in order
+        self.earliest = math.inf  # when the first timer is due, as of next_timeout()
+        self.signals: dict[int, tuple[Callable, tuple]] = {}
+        self.wakeup = -1  # read end of the pipe signal numbers arrive on
+        self.stopping = False
+        if loop is not None:
+            loop.add_reader(self.epoll.fileno(), self.dispatch)
 
-    def add(self, fd: int, handler) -> None:
+    def add(self, fd: int, handler, events: int = EDGE) -> None:
+        self.epoll.register(fd, events)
         self.handlers[fd] = handler
-        self.epoll.register(fd, EDGE)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` without closing it."""
+        self.epoll.unregister(fd)
+        del self.handlers[fd]
+        self.writers.discard(fd)
 
     def want_write(self, fd: int) -> None:
         """A write to ``fd`` fell short: report when it can take more."""
@@ -126,9 +182,10 @@ class Reactor:
         self.writers.discard(fd)
         os.close(fd)
 
-    def dispatch(self) -> None:
+    def dispatch(self, timeout: float = 0) -> None:
+        """Wait up to ``timeout`` seconds (-1: until an event) and hand out the events."""
         handlers = self.handlers
-        for fd, events in self.epoll.poll(0, MAX_EVENTS):
+        for fd, events in self.epoll.poll(timeout, MAX_EVENTS):
             handler = handlers.get(fd)
             if handler is not None:  # closed by an earlier event of this batch
                 try:
@@ -138,7 +195,7 @@ class Reactor:
 
     def later(self, flow: Flow) -> None:
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
-        if not self.again:
+        if not self.again and self.loop is not None:
             self.loop.call_soon(self.run_again)
         self.again.append(flow)
 
@@ -147,6 +204,86 @@ class Reactor:
         for flow in flows:
             if not flow.relay.closed:
                 flow.pump()
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable, *args) -> Timer | asyncio.TimerHandle:
+        """``callback(*args)`` in ``delay`` seconds; ``.cancel()`` on the result stops it.
+
+        Timers of one delay are due in the order they are set, so a FIFO per delay
+        keeps them sorted: no heap, and a few delays in all (hello, retry, drain)."""
+        if self.loop is not None:
+            return self.loop.call_later(delay, callback, *args)
+        timer = Timer(self.time() + delay, callback, args)
+        fifo = self.timers.get(delay)
+        if fifo is None:
+            fifo = self.timers[delay] = deque()
+        fifo.append(timer)
+        return timer
+
+    def next_timeout(self) -> float:
+        """Seconds epoll_wait may block: 0 while flows wait their turn, else until the
+        earliest timer, or -1 (no timer).  Cancelled timers at a FIFO's head go now."""
+        earliest = math.inf
+        for fifo in self.timers.values():
+            while fifo and fifo[0].callback is None:
+                fifo.popleft()
+            if fifo and fifo[0].when < earliest:
+                earliest = fifo[0].when
+        self.earliest = earliest
+        if self.again:
+            return 0.0
+        if earliest == math.inf:
+            return -1.0
+        return max(0.0, earliest - self.time())
+
+    def run_timers(self) -> None:
+        """Fire the timers that are due, oldest first within each delay."""
+        now = self.time()
+        if now < self.earliest:
+            return
+        for fifo in list(self.timers.values()):  # a callback may add a delay
+            while fifo and fifo[0].when <= now:
+                try:
+                    fifo.popleft().fire()
+                except Exception as exc:
+                    internal_error("continuing", exc)
+
+    def add_signal_handler(self, signum: int, callback: Callable, *args) -> None:
+        """``callback(*args)`` from the loop when ``signum`` arrives (as asyncio does it:
+        the signal's number comes through a pipe in the epoll set, so it wakes epoll_wait)."""
+        if self.wakeup < 0:
+            self.wakeup, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            self.add(self.wakeup, self, READABLE)  # level-triggered: one read per wakeup
+        self.signals[signum] = (callback, args)
+        signal.signal(signum, ignore_signal)
+
+    def ready(self, fd: int, events: int) -> None:
+        """The wakeup pipe: run the handler of each signal that arrived."""
+        try:
+            numbers = os.read(fd, 256)
+        except RETRY:
+            return
+        for signum in numbers:
+            handler = self.signals.get(signum)
+            if handler is not None:
+                handler[0](*handler[1])
+
+    def run_forever(self) -> None:
+        """Standalone: one epoll_wait per wakeup for every descriptor, timer and signal,
+        then the due timers and the flows that yielded; until stop()."""
+        while not self.stopping:
+            self.dispatch(self.next_timeout())
+            self.run_timers()
+            if self.again:
+                self.run_again()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Make run_forever return after this wakeup (at once if it is not running)."""
+        self.stopping = True
 
 
 class Service:

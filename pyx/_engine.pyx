@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Compiled twin of fastsni/engine.py: accepting and the two-way relay, on descriptors.
+"""Compiled twin of fastsni/engine.py: the event loop, accepting and the two-way relay, on descriptors.
 
 Function for function the pure module, with the system calls made directly: no
 socket objects, and no Python object per relayed chunk unless the other side is
@@ -7,17 +7,22 @@ slow (then the unsent rest waits as bytes).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, EINTR, errno
+from libc.math cimport INFINITY, ceil
 from libc.string cimport memcpy, strlen
 from posix.fcntl cimport O_CLOEXEC, O_DIRECTORY, open as c_open
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
 cdef extern from "<unistd.h>":
     int pipe2(int fds[2], int flags)
 
 import os
+import signal
+from collections import deque
 
-from fastsni.engine import abandon, errno_name  # not hot: the pure module's own
+from fastsni.engine import abandon, errno_name, ignore_signal, internal_error  # not hot: the pure module's own
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,
@@ -73,11 +78,12 @@ cdef extern from "<sys/epoll.h>":
         epoll_data_t data
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
-    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout) nogil
     enum:
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
         EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
 
 cdef extern from "<sys/stat.h>":
     struct stat:
@@ -148,6 +154,36 @@ def shutdown_write(int fd):
     shutdown(fd, SHUT_WR)
 
 
+cdef inline double _monotonic() noexcept:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+cdef class Timer:
+    """``callback(*args)`` at ``when`` (time.monotonic()) unless cancelled first."""
+
+    cdef public double when
+    cdef public object callback
+    cdef public tuple args
+
+    def __init__(self, double when, callback, tuple args):
+        self.when = when
+        self.callback = callback
+        self.args = args
+
+    cpdef cancel(self):
+        """Drop the callback (and what it holds) now; the entry leaves its queue later."""
+        self.callback = None
+        self.args = ()
+
+    cpdef fire(self):
+        callback, args = self.callback, self.args
+        if callback is not None:
+            self.cancel()
+            callback(*args)
+
+
 cdef class Reactor:
     """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
 
@@ -156,9 +192,14 @@ cdef class Reactor:
     cdef public dict handlers
     cdef public set writers
     cdef public list again
+    cdef public dict timers
+    cdef public double earliest
+    cdef public dict signals
+    cdef public int wakeup
+    cdef public bint stopping
     cdef epoll_event events[C_MAX_EVENTS]
 
-    def __init__(self, loop):
+    def __init__(self, loop=None):
         self.loop = loop
         self.epoll = epoll_create1(EPOLL_CLOEXEC)
         if self.epoll < 0:
@@ -166,15 +207,28 @@ cdef class Reactor:
         self.handlers = {}
         self.writers = set()
         self.again = []
-        loop.add_reader(self.epoll, self.dispatch)
+        self.timers = {}
+        self.earliest = INFINITY
+        self.signals = {}
+        self.wakeup = -1
+        self.stopping = False
+        if loop is not None:
+            loop.add_reader(self.epoll, self.dispatch)
 
-    cpdef add(self, int fd, handler):
+    cpdef add(self, int fd, handler, unsigned int events=C_EDGE):
         cdef epoll_event event
-        event.events = C_EDGE
+        event.events = events
         event.data.fd = fd
         if epoll_ctl(self.epoll, EPOLL_CTL_ADD, fd, &event) < 0:
             raise _oserror(errno)
         self.handlers[fd] = handler
+
+    cpdef remove(self, int fd):
+        """Stop watching ``fd`` without closing it."""
+        if epoll_ctl(self.epoll, EPOLL_CTL_DEL, fd, NULL) < 0:
+            raise _oserror(errno)
+        del self.handlers[fd]
+        self.writers.discard(fd)
 
     cpdef want_write(self, int fd):
         """A write to ``fd`` fell short: report when it can take more."""
@@ -192,9 +246,19 @@ cdef class Reactor:
         self.writers.discard(fd)
         close(fd)
 
-    def dispatch(self):
-        cdef int i, count = epoll_wait(self.epoll, self.events, C_MAX_EVENTS, 0)
+    def dispatch(self, double timeout=0):
+        """Wait up to ``timeout`` seconds (-1: until an event) and hand out the events."""
+        cdef int i, count, epoll = self.epoll
+        cdef int milliseconds = -1 if timeout < 0 else <int>ceil(timeout * 1000)
+        cdef epoll_event* events = self.events
         cdef dict handlers = self.handlers
+        with nogil:  # another thread may run meanwhile, as around the pure twin's poll()
+            count = epoll_wait(epoll, events, C_MAX_EVENTS, milliseconds)
+        if count < 0:
+            if errno != EINTR:
+                raise _oserror(errno)
+            PyErr_CheckSignals()  # run Python's signal handlers now (the pure twin's poll does)
+            return
         for i in range(count):
             handler = handlers.get(self.events[i].data.fd)
             if handler is not None:
@@ -205,7 +269,7 @@ cdef class Reactor:
 
     cdef later(self, Flow flow):
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
-        if not self.again:
+        if not self.again and self.loop is not None:
             self.loop.call_soon(self.run_again)
         self.again.append(flow)
 
@@ -215,6 +279,90 @@ cdef class Reactor:
         for flow in flows:
             if not flow.relay.closed:
                 flow.pump()
+
+    def time(self):
+        return _monotonic()
+
+    def call_later(self, double delay, callback, *args):
+        """``callback(*args)`` in ``delay`` seconds; ``.cancel()`` on the result stops it."""
+        if self.loop is not None:
+            return self.loop.call_later(delay, callback, *args)
+        timer = Timer(_monotonic() + delay, callback, args)
+        fifo = self.timers.get(delay)
+        if fifo is None:
+            fifo = self.timers[delay] = deque()
+        fifo.append(timer)
+        return timer
+
+    cpdef double next_timeout(self):
+        """Seconds epoll_wait may block: 0 while flows wait their turn, else until the
+        earliest timer, or -1 (no timer).  Cancelled timers at a FIFO's head go now."""
+        cdef double earliest = INFINITY
+        cdef Timer head
+        for fifo in self.timers.values():
+            while fifo:
+                head = fifo[0]
+                if head.callback is not None:
+                    if head.when < earliest:
+                        earliest = head.when
+                    break
+                fifo.popleft()
+        self.earliest = earliest
+        if self.again:
+            return 0.0
+        if earliest == INFINITY:
+            return -1.0
+        return max(0.0, earliest - _monotonic())
+
+    cpdef run_timers(self):
+        """Fire the timers that are due, oldest first within each delay."""
+        cdef double now = _monotonic()
+        cdef Timer timer
+        if now < self.earliest:
+            return
+        for fifo in list(self.timers.values()):
+            while fifo and (<Timer>fifo[0]).when <= now:
+                timer = fifo.popleft()
+                try:
+                    timer.fire()
+                except Exception as exc:
+                    internal_error("continuing", exc)
+
+    def add_signal_handler(self, int signum, callback, *args):
+        """``callback(*args)`` from the loop when ``signum`` arrives (through the wakeup pipe)."""
+        cdef int fds[2]
+        if self.wakeup < 0:
+            if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+                raise _oserror(errno)
+            self.wakeup = fds[0]
+            signal.set_wakeup_fd(fds[1], warn_on_full_buffer=False)
+            self.add(self.wakeup, self, C_READABLE)
+        self.signals[signum] = (callback, args)
+        signal.signal(signum, ignore_signal)
+
+    def ready(self, int fd, unsigned int events):
+        """The wakeup pipe: run the handler of each signal that arrived."""
+        cdef unsigned char numbers[256]
+        cdef ssize_t i, got = read(fd, numbers, 256)  # -1 (EAGAIN): nothing to do
+        PyErr_CheckSignals()  # Python's handlers too, as the pure twin's eval loop would
+        for i in range(got):
+            handler = self.signals.get(numbers[i])
+            if handler is not None:
+                handler[0](*handler[1])
+
+    def run_forever(self):
+        """Standalone: one epoll_wait per wakeup for every descriptor, timer and signal,
+        then the due timers and the flows that yielded; until stop()."""
+        while not self.stopping:
+            self.dispatch(self.next_timeout())
+            self.run_timers()
+            if self.again:
+                self.run_again()
+        self.stopping = False
+
+    def stop(self):
+        """Make run_forever return after this wakeup (at once if it is not running)."""
+        self.stopping = True
 
 
 cdef class Service:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import threading
+import time
 
 import pytest
 
@@ -71,3 +74,53 @@ def test_reactor_close_forgets_and_closes(engine):
         ours.close()
         theirs.close()
         loop.close()
+
+
+def test_standalone_reactor_dispatches_runs_timers_and_stops(engine):
+    """Reactor() is its own loop: events, timers in order (a cancelled one never fires), stop()."""
+    reactor = engine.Reactor()
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        handler = Recorder()
+        reactor.add(ours.fileno(), handler)
+        theirs.send(b"x")
+        fired: list[str] = []
+        reactor.call_later(0.05, fired.append, "late")
+        reactor.call_later(0.01, fired.append, "cancelled").cancel()
+        reactor.call_later(0.02, fired.append, "early")
+        reactor.call_later(0.1, reactor.stop)
+        started = time.monotonic()
+        reactor.run_forever()
+        assert 0.1 <= time.monotonic() - started < 5
+        assert handler.events and handler.events[0] & engine.READABLE
+        assert fired == ["early", "late"]
+        reactor.stop()
+        reactor.run_forever()  # stopped before it ran: returns at once
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_standalone_reactor_wakes_for_a_signal(engine):
+    """A signal interrupting a blocked epoll_wait runs its handler from the loop."""
+    reactor = engine.Reactor()
+    previous = signal.getsignal(signal.SIGUSR1)
+    got: list[str] = []
+
+    def handle(how: str) -> None:
+        got.append(how)
+        reactor.stop()
+
+    try:
+        reactor.add_signal_handler(signal.SIGUSR1, handle, "usr1")
+        reactor.call_later(10, reactor.stop)  # a bound in case the signal is lost
+        sender = threading.Timer(0.1, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+        sender.start()
+        reactor.run_forever()
+        sender.join()
+        assert got == ["usr1"]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(signal.set_wakeup_fd(-1))
+        os.close(reactor.wakeup)
