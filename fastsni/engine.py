@@ -293,12 +293,11 @@ class Service:
     object calls ``service.closed(itself)`` when it is done.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, start: Callable) -> None:
-        self.loop = loop
+    def __init__(self, sock: socket.socket, start: Callable) -> None:
         self.start = start
         self.live: set = set()
-        self.reactor = Reactor(loop)
-        self.listener = Listener(loop, sock, self.accepted)
+        self.reactor = Reactor()
+        self.listener = Listener(self.reactor, sock, self.accepted)
 
     def accepted(self, fd: int) -> None:
         self.live.add(self.start(self, fd))
@@ -311,18 +310,22 @@ class Service:
 class Listener:
     """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, on_accept: Callable) -> None:
-        self.loop = loop
+    def __init__(self, reactor: Reactor, sock: socket.socket, on_accept: Callable) -> None:
+        self.reactor = reactor
         self.sock = sock
+        self.fd = sock.fileno()
         self.on_accept = on_accept
         self.accepting = False
         self.closed = False
-        self.retry: asyncio.TimerHandle | None = None
+        self.retry: Timer | None = None
 
     def start(self) -> None:
         if not self.accepting and not self.closed:
             self.accepting = True
-            self.loop.add_reader(self.sock.fileno(), self.accept)
+            self.reactor.add(self.fd, self, READABLE)  # level-triggered: a cut batch comes back
+
+    def ready(self, fd: int, events: int) -> None:
+        self.accept()
 
     def accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -336,13 +339,18 @@ class Listener:
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
             conn.setblocking(False)
-            self.on_accept(conn.detach())
+            fd = conn.detach()
+            try:
+                self.on_accept(fd)
+            except Exception as exc:  # e.g. epoll_ctl ENOSPC: lose this connection, not the listener
+                internal_error("closing a new connection", exc)
+                os.close(fd)
 
     def pause(self) -> None:
         """Out of descriptors: stop until one is freed (descriptor_freed) or a second passes."""
-        self.loop.remove_reader(self.sock.fileno())
+        self.reactor.remove(self.fd)
         self.accepting = False
-        self.retry = self.loop.call_later(RESUME_ACCEPT_AFTER, self.start)
+        self.retry = self.reactor.call_later(RESUME_ACCEPT_AFTER, self.start)
 
     def descriptor_freed(self) -> None:
         if not self.accepting and not self.closed:
@@ -352,7 +360,7 @@ class Listener:
     def close(self) -> None:
         """Stop accepting and close this process's copy of the listening socket."""
         if self.accepting:
-            self.loop.remove_reader(self.sock.fileno())
+            self.reactor.remove(self.fd)
         if self.retry is not None:
             self.retry.cancel()
         self.accepting = False

@@ -35,7 +35,7 @@ class TlsConnection:
         self.fd = fd
         self.reader: HelloReader | None = HelloReader()
         service.reactor.add(fd, self)
-        self.timer = service.loop.call_later(HELLO_TIMEOUT, self.expire)
+        self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
     def ready(self, fd: int, events: int) -> None:
         """Read what the client sent (edge-triggered: until the kernel has no more)."""

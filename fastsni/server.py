@@ -18,6 +18,7 @@ from fastsni import __version__, twins
 from fastsni.addresses import describe
 
 DRAIN_SECONDS = 10.0
+DRAIN_POLL = 0.05  # seconds between looks at whether the drain is done
 BACKLOG = 65535  # the kernel caps it at net.core.somaxconn; asyncio would use 100
 HOW_TO_LISTEN = (
     "pass a listening TCP socket as fd 0: `fastsni-listen [HOST:]PORT {program}`, "
@@ -104,14 +105,15 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve_connections(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
-    """Run a proxy on the engine: ``start(service, fd)`` serves each accepted descriptor
-    (see fastsni.engine.Service) with an object that has a ``drain()`` method for SIGHUP."""
+    """Run a proxy on the engine's own loop: ``start(service, fd)`` serves each accepted
+    descriptor (see fastsni.engine.Service) with an object that has a ``drain()`` method
+    for SIGHUP."""
     engine = twins.load("fastsni.engine", "fastsni._engine")
 
-    def begin(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[Callable[[], None], set]:
-        service = engine.Service(loop, sock, start)
+    def begin(sock: socket.socket) -> tuple:
+        service = engine.Service(sock, start)
         service.listener.start()
-        return service.listener.close, service.live
+        return service.reactor, "epoll", service.listener.close, service.live
 
     _run(program, summary, argv, twin, begin)
 
@@ -128,25 +130,28 @@ def serve(
     connection's protocol and ``live`` holds the connections still open, each with a
     ``drain()`` method that SIGHUP calls."""
 
-    def begin(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[Callable[[], None], set]:
+    def begin(sock: socket.socket) -> tuple:
+        loop = new_event_loop()
+        asyncio.set_event_loop(loop)
         server = loop.run_until_complete(loop.create_server(make_protocol, sock=sock, backlog=BACKLOG))
-        return server.close, live
+        return loop, type(loop).__module__.split(".")[0], server.close, live
 
     _run(program, summary, argv, twin, begin)
 
 
 def _run(program: str, summary: str, argv: list[str], twin: ModuleType, begin: Callable) -> None:
-    """The contract: arguments, fd 0, limits, the start line, signals, drain, exit 0."""
+    """The contract: arguments, fd 0, limits, the start line, signals, drain, exit 0.
+
+    ``begin(sock)`` starts serving and returns (loop, its name, stop_accepting, live): an
+    asyncio loop or the engine's Reactor, which has the loop methods used here."""
     kind = "compiled" if twins.is_compiled(twin) else "pure"
     parse_arguments(program, summary, argv, kind)
     sock = listening_socket(program)
     sock.listen(BACKLOG)
     raise_nofile_limit()
-    loop = new_event_loop()
-    asyncio.set_event_loop(loop)
-    stop_accepting, live = begin(loop, sock)
+    loop, loop_name, stop_accepting, live = begin(sock)
     sys.stderr.write(
-        f"{program} {__version__} ({kind}, {type(loop).__module__.split('.')[0]}) "
+        f"{program} {__version__} ({kind}, {loop_name}) "
         f"listening on {describe(sock.getsockname())} serving {os.getcwd()}\n"
     )
     stopping: list[str] = []
@@ -170,16 +175,16 @@ def _run(program: str, summary: str, argv: list[str], twin: ModuleType, begin: C
             connection.drain()  # e.g. close idle keep-alive connections now
         loop.add_signal_handler(signal.SIGTERM, loop.stop)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
-        try:
-            loop.run_until_complete(_drained(live, loop.time() + DRAIN_SECONDS))
-        except RuntimeError:
-            pass  # stopped by SIGTERM or SIGINT while draining
+        deadline = loop.time() + DRAIN_SECONDS
+
+        def check() -> None:
+            if live and loop.time() < deadline:
+                loop.call_later(DRAIN_POLL, check)
+            else:
+                loop.stop()
+
+        check()
+        loop.run_forever()
     cut = len(live)
     sys.stderr.write(f"{program}: exiting, {cut} connections cut\n" if cut else f"{program}: exiting\n")
     raise SystemExit(0)
-
-
-async def _drained(live: set, deadline: float) -> None:
-    loop = asyncio.get_running_loop()
-    while live and loop.time() < deadline:
-        await asyncio.sleep(0.05)

@@ -368,18 +368,16 @@ cdef class Reactor:
 cdef class Service:
     """One proxy process: its listener, its reactor and the connections still open."""
 
-    cdef public object loop
     cdef public object start
     cdef public set live
     cdef public Reactor reactor
     cdef public Listener listener
 
-    def __init__(self, loop, sock, start):
-        self.loop = loop
+    def __init__(self, sock, start):
         self.start = start
         self.live = set()
-        self.reactor = Reactor(loop)
-        self.listener = Listener(loop, sock, self.accepted)
+        self.reactor = Reactor()
+        self.listener = Listener(self.reactor, sock, self.accepted)
 
     def accepted(self, int fd):
         self.live.add(self.start(self, fd))
@@ -392,16 +390,16 @@ cdef class Service:
 cdef class Listener:
     """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor."""
 
-    cdef public object loop
+    cdef public Reactor reactor
     cdef public object sock
+    cdef public int fd
     cdef public object on_accept
     cdef public bint accepting
     cdef public bint closed
     cdef public object retry
-    cdef int fd
 
-    def __init__(self, loop, sock, on_accept):
-        self.loop = loop
+    def __init__(self, Reactor reactor, sock, on_accept):
+        self.reactor = reactor
         self.sock = sock
         self.fd = sock.fileno()
         self.on_accept = on_accept
@@ -412,7 +410,10 @@ cdef class Listener:
     def start(self):
         if not self.accepting and not self.closed:
             self.accepting = True
-            self.loop.add_reader(self.fd, self.accept)
+            self.reactor.add(self.fd, self, C_READABLE)  # level-triggered: a cut batch comes back
+
+    def ready(self, int fd, unsigned int events):
+        self.accept()
 
     def accept(self):
         cdef int i, fd, err
@@ -426,13 +427,17 @@ cdef class Listener:
                     self.pause()
                     return
                 continue
-            self.on_accept(fd)
+            try:
+                self.on_accept(fd)
+            except Exception as exc:
+                internal_error("closing a new connection", exc)
+                close(fd)
 
     def pause(self):
         """Out of descriptors: stop until one is freed (descriptor_freed) or a second passes."""
-        self.loop.remove_reader(self.fd)
+        self.reactor.remove(self.fd)
         self.accepting = False
-        self.retry = self.loop.call_later(RESUME_ACCEPT_AFTER, self.start)
+        self.retry = self.reactor.call_later(RESUME_ACCEPT_AFTER, self.start)
 
     cpdef descriptor_freed(self):
         if not self.accepting and not self.closed:
@@ -442,7 +447,7 @@ cdef class Listener:
     def close(self):
         """Stop accepting and close this process's copy of the listening socket."""
         if self.accepting:
-            self.loop.remove_reader(self.fd)
+            self.reactor.remove(self.fd)
         if self.retry is not None:
             self.retry.cancel()
         self.accepting = False

@@ -32,7 +32,7 @@ cdef class TlsConnection:
         self.fd = fd
         self.reader = HelloReader()
         service.reactor.add(fd, self)
-        self.timer = service.loop.call_later(HELLO_TIMEOUT, self.expire)
+        self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
     def ready(self, int fd, unsigned int events):
         """Read what the client sent (edge-triggered: until the kernel has no more)."""

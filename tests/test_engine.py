@@ -124,3 +124,31 @@ def test_standalone_reactor_wakes_for_a_signal(engine):
         signal.signal(signal.SIGUSR1, previous)
         os.close(signal.set_wakeup_fd(-1))
         os.close(reactor.wakeup)
+
+
+def test_a_failing_accept_loses_that_connection_not_the_listener(engine, capfd):
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    accepted: list[int] = []
+
+    def start(service, fd: int):
+        accepted.append(fd)
+        if len(accepted) == 1:
+            raise MemoryError("injected")
+        os.close(fd)
+        service.reactor.stop()
+
+    service = engine.Service(listening, start)
+    service.listener.start()
+    first = socket.create_connection(listening.getsockname(), timeout=5)
+    second = socket.create_connection(listening.getsockname(), timeout=5)
+    try:
+        service.reactor.call_later(5, service.reactor.stop)  # a bound
+        service.reactor.run_forever()
+        assert len(accepted) == 2 and service.listener.accepting
+        assert first.recv(1) == b""
+        assert "internal error" in capfd.readouterr().err
+    finally:
+        service.listener.close()
+        first.close()
+        second.close()
