@@ -1,6 +1,8 @@
 """fasthttpdir's connection: parse HTTP/1.1 requests, route each by Host, relay (pure twin).
 
 This module is the specification; ``pyx/_http.pyx`` mirrors it function for function.
+It runs on fastsni's engine (fastsni/engine.py): descriptors, edge-triggered epoll,
+read(2)/write(2), and the engine's Relay once a 101 turns a connection into a tunnel.
 
 One client connection carries a queue of parsed requests.  The first one is the
 exchange in progress: its head and body go to the backend of its host while the
@@ -12,17 +14,26 @@ consecutive requests name the same host.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
-import socket
 import sys
 from collections import deque
 
 import httptools
 
-from fastsni.addresses import client_ip, describe, proxy_v1_header
-from fastsni.engine import Reactor, Relay, connect_backend, errno_name
+from fastsni.addresses import client_ip, describe, of_descriptor, proxy_v1_header
+from fastsni.engine import (
+    CHUNK,
+    CLOSING,
+    READABLE,
+    RETRY,
+    WRITABLE,
+    Relay,
+    Service,
+    connect_backend,
+    errno_name,
+    shutdown_write,
+)
 from fastsni.tls import check_hostname
 
 HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
@@ -41,29 +52,9 @@ REASONS = {
     503: b"Service Unavailable",
 }
 
-HIGH_WATER = 64 * 1024  # per transport: more unsent bytes than this stop the other side being read
-LIVE: set = set()  # open client connections, for the drain on SIGHUP
+HIGH_WATER = 64 * 1024  # bytes waiting for one side before the other side is no longer read
 
-__all__ = ["LIVE", "HttpConnection", "Rejected", "host_name", "frame"]
-
-
-def steal(transport: asyncio.Transport) -> int:
-    """The socket of a transport that has written everything, for fastsni's relay: a
-    duplicate descriptor; the transport is aborted, so its event loop forgets the original."""
-    fd = os.dup(transport.get_extra_info("socket").fileno())
-    transport.abort()
-    return fd
-
-
-_reactor: Reactor | None = None
-
-
-def reactor() -> Reactor:
-    """This process's reactor for relays after an upgrade, made on first use."""
-    global _reactor
-    if _reactor is None:
-        _reactor = Reactor(asyncio.get_running_loop())
-    return _reactor
+__all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
 
 
 class Rejected(Exception):
@@ -296,54 +287,33 @@ def log(client: tuple | None, name: str | None, reason: str) -> None:
     sys.stderr.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
 
 
-class Backend(asyncio.Protocol):
-    """The backend end of one connection: everything goes to the HttpConnection."""
+class HttpConnection:
+    """One client connection on fastsni's engine: requests in, answers out in order.
 
-    def __init__(self, connection: HttpConnection, name: str, greeting: bytes) -> None:
-        self.connection = connection
-        self.name = name
-        self.greeting = greeting
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
+    The client's descriptor and its current backend's both report to this handler
+    (edge-triggered, see fastsni.engine).  Bytes wait in ``to_client``/``to_backend``
+    only when a write fell short; while either holds more than HIGH_WATER, the side
+    that feeds it is not read.  After a 101 both descriptors go to the engine's Relay.
+    """
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        self.transport = transport
-        transport.set_write_buffer_limits(HIGH_WATER)
-        if self.greeting:
-            transport.write(self.greeting)
-        self.connection.backend_ready(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.connection.backend_data(self, data)
-
-    def eof_received(self) -> bool:
-        return False  # close: answers are complete or cut, both handled in connection_lost
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.connection.backend_lost(self)
-
-    def pause_writing(self) -> None:
-        self.connection.backend_full = True
-        self.connection.flow()
-
-    def resume_writing(self) -> None:
-        if self.connection.switching is not None:
-            asyncio.get_running_loop().call_soon(self.connection.hand_over)
-            return
-        self.connection.backend_full = False
-        self.connection.flow()
-
-
-class HttpConnection(asyncio.Protocol):
-    """One client connection: requests in, answers out in order, upgrades to a raw relay."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+    def __init__(self, service: Service, fd: int) -> None:
+        self.service = service
+        self.reactor = service.reactor
+        self.fd = fd
         self.client: tuple | None = None
         self.server: tuple | None = None
         self.reader: RequestReader | None = None
-        self.backend: Backend | None = None
+        self.backend = -1  # the backend connection's descriptor; -1: none
+        self.backend_name: str | None = None
+        self.to_client = b""  # what a write to the client left over
+        self.to_backend = b""
+        self.client_readable = False  # edge-triggered: may hold bytes until a read says not
+        self.client_hup = False  # the client hung up or failed: read until it says which
+        self.client_writable = True
+        self.backend_readable = False
+        self.backend_hup = False
+        self.backend_writable = True
+        self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active: Request | None = None  # the exchange in progress
         self.response = None  # its HttpResponseParser
         self.status = 0  # status of the response being parsed
@@ -352,75 +322,103 @@ class HttpConnection(asyncio.Protocol):
         self.close_delimited = False
         self.response_keep_alive = True
         self.framed = False
-        self.backend_full = False
-        self.reading = True
         self.upgrade_wait = False
-        self.closing = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0  # loop time the next head is due by; 0: none due
         self.reused = False  # the exchange in progress went to an open backend connection
-        self.switching: bytes | None = None  # a 101 answer, while the sockets leave their transports
         self.overrun = False  # the backend sent more after its final answer
         self.heads = 0  # answer heads completed in the bytes being parsed
         self.tail = b""  # the last 3 bytes of the answer so far, to find a head's end
+        self.timer = None
+        self.closing = False  # close once to_client is out
+        self.lingering = False  # read and drop what the client sends, until it closes
         self.relayed = False  # handed to fastsni's relay after a 101
+        self.closed = False
         self.draining = False  # SIGHUP: close once the requests begun are answered
-
-    # client side
-
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        self.transport = transport
-        self.loop = asyncio.get_running_loop()
-        self.client = transport.get_extra_info("peername")
-        self.server = transport.get_extra_info("sockname")
-        transport.set_write_buffer_limits(HIGH_WATER)
-        LIVE.add(self)
+        self.reactor.add(fd, self)
+        try:
+            self.client, self.server = of_descriptor(fd)
+        except OSError:  # gone already
+            self.linger()
+            return
         self.reader = RequestReader(client_ip(self.client))
         self.arm()
 
-    def arm(self) -> None:
-        """The next head is due within HEAD_TIMEOUT.  The connection keeps one timer and
-        moves its deadline lazily (expire() checks it), so a request costs no timer calls."""
-        self.deadline = self.loop.time() + HEAD_TIMEOUT
-        if self.timer is None:
-            self.timer = self.loop.call_later(HEAD_TIMEOUT, self.expire)
+    # events
 
-    def disarm(self) -> None:
-        """A head is complete: no deadline until the next arm()."""
-        self.deadline = 0.0
+    def ready(self, fd: int, events: int) -> None:
+        if fd == self.fd:
+            if events & (READABLE | CLOSING):
+                self.client_readable = True
+                self.client_hup = self.client_hup or bool(events & CLOSING)
+            if events & (WRITABLE | CLOSING):
+                self.client_writable = True
+        elif fd == self.backend:
+            if events & (READABLE | CLOSING):
+                self.backend_readable = True
+                self.backend_hup = self.backend_hup or bool(events & CLOSING)
+            if events & (WRITABLE | CLOSING):
+                self.backend_writable = True
+        self.run()
 
-    def stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.deadline = 0.0
+    def run(self) -> None:
+        """Move what can move: writes that fell short first, then what each side sends."""
+        if self.to_backend and self.backend_writable:
+            self.flush_backend()
+        if self.to_client and self.client_writable and not self.done():
+            self.flush_client()
+        if not self.done():
+            self.read_backend()
+        if not self.done():
+            self.read_client()
 
-    def expire(self) -> None:
-        self.timer = None
-        if not self.deadline:
-            return
-        left = self.deadline - self.loop.time()
-        if left > 0:
-            self.timer = self.loop.call_later(left, self.expire)
-            return
-        if self.active is None and not self.reader.requests:
-            if self.reader.head_size:
-                log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
-            self.close()
+    def done(self) -> bool:
+        return self.closed or self.relayed
 
-    def data_received(self, data: bytes) -> None:
+    # client side
+
+    def read_client(self) -> None:
+        while self.client_readable and self.wants_client():
+            try:
+                data = os.read(self.fd, CHUNK)
+            except RETRY:
+                self.client_readable = False
+                return
+            except OSError:
+                self.shut()  # reset: nothing more can reach the client
+                return
+            if not data:
+                self.client_readable = False
+                self.client_ended()
+                return
+            if len(data) < CHUNK and not self.client_hup:
+                self.client_readable = False  # drained: bytes that come later bring a new edge
+            if self.lingering:
+                continue  # dropped
+            self.client_data(data)
+
+    def wants_client(self) -> bool:
+        """Read the client only while its queued bytes and the backend keep up."""
+        if self.lingering:
+            return not self.closed
         reader = self.reader
-        if reader is None or reader.rejected is not None:
-            return
+        if reader is None or self.done() or reader.rejected is not None:
+            return False
+        if self.upgrade_wait or self.client_eof or len(self.to_backend) > HIGH_WATER:
+            return False
+        queued = 0
+        for request in reader.requests:
+            queued += request.size
+        return queued <= HIGH_WATER
+
+    def client_data(self, data: bytes) -> None:
+        reader = self.reader
         if self.upgrade_wait:
             reader.held += data
             return
         reader.feed(data)
         if reader.requests:
             self.disarm()
-        if reader.requests and reader.requests[-1].upgrade:
-            self.upgrade_wait = True
+            if reader.requests[-1].upgrade:
+                self.upgrade_wait = True
         active = self.active
         if active is not None:
             if active.error is not None:
@@ -428,98 +426,115 @@ class HttpConnection(asyncio.Protocol):
                 return
             self.pump()
         self.next()
-        self.flow()
 
-    def eof_received(self) -> bool:
-        if self.active is None and not (self.reader and self.reader.requests):
+    def client_ended(self) -> None:
+        """EOF from the client: the answers in progress still go out; close after them."""
+        if self.lingering or (self.active is None and not (self.reader and self.reader.requests)):
             self.close()
-            return False
-        self.closing = True  # the answers in progress still go out; close after them
-        self.flow()
-        return True
+            return
+        self.client_eof = True
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.relayed:
-            LIVE.discard(self)
+    def send_client(self, data: bytes) -> None:
+        """Write ``data`` to the client, or queue it behind what waits already."""
+        if self.to_client or not self.client_writable:
+            self.to_client += data
+            return
+        try:
+            sent = os.write(self.fd, data)
+        except RETRY:
+            sent = 0
+        except OSError:
+            self.shut()  # the client is gone
+            return
+        if sent < len(data):
+            self.to_client = data[sent:]
+            self.client_writable = False
+            self.reactor.want_write(self.fd)
+
+    def flush_client(self) -> None:
+        data = self.to_client
+        self.to_client = b""
+        self.send_client(data)
+        if self.closed or self.to_client:
+            return
+        if self.closing:
+            self.shut()
+        elif self.lingering:
+            self.begin_lingering()
+
+    def arm(self) -> None:
+        """The next head is due within HEAD_TIMEOUT."""
         self.stop_timer()
-        self.reader = None
-        backend = self.backend
-        self.backend = None
-        if backend is not None and backend.transport is not None:
-            backend.transport.abort()
+        self.timer = self.reactor.call_later(HEAD_TIMEOUT, self.expire)
 
-    def pause_writing(self) -> None:
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.pause_reading()
+    def disarm(self) -> None:
+        self.stop_timer()
 
-    def resume_writing(self) -> None:
-        if self.switching is not None:
-            asyncio.get_running_loop().call_soon(self.hand_over)
-            return
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.resume_reading()
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
-    def flow(self) -> None:
-        """Read the client only while its queued bytes and the backend keep up."""
-        reader = self.reader
-        if reader is None or self.transport.is_closing():
-            return
-        queued = 0
-        for request in reader.requests:
-            queued += request.size
-        want = not (
-            self.backend_full
-            or queued > HIGH_WATER
-            or self.upgrade_wait
-            or self.closing
-            or reader.rejected is not None
-        )
-        if want != self.reading:
-            self.reading = want
-            if want:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
+    def expire(self) -> None:
+        self.timer = None
+        if self.active is None and self.reader is not None and not self.reader.requests:
+            if self.reader.head_size:
+                log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
+            self.close()
 
     def close(self) -> None:
-        self.stop_timer()
-        if self.transport is not None:
-            self.transport.close()
-        backend = self.backend
-        self.backend = None
-        if backend is not None and backend.transport is not None:
-            backend.transport.close()
+        """Close once what the client is owed is out (at most LINGER seconds from now)."""
+        if self.closed:
+            return
+        self.end_exchanges()
+        if not self.to_client:
+            self.shut()
+            return
+        self.closing = True
+        self.timer = self.reactor.call_later(LINGER, self.shut)
 
     def linger(self) -> None:
         """Close after the last answer without losing it (RFC 9112 §9.6): the client may
         still be sending (a body, pipelined requests), and closing with its bytes unread
         would reset the connection, which can destroy the answer before it is read.  So
-        shut our side once the answer is out, then read and drop until the client closes
-        or LINGER seconds pass."""
-        self.drop_backend()
+        shut our side once the answer is out, then read and drop until the client closes;
+        all within LINGER seconds."""
+        if self.closed:
+            return
+        self.end_exchanges()
+        self.lingering = True
+        self.timer = self.reactor.call_later(LINGER, self.shut)
+        if not self.to_client:
+            self.begin_lingering()
+
+    def begin_lingering(self) -> None:
+        shutdown_write(self.fd)
+        self.client_readable = True  # what came while we did not read is dropped now
+
+    def end_exchanges(self) -> None:
         self.stop_timer()
+        self.drop_backend()
         self.active = None
-        self.reader = None  # data_received drops what comes; eof_received closes
-        if self.transport.is_closing():
+        self.reader = None
+
+    def shut(self) -> None:
+        """Close the client (and backend) descriptors now."""
+        if self.closed:
             return
-        if not self.transport.can_write_eof():
-            self.close()
-            return
-        self.transport.write_eof()
-        self.transport.resume_reading()
-        self.timer = self.loop.call_later(LINGER, self.close)
+        self.end_exchanges()
+        self.closed = True
+        self.reactor.close(self.fd)
+        self.service.closed(self)
 
     # exchanges
 
     def next(self) -> None:
         """Start the next queued request if none is in progress."""
         while self.active is None and self.reader is not None and self.reader.requests:
-            if self.transport.is_closing():
-                return
             request = self.reader.requests[0]
             if request.error is not None:
                 log(self.client, request.name, request.error.reason)
-                self.transport.write(error_response(request.error.status, True))
+                self.send_client(error_response(request.error.status, True))
                 self.linger()
                 return
             self.active = request
@@ -531,23 +546,19 @@ class HttpConnection(asyncio.Protocol):
             self.tail = b""
             self.close_delimited = False
             self.response_keep_alive = True
-            backend = self.backend
-            if backend is not None and (backend.name != request.name or backend.closed):
-                self.backend = None
-                if backend.transport is not None:
-                    backend.transport.close()
-                backend = None
-            self.reused = backend is not None
-            if backend is None:
+            if self.backend >= 0 and self.backend_name != request.name:
+                self.drop_backend()
+            self.reused = self.backend >= 0
+            if self.backend < 0:
                 if not self.connect(request):
                     continue  # answered with an error; the next request may go on
-            elif backend.transport is not None:
+            else:
                 self.pump()
         reader = self.reader
         if self.active is None and reader is not None and not reader.requests:
-            if self.closing or (self.draining and not reader.head_size):
+            if self.client_eof or (self.draining and not reader.head_size):
                 self.close()
-            elif not self.transport.is_closing():
+            else:
                 self.arm()
 
     def connect(self, request: Request) -> bool:
@@ -565,53 +576,80 @@ class HttpConnection(asyncio.Protocol):
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.transport.write(error_response(status, False))
+                self.send_client(error_response(status, False))
                 return False
-            self.transport.write(error_response(status, True))
+            self.send_client(error_response(status, True))
             self.linger()
             return True
-        greeting = proxy_v1_header(self.client, self.server) if send_proxy else b""
-        backend = Backend(self, request.name, greeting)
-        self.backend = backend
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
-        task = loop.create_task(loop.create_unix_connection(lambda: backend, sock=sock))
-        task.add_done_callback(lambda task: self.connected(task, backend, request))
-        return True
-
-    def connected(self, task: asyncio.Task, backend: Backend, request: Request) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        if self.backend is backend and self.active is request:
-            self.backend = None
-            self.fail_answer(f"{BACKEND_SOCKET}: {task.exception()}")
-
-    def backend_ready(self, backend: Backend) -> None:
-        if self.backend is not backend or self.transport.is_closing():
-            backend.transport.close()
-            return
-        if self.transport.get_write_buffer_size() > HIGH_WATER:
-            backend.transport.pause_reading()
+        self.backend = fd
+        self.backend_name = request.name
+        self.backend_readable = self.backend_hup = False
+        self.backend_writable = True
+        self.reactor.add(fd, self)
+        if send_proxy:
+            self.send_backend(proxy_v1_header(self.client, self.server))
         self.pump()
-        self.flow()
+        return True
 
     def pump(self) -> None:
         """Write what has arrived of the request in progress to its backend."""
         request = self.active
-        backend = self.backend
-        if request is None or backend is None or backend.transport is None or not request.data:
+        if request is None or self.backend < 0 or not request.data:
             return
-        backend.transport.writelines(request.data)
+        data = b"".join(request.data)
         request.data = []
         request.size = 0
+        self.send_backend(data)
+
+    def send_backend(self, data: bytes) -> None:
+        if self.to_backend or not self.backend_writable:
+            self.to_backend += data
+            return
+        try:
+            sent = os.write(self.backend, data)
+        except RETRY:
+            sent = 0
+        except OSError:
+            self.backend_hup = self.backend_readable = True  # the next read reports it
+            return
+        if sent < len(data):
+            self.to_backend = data[sent:]
+            self.backend_writable = False
+            self.reactor.want_write(self.backend)
+
+    def flush_backend(self) -> None:
+        data = self.to_backend
+        self.to_backend = b""
+        self.send_backend(data)
+
+    def drop_backend(self) -> None:
+        if self.backend >= 0:
+            self.reactor.close(self.backend)
+            self.backend = -1
+            self.backend_name = None
+            self.to_backend = b""
 
     # backend side
 
-    def backend_data(self, backend: Backend, data: bytes) -> None:
-        if backend is not self.backend or self.active is None or self.final:
-            backend.transport.close()  # an answer nobody asked for
-            if backend is self.backend:
-                self.backend = None
+    def read_backend(self) -> None:
+        while self.backend >= 0 and self.backend_readable and len(self.to_client) <= HIGH_WATER:
+            try:
+                data = os.read(self.backend, CHUNK)
+            except RETRY:
+                self.backend_readable = False
+                return
+            except OSError:
+                data = b""  # reset: as good as closed
+            if not data:
+                self.backend_lost()
+                return
+            if len(data) < CHUNK and not self.backend_hup:
+                self.backend_readable = False
+            self.backend_data(data)
+
+    def backend_data(self, data: bytes) -> None:
+        if self.active is None or self.final:
+            self.drop_backend()  # an answer nobody asked for
             return
         self.heads = 0
         try:
@@ -634,8 +672,8 @@ class HttpConnection(asyncio.Protocol):
             self.fail_answer("backend sent bytes after its answer")
             return
         self.forwarded += len(data)
-        self.transport.write(data)
-        if self.final:
+        self.send_client(data)
+        if self.final and not self.closed:
             self.answered()
 
     def head_end(self, data: bytes) -> int:
@@ -694,21 +732,13 @@ class HttpConnection(asyncio.Protocol):
             held = self.reader.held
             self.reader.held = b""
             if held:
-                self.data_received(held)
+                self.client_data(held)
                 return
         self.next()
-        self.flow()
 
-    def drop_backend(self) -> None:
-        backend = self.backend
-        self.backend = None
-        if backend is not None and backend.transport is not None:
-            backend.transport.close()
-
-    def backend_lost(self, backend: Backend) -> None:
-        if backend is not self.backend:
-            return
-        self.backend = None
+    def backend_lost(self) -> None:
+        """The backend closed (or reset) its connection."""
+        self.drop_backend()
         if self.active is None or self.final:
             return
         if self.close_delimited:
@@ -722,7 +752,6 @@ class HttpConnection(asyncio.Protocol):
             request.size = len(request.replay)
             if not self.connect(request):
                 self.next()
-                self.flow()
             return
         self.fail_answer("backend closed before its answer was complete")
 
@@ -731,59 +760,44 @@ class HttpConnection(asyncio.Protocol):
         log(self.client, self.active.name if self.active else None, reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.transport.write(error_response(502, True))
+            self.send_client(error_response(502, True))
             self.linger()
         else:
-            self.transport.abort()
+            self.shut()
 
     def fail_request(self, rejection: Rejected) -> None:
         """The request in progress broke mid-body: 400 if nothing of its answer went out, else cut."""
         log(self.client, self.active.name, rejection.reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.transport.write(error_response(rejection.status, True))
+            self.send_client(error_response(rejection.status, True))
             self.linger()
         else:
-            self.transport.abort()
+            self.shut()
 
     def relay(self, answer: bytes) -> None:
-        """A 101 answer: from here on, bytes flow raw both ways, through fastsni's relay.
+        """A 101 answer: from here on, bytes flow raw both ways, through fastsni's Relay.
 
-        The two sockets leave their transports once both wrote everything queued
-        (resume_writing brings us back to hand_over); then ``answer`` (the 101 and
-        whatever followed it) goes to the client, held client bytes to the backend."""
-        self.switching = answer
+        ``answer`` (the 101 and whatever followed it) goes to the client after anything
+        still waiting for it; client bytes held back since the upgrade request go to
+        the backend after anything still waiting for it."""
         self.stop_timer()
-        self.transport.pause_reading()
-        self.backend.transport.pause_reading()
-        self.hand_over()
-
-    def hand_over(self) -> None:
         backend = self.backend
-        if self.switching is None or backend is None or self.transport.is_closing():
-            return
-        for transport in (self.transport, backend.transport):
-            if transport.get_write_buffer_size():
-                transport.set_write_buffer_limits(0, 0)  # resume_writing says when it is empty
-                return
-        answer = self.switching
-        held = self.reader.held
-        self.switching = None
+        to_backend = self.to_backend + self.reader.held
+        to_client = self.to_client + answer
+        self.backend = -1
         self.reader = None
-        self.backend = None
+        self.active = None
         self.relayed = True
-        client = steal(self.transport)
-        server = steal(backend.transport)
-        shared = reactor()
-        shared.add(client, None)
-        Relay(shared, client, server, held, answer, self.relay_closed, True)
+        self.reactor.remove(backend)  # the Relay adds it as its own
+        Relay(self.reactor, self.fd, backend, to_backend, to_client, self.relay_closed, True)
 
     def relay_closed(self) -> None:
-        LIVE.discard(self)
+        self.service.closed(self)
 
     def drain(self) -> None:
         """SIGHUP: answer the requests begun, then close (see next); an idle one closes now."""
-        if self.relayed or self.reader is None:
+        if self.done() or self.reader is None:
             return  # a relay (or a connection already closing) runs to its end
         self.draining = True
         if self.active is None and not self.reader.requests and not self.reader.head_size:
