@@ -17,7 +17,7 @@ finish (up to 10 s). SIGTERM, SIGINT: exit."""
 def main(argv: list[str] | None = None) -> None:
     proxy = twins.load("fasthttpdir.proxy", "fasthttpdir._http")
     arguments = sys.argv[1:] if argv is None else argv
-    server.serve_connections("fasthttpdir", SUMMARY, arguments, proxy, proxy.HttpConnection)
+    server.serve("fasthttpdir", SUMMARY, arguments, proxy, proxy.HttpConnection)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ SIGHUP: stop accepting and let open connections finish (up to 10 s). SIGTERM, SI
 def main(argv: list[str] | None = None) -> None:
     proxy = twins.load("fastsni.proxy", "fastsni._proxy")
     arguments = sys.argv[1:] if argv is None else argv
-    server.serve_connections("fastsni", SUMMARY, arguments, proxy, proxy.TlsConnection)
+    server.serve("fastsni", SUMMARY, arguments, proxy, proxy.TlsConnection)
 
 
 if __name__ == "__main__":

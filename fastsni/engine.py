@@ -9,11 +9,9 @@ of an strace has one obvious cause:
 - Reactor: one edge-triggered epoll instance; each connection descriptor is added
   once (closing it removes it).  Writability is asked for only after a write fell
   short (one EPOLL_CTL_MOD, kept).  Edge-triggered means "read until the kernel has no
-  more, write until it takes no more", which the Flow below does.  Standalone
-  (``Reactor()``, fastsni) it is the process's only poller: one epoll_wait per wakeup
-  for the listening socket, every connection, the timers and the signals.  Nested
-  (``Reactor(asyncio_loop)``, fasthttpdir's upgraded connections) the asyncio loop
-  watches the epoll descriptor and runs the timers.
+  more, write until it takes no more", which the Flow below does.  It is the process's
+  only poller: one epoll_wait per wakeup for the listening socket, every connection,
+  the timers and the signals.
 - Relay: both directions at once, each reading only while the other side keeps up
   (at most one CHUNK waits per direction, in user space or in a pipe); bulk data goes
   by splice(2), uncopied; EOF becomes shutdown(SHUT_WR) on the other side once
@@ -22,7 +20,6 @@ of an strace has one obvious cause:
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import math
@@ -141,13 +138,11 @@ class Timer:
 class Reactor:
     """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``.
 
-    ``Reactor()`` runs its own loop (run_forever); ``Reactor(loop)`` is nested in an
-    asyncio loop.  Both offer the few loop methods the server uses: time, call_later,
-    add_signal_handler, run_forever and stop (the last two only standalone).
+    It is the process's event loop, with the few loop methods the server uses: time,
+    call_later, add_signal_handler, run_forever and stop.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.epoll = select.epoll()
         self.handlers: dict[int, object] = {}
         self.writers: set[int] = set()  # descriptors also watched for EPOLLOUT
@@ -157,8 +152,6 @@ class Reactor:
         self.signals: dict[int, tuple[Callable, tuple]] = {}
         self.wakeup = -1  # read end of the pipe signal numbers arrive on
         self.stopping = False
-        if loop is not None:
-            loop.add_reader(self.epoll.fileno(), self.dispatch)
 
     def add(self, fd: int, handler, events: int = EDGE) -> None:
         self.epoll.register(fd, events)
@@ -195,8 +188,6 @@ class Reactor:
 
     def later(self, flow: Flow) -> None:
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
-        if not self.again and self.loop is not None:
-            self.loop.call_soon(self.run_again)
         self.again.append(flow)
 
     def run_again(self) -> None:
@@ -208,13 +199,11 @@ class Reactor:
     def time(self) -> float:
         return time.monotonic()
 
-    def call_later(self, delay: float, callback: Callable, *args) -> Timer | asyncio.TimerHandle:
+    def call_later(self, delay: float, callback: Callable, *args) -> Timer:
         """``callback(*args)`` in ``delay`` seconds; ``.cancel()`` on the result stops it.
 
         Timers of one delay are due in the order they are set, so a FIFO per delay
         keeps them sorted: no heap, and a few delays in all (hello, retry, drain)."""
-        if self.loop is not None:
-            return self.loop.call_later(delay, callback, *args)
         timer = Timer(self.time() + delay, callback, args)
         fifo = self.timers.get(delay)
         if fifo is None:

@@ -4,7 +4,6 @@ current directory is the hosts directory, SIGHUP drains, SIGTERM/SIGINT stop.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import resource
 import signal
@@ -96,62 +95,23 @@ def raise_nofile_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def serve_connections(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
-    """Run a proxy on the engine's own loop: ``start(service, fd)`` serves each accepted
-    descriptor (see fastsni.engine.Service) with an object that has a ``drain()`` method
-    for SIGHUP."""
-    engine = twins.load("fastsni.engine", "fastsni._engine")
-
-    def begin(sock: socket.socket) -> tuple:
-        service = engine.Service(sock, start)
-        service.listener.start()
-        return service.reactor, "epoll", service.listener.close, service.live
-
-    _run(program, summary, argv, twin, begin)
-
-
-def serve(
-    program: str,
-    summary: str,
-    argv: list[str],
-    twin: ModuleType,
-    make_protocol: Callable[[], asyncio.BaseProtocol],
-    live: set,
-) -> None:
-    """Run a proxy of asyncio protocols: ``make_protocol`` builds each accepted
-    connection's protocol and ``live`` holds the connections still open, each with a
-    ``drain()`` method that SIGHUP calls."""
-
-    def begin(sock: socket.socket) -> tuple:
-        loop = new_event_loop()
-        asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(loop.create_server(make_protocol, sock=sock, backlog=BACKLOG))
-        return loop, type(loop).__module__.split(".")[0], server.close, live
-
-    _run(program, summary, argv, twin, begin)
-
-
-def _run(program: str, summary: str, argv: list[str], twin: ModuleType, begin: Callable) -> None:
+def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
     """The contract: arguments, fd 0, limits, the start line, signals, drain, exit 0.
 
-    ``begin(sock)`` starts serving and returns (loop, its name, stop_accepting, live): an
-    asyncio loop or the engine's Reactor, which has the loop methods used here."""
+    The proxy runs on the engine (fastsni.engine.Service): ``start(service, fd)`` serves
+    each accepted descriptor with an object that has a ``drain()`` method for SIGHUP.
+    """
     kind = "compiled" if twins.is_compiled(twin) else "pure"
     parse_arguments(program, summary, argv, kind)
     sock = listening_socket(program)
     sock.listen(BACKLOG)
     raise_nofile_limit()
-    loop, loop_name, stop_accepting, live = begin(sock)
+    engine = twins.load("fastsni.engine", "fastsni._engine")
+    service = engine.Service(sock, start)
+    service.listener.start()
+    loop, live = service.reactor, service.live
     sys.stderr.write(
-        f"{program} {__version__} ({kind}, {loop_name}) "
+        f"{program} {__version__} ({kind}, epoll) "
         f"listening on {describe(sock.getsockname())} serving {os.getcwd()}\n"
     )
     stopping: list[str] = []
@@ -165,7 +125,7 @@ def _run(program: str, summary: str, argv: list[str], twin: ModuleType, begin: C
     loop.add_signal_handler(signal.SIGTERM, stop, "now")
     loop.add_signal_handler(signal.SIGINT, stop, "now")
     loop.run_forever()
-    stop_accepting()
+    service.listener.close()
     if stopping == ["drain"]:
         sys.stderr.write(
             f"{program}: SIGHUP: stopped accepting; draining {len(live)} connections for up to "

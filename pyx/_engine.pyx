@@ -187,7 +187,6 @@ cdef class Timer:
 cdef class Reactor:
     """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
 
-    cdef public object loop
     cdef public int epoll
     cdef public dict handlers
     cdef public set writers
@@ -199,8 +198,7 @@ cdef class Reactor:
     cdef public bint stopping
     cdef epoll_event events[C_MAX_EVENTS]
 
-    def __init__(self, loop=None):
-        self.loop = loop
+    def __init__(self):
         self.epoll = epoll_create1(EPOLL_CLOEXEC)
         if self.epoll < 0:
             raise _oserror(errno)
@@ -212,8 +210,6 @@ cdef class Reactor:
         self.signals = {}
         self.wakeup = -1
         self.stopping = False
-        if loop is not None:
-            loop.add_reader(self.epoll, self.dispatch)
 
     cpdef add(self, int fd, handler, unsigned int events=C_EDGE):
         cdef epoll_event event
@@ -269,8 +265,6 @@ cdef class Reactor:
 
     cdef later(self, Flow flow):
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
-        if not self.again and self.loop is not None:
-            self.loop.call_soon(self.run_again)
         self.again.append(flow)
 
     def run_again(self):
@@ -285,8 +279,6 @@ cdef class Reactor:
 
     def call_later(self, double delay, callback, *args):
         """``callback(*args)`` in ``delay`` seconds; ``.cancel()`` on the result stops it."""
-        if self.loop is not None:
-            return self.loop.call_later(delay, callback, *args)
         timer = Timer(_monotonic() + delay, callback, args)
         fifo = self.timers.get(delay)
         if fifo is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -34,10 +33,9 @@ class Recorder:
 
 def test_a_failing_handler_does_not_strand_the_batch(engine, capfd):
     """Edge-triggered events come once: one handler's exception must not lose the others'."""
-    loop = asyncio.new_event_loop()
     pairs = [socket.socketpair() for _ in range(3)]
     try:
-        reactor = engine.Reactor(loop)
+        reactor = engine.Reactor()
         handlers = [Recorder(fail=True), Recorder(), Recorder()]
         for (ours, theirs), handler in zip(pairs, handlers, strict=True):
             ours.setblocking(False)
@@ -55,14 +53,12 @@ def test_a_failing_handler_does_not_strand_the_batch(engine, capfd):
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
-        loop.close()
 
 
 def test_reactor_close_forgets_and_closes(engine):
-    loop = asyncio.new_event_loop()
     ours, theirs = socket.socketpair()
     try:
-        reactor = engine.Reactor(loop)
+        reactor = engine.Reactor()
         fd = os.dup(ours.fileno())
         reactor.add(fd, Recorder())
         reactor.want_write(fd)
@@ -73,11 +69,10 @@ def test_reactor_close_forgets_and_closes(engine):
     finally:
         ours.close()
         theirs.close()
-        loop.close()
 
 
 def test_standalone_reactor_dispatches_runs_timers_and_stops(engine):
-    """Reactor() is its own loop: events, timers in order (a cancelled one never fires), stop()."""
+    """The Reactor is its own loop: events, timers in order (a cancelled one never fires), stop()."""
     reactor = engine.Reactor()
     ours, theirs = socket.socketpair()
     try:
