@@ -21,7 +21,7 @@ from collections import deque
 
 import httptools
 
-from fastsni.addresses import client_ip, describe, of_descriptor, proxy_v1_header
+from fastsni.addresses import client_ip, describe, of_descriptor, peer_of, proxy_v1_header
 from fastsni.engine import (
     CHUNK,
     CLOSING,
@@ -301,7 +301,6 @@ class HttpConnection:
         self.reactor = service.reactor
         self.fd = fd
         self.client: tuple | None = None
-        self.server: tuple | None = None
         self.reader: RequestReader | None = None
         self.backend = -1  # the backend connection's descriptor; -1: none
         self.backend_name: str | None = None
@@ -335,7 +334,7 @@ class HttpConnection:
         self.draining = False  # SIGHUP: close once the requests begun are answered
         self.reactor.add(fd, self)
         try:
-            self.client, self.server = of_descriptor(fd)
+            self.client = peer_of(fd, service.family)
         except OSError:  # gone already
             self.linger()
             return
@@ -587,7 +586,7 @@ class HttpConnection:
         self.backend_writable = True
         self.reactor.add(fd, self)
         if send_proxy:
-            self.send_backend(proxy_v1_header(self.client, self.server))
+            self.send_backend(proxy_v1_header(*of_descriptor(self.fd, self.service.family)))
         self.pump()
         return True
 

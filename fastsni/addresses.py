@@ -37,9 +37,25 @@ def describe(address: tuple) -> str:
     return f"{ip}:{address[1]}" if family == 4 else f"[{ip}]:{address[1]}"
 
 
-def of_descriptor(fd: int) -> tuple[tuple, tuple]:
-    """(peer, local) addresses of a connected socket descriptor."""
-    sock = socket.socket(fileno=fd)
+def _wrap(fd: int, family: int) -> socket.socket:
+    """A socket object for ``fd``; with its family known, Python asks the kernel nothing."""
+    if family:
+        return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    return socket.socket(fileno=fd)
+
+
+def peer_of(fd: int, family: int = 0) -> tuple:
+    """The peer address of a connected TCP socket descriptor (of ``family``, 0: ask)."""
+    sock = _wrap(fd, family)
+    try:
+        return sock.getpeername()
+    finally:
+        sock.detach()
+
+
+def of_descriptor(fd: int, family: int = 0) -> tuple[tuple, tuple]:
+    """(peer, local) addresses of a connected TCP socket descriptor (of ``family``, 0: ask)."""
+    sock = _wrap(fd, family)
     try:
         return sock.getpeername(), sock.getsockname()
     finally:

@@ -284,6 +284,7 @@ class Service:
 
     def __init__(self, sock: socket.socket, start: Callable) -> None:
         self.start = start
+        self.family = sock.family  # of every accepted connection too
         self.live: set = set()
         self.reactor = Reactor()
         self.listener = Listener(self.reactor, sock, self.accepted)

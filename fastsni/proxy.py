@@ -73,7 +73,7 @@ class TlsConnection:
         hello = bytes(self.reader.received)
         self.reader = None
         if send_proxy:
-            hello = proxy_v1_header(*of_descriptor(self.fd)) + hello
+            hello = proxy_v1_header(*of_descriptor(self.fd, self.service.family)) + hello
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self) -> None:

@@ -361,12 +361,14 @@ cdef class Service:
     """One proxy process: its listener, its reactor and the connections still open."""
 
     cdef public object start
+    cdef public int family
     cdef public set live
     cdef public Reactor reactor
     cdef public Listener listener
 
     def __init__(self, sock, start):
         self.start = start
+        self.family = sock.family  # of every accepted connection too
         self.live = set()
         self.reactor = Reactor()
         self.listener = Listener(self.reactor, sock, self.accepted)

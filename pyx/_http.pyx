@@ -19,7 +19,7 @@ import httptools
 
 from fastsni._engine import Relay, connect_backend, shutdown_write
 from fastsni._tls import check_hostname
-from fastsni.addresses import client_ip, describe, of_descriptor, proxy_v1_header
+from fastsni.addresses import client_ip, describe, of_descriptor, peer_of, proxy_v1_header
 from fastsni.engine import CHUNK, CLOSING, READABLE, RETRY, WRITABLE, errno_name
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
@@ -281,7 +281,6 @@ cdef class HttpConnection:
     cdef public object reactor
     cdef public int fd
     cdef public object client
-    cdef public object server
     cdef public RequestReader reader
     cdef public int backend
     cdef public object backend_name
@@ -319,7 +318,6 @@ cdef class HttpConnection:
         self.reactor = service.reactor
         self.fd = fd
         self.client = None
-        self.server = None
         self.reader = None
         self.backend = -1  # the backend connection's descriptor; -1: none
         self.backend_name = None
@@ -353,7 +351,7 @@ cdef class HttpConnection:
         self.draining = False  # SIGHUP: close once the requests begun are answered
         self.reactor.add(fd, self)
         try:
-            self.client, self.server = of_descriptor(fd)
+            self.client = peer_of(fd, service.family)
         except OSError:  # gone already
             self.linger()
             return
@@ -607,7 +605,7 @@ cdef class HttpConnection:
         self.backend_writable = True
         self.reactor.add(fd, self)
         if send_proxy:
-            self.send_backend(proxy_v1_header(self.client, self.server))
+            self.send_backend(proxy_v1_header(*of_descriptor(self.fd, self.service.family)))
         self.pump()
         return True
 

@@ -70,7 +70,7 @@ cdef class TlsConnection:
         cdef bytes hello = bytes(self.reader.received)
         self.reader = None
         if send_proxy:
-            hello = proxy_v1_header(*of_descriptor(self.fd)) + hello
+            hello = proxy_v1_header(*of_descriptor(self.fd, self.service.family)) + hello
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self):
