@@ -427,9 +427,15 @@ class HttpConnection:
         self.next()
 
     def client_ended(self) -> None:
-        """EOF from the client: the answers in progress still go out; close after them."""
-        if self.lingering or (self.active is None and not (self.reader and self.reader.requests)):
+        """EOF from the client: the answers to its complete requests still go out, then
+        it closes.  A request cut off inside its body can never be answered: close now."""
+        reader = self.reader
+        if self.lingering or reader is None or (self.active is None and not reader.requests):
             self.close()
+            return
+        if reader.current is not None:
+            log(self.client, reader.current.name, "client closed inside a request body")
+            self.shut()
             return
         self.client_eof = True
 

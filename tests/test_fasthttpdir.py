@@ -610,3 +610,23 @@ def test_error_answer_reaches_a_client_still_uploading(hosts, twin, proxies):
             sock, b"POST / HTTP/1.1\r\nHost: absent\r\nContent-Length: %d\r\n\r\n" % size, size
         )
     assert got.startswith(b"HTTP/1.1 404 Not Found\r\n") and got.endswith(b"404 Not Found\n")
+
+
+def test_client_closing_inside_a_body_ends_the_exchange(hosts, twin, proxies, backends):
+    """A body cut short by the client's EOF can never be answered: the backend connection
+    is closed (not left waiting for bytes that will not come) and one line is logged."""
+    backend_saw_eof = threading.Event()
+
+    def wait_for_body(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+        backend_saw_eof.set()
+
+    backends(hosts, "a", wait_for_body)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten b")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    assert backend_saw_eof.wait(10)
+    proxy.expect("a: client closed inside a request body")
