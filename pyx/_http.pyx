@@ -146,7 +146,7 @@ cdef class RequestReader:
         self.held = b""  # bytes after an upgrade request, parsed later (or relayed)
         self.rejected = None
 
-    def feed(self, data):
+    cpdef feed(self, data):
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
         if self.in_head:
             self.head_size += len(data)
@@ -161,7 +161,7 @@ cdef class RequestReader:
         if self.in_head and self.head_size > MAX_HEAD:
             self.reject(Rejected(431, "request head over 64 KiB"))
 
-    def reject(self, rejection):
+    cdef reject(self, rejection):
         self.rejected = rejection
         if self.current is not None:  # broken inside a body: that request fails
             self.current.error = rejection
@@ -375,7 +375,7 @@ cdef class HttpConnection:
                 self.backend_writable = True
         self.run()
 
-    def run(self):
+    cdef run(self):
         """Move what can move: writes that fell short first, then what each side sends."""
         if self.to_backend and self.backend_writable:
             self.flush_backend()
@@ -386,12 +386,12 @@ cdef class HttpConnection:
         if not self.done():
             self.read_client()
 
-    def done(self):
+    cdef bint done(self):
         return self.closed or self.relayed
 
     # client side
 
-    def read_client(self):
+    cdef read_client(self):
         while self.client_readable and self.wants_client():
             try:
                 data = os.read(self.fd, CHUNK)
@@ -411,7 +411,7 @@ cdef class HttpConnection:
                 continue  # dropped
             self.client_data(data)
 
-    def wants_client(self):
+    cdef bint wants_client(self):
         """Read the client only while its queued bytes and the backend keep up."""
         cdef Py_ssize_t queued
         cdef Request request
@@ -427,7 +427,7 @@ cdef class HttpConnection:
             queued += request.size
         return queued <= HIGH_WATER
 
-    def client_data(self, data):
+    cdef client_data(self, bytes data):
         reader = self.reader
         if self.upgrade_wait:
             reader.held += data
@@ -445,7 +445,7 @@ cdef class HttpConnection:
             self.pump()
         self.next()
 
-    def client_ended(self):
+    cdef client_ended(self):
         """EOF from the client: the answers to its complete requests still go out, then
         it closes.  A request cut off inside its body can never be answered: close now."""
         reader = self.reader
@@ -458,7 +458,7 @@ cdef class HttpConnection:
             return
         self.client_eof = True
 
-    def send_client(self, data):
+    cdef send_client(self, bytes data):
         """Write ``data`` to the client, or queue it behind what waits already."""
         if self.to_client or not self.client_writable:
             self.to_client += data
@@ -475,7 +475,7 @@ cdef class HttpConnection:
             self.client_writable = False
             self.reactor.want_write(self.fd)
 
-    def flush_client(self):
+    cdef flush_client(self):
         data = self.to_client
         self.to_client = b""
         self.send_client(data)
@@ -486,15 +486,15 @@ cdef class HttpConnection:
         elif self.lingering:
             self.begin_lingering()
 
-    def arm(self):
+    cdef arm(self):
         """The next head is due within HEAD_TIMEOUT."""
         self.stop_timer()
         self.timer = self.reactor.call_later(HEAD_TIMEOUT, self.expire)
 
-    def disarm(self):
+    cdef disarm(self):
         self.stop_timer()
 
-    def stop_timer(self):
+    cdef stop_timer(self):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -506,7 +506,7 @@ cdef class HttpConnection:
                 log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
             self.close()
 
-    def close(self):
+    cdef close(self):
         """Close once what the client is owed is out (at most LINGER seconds from now)."""
         if self.closed:
             return
@@ -517,7 +517,7 @@ cdef class HttpConnection:
         self.closing = True
         self.timer = self.reactor.call_later(LINGER, self.shut)
 
-    def linger(self):
+    cdef linger(self):
         """Close after the last answer without losing it (RFC 9112 §9.6): the client may
         still be sending (a body, pipelined requests), and closing with its bytes unread
         would reset the connection, which can destroy the answer before it is read.  So
@@ -531,17 +531,17 @@ cdef class HttpConnection:
         if not self.to_client:
             self.begin_lingering()
 
-    def begin_lingering(self):
+    cdef begin_lingering(self):
         shutdown_write(self.fd)
         self.client_readable = True  # what came while we did not read is dropped now
 
-    def end_exchanges(self):
+    cdef end_exchanges(self):
         self.stop_timer()
         self.drop_backend()
         self.active = None
         self.reader = None
 
-    def shut(self):
+    cpdef shut(self):
         """Close the client (and backend) descriptors now."""
         if self.closed:
             return
@@ -552,7 +552,7 @@ cdef class HttpConnection:
 
     # exchanges
 
-    def next(self):
+    cdef next(self):
         """Start the next queued request if none is in progress."""
         while self.active is None and self.reader is not None and self.reader.requests:
             request = self.reader.requests[0]
@@ -585,7 +585,7 @@ cdef class HttpConnection:
             else:
                 self.arm()
 
-    def connect(self, request):
+    cdef bint connect(self, Request request) except -1:
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
             fd, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
@@ -615,7 +615,7 @@ cdef class HttpConnection:
         self.pump()
         return True
 
-    def pump(self):
+    cdef pump(self):
         """Write what has arrived of the request in progress to its backend."""
         request = self.active
         if request is None or self.backend < 0 or not request.data:
@@ -625,7 +625,7 @@ cdef class HttpConnection:
         request.size = 0
         self.send_backend(data)
 
-    def send_backend(self, data):
+    cdef send_backend(self, bytes data):
         if self.to_backend or not self.backend_writable:
             self.to_backend += data
             return
@@ -641,12 +641,12 @@ cdef class HttpConnection:
             self.backend_writable = False
             self.reactor.want_write(self.backend)
 
-    def flush_backend(self):
+    cdef flush_backend(self):
         data = self.to_backend
         self.to_backend = b""
         self.send_backend(data)
 
-    def drop_backend(self):
+    cdef drop_backend(self):
         if self.backend >= 0:
             self.reactor.close(self.backend)
             self.backend = -1
@@ -655,7 +655,7 @@ cdef class HttpConnection:
 
     # backend side
 
-    def read_backend(self):
+    cdef read_backend(self):
         while self.backend >= 0 and self.backend_readable and len(self.to_client) <= HIGH_WATER:
             try:
                 data = os.read(self.backend, CHUNK)
@@ -671,7 +671,7 @@ cdef class HttpConnection:
                 self.backend_readable = False
             self.backend_data(data)
 
-    def backend_data(self, data):
+    cdef backend_data(self, bytes data):
         cdef Request active
         if self.active is None or self.final:
             self.drop_backend()  # an answer nobody asked for
@@ -701,7 +701,7 @@ cdef class HttpConnection:
         if self.final and not self.closed:
             self.answered()
 
-    def head_end(self, data):
+    cdef Py_ssize_t head_end(self, bytes data) except -1:
         """Where in ``data`` the last answer head completed in it ends."""
         seen = self.tail + data
         at = -4
@@ -715,7 +715,7 @@ cdef class HttpConnection:
         self.status = 0
         self.framed = False
 
-    def on_header(self, name: bytes, value: bytes):
+    def on_header(self, name, value):
         lowered = name.lower()
         if lowered == b"content-length" or lowered == b"transfer-encoding":
             self.framed = True
@@ -737,7 +737,7 @@ cdef class HttpConnection:
         if self.status >= 200:
             self.final = True
 
-    def answered(self):
+    cdef answered(self):
         """The final answer went out: the exchange ends once the request is all sent."""
         request = self.active
         if not (self.response_keep_alive and request.keep_alive) or not request.complete:
@@ -747,7 +747,7 @@ cdef class HttpConnection:
         self.pump()
         self.finish()
 
-    def finish(self):
+    cdef finish(self):
         request = self.active
         self.active = None
         self.response = None
@@ -761,7 +761,7 @@ cdef class HttpConnection:
                 return
         self.next()
 
-    def backend_lost(self):
+    cdef backend_lost(self):
         """The backend closed (or reset) its connection."""
         self.drop_backend()
         if self.active is None or self.final:
@@ -780,7 +780,7 @@ cdef class HttpConnection:
             return
         self.fail_answer("backend closed before its answer was complete")
 
-    def fail_answer(self, reason):
+    cdef fail_answer(self, str reason):
         """The backend failed the request in progress: 502 if nothing went out yet, else cut."""
         log(self.client, self.active.name if self.active else None, reason)
         self.drop_backend()
@@ -790,7 +790,7 @@ cdef class HttpConnection:
         else:
             self.shut()
 
-    def fail_request(self, rejection):
+    cdef fail_request(self, rejection):
         """The request in progress broke mid-body: 400 if nothing of its answer went out, else cut."""
         log(self.client, self.active.name, rejection.reason)
         self.drop_backend()
@@ -800,7 +800,7 @@ cdef class HttpConnection:
         else:
             self.shut()
 
-    def relay(self, answer):
+    cdef relay(self, bytes answer):
         """A 101 answer: from here on, bytes flow raw both ways, through fastsni's Relay.
 
         ``answer`` (the 101 and whatever followed it) goes to the client after anything
