@@ -539,6 +539,9 @@ cdef class HttpConnection:
         self.stop_timer()
         self.drop_backend()
         self.active = None
+        self.response = None  # each parser refers back to its callbacks' object: unlink
+        if self.reader is not None:  # them, so refcounting frees both now, not the GC later
+            self.reader.parser = None
         self.reader = None
 
     cpdef shut(self):
