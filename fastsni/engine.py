@@ -13,7 +13,7 @@ of an strace has one obvious cause:
   only poller: one epoll_wait per wakeup for the listening socket, every connection,
   the timers and the signals.
 - Relay: both directions at once, each reading only while the other side keeps up
-  (at most one CHUNK waits per direction, in user space or in a pipe); bulk data goes
+  (at most a CHUNK per direction in user space, or a PIPE_SIZE in a pipe); bulk data goes
   by splice(2), uncopied; EOF becomes shutdown(SHUT_WR) on the other side once
   everything before it is out; an error on either side closes both.
 """
@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable
 
 CHUNK = 128 * 1024  # bytes per read(); also the most that waits unsent per direction
+PIPE_SIZE = 512 * 1024  # a splicing pipe's capacity and the most one splice moves (pipe-max-size: 1 MiB)
 ACCEPT_BATCH = 64  # accepts per wakeup, so established connections keep flowing
 PUMP_ROUNDS = 8  # chunks one direction moves before letting others run
 MAX_EVENTS = 256  # epoll events taken per wakeup
@@ -373,6 +374,7 @@ class Flow:
         self.pipe_r = -1  # the pipe, once bulk data made splicing worth it
         self.pipe_w = -1
         self.piped = 0  # bytes in the pipe, not yet taken by dst
+        self.can_splice = True  # False once the kernel refused a pipe: copy instead
         self.src_ready = False  # src may have bytes to read
         self.src_closing = False  # src reported hang-up or error: read until it says what
         self.dst_ready = True  # dst may take bytes
@@ -408,7 +410,7 @@ class Flow:
         if not data:
             self.eof = True
             return True
-        if len(data) == CHUNK:
+        if len(data) == CHUNK and self.can_splice:
             self.open_pipe()  # bulk data: splice from now on
         elif not self.src_closing:
             self.src_ready = False  # drained: bytes that come later bring a new edge
@@ -420,7 +422,7 @@ class Flow:
         A short splice says nothing about what is left in src (the pipe may have run
         out of slots), so only EAGAIN clears src_ready here."""
         try:
-            moved = os.splice(self.src, self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+            moved = os.splice(self.src, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
         except RETRY:
             self.src_ready = False
             return False
@@ -474,15 +476,22 @@ class Flow:
         return False
 
     def open_pipe(self) -> None:
-        """A pipe of CHUNK bytes for splicing; out of descriptors, copying goes on instead."""
+        """A pipe of PIPE_SIZE for splicing.  If the kernel refuses one (out of descriptors,
+        or the user's fs.pipe-user-pages-soft used up, which leaves pipes of two pages),
+        this flow copies instead, for good."""
         try:
-            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
+            self.can_splice = False
             return
         try:
-            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, CHUNK)
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
-            pass  # the default 64 KiB pipe works too
+            os.close(pipe_r)
+            os.close(pipe_w)
+            self.can_splice = False
+            return
+        self.pipe_r, self.pipe_w = pipe_r, pipe_w
 
     def release(self) -> None:
         if self.pipe_w >= 0:

@@ -27,6 +27,7 @@ from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,
     CLOSING,
+    PIPE_SIZE,
     EDGE,
     MAX_EVENTS,
     OUT_OF_DESCRIPTORS,
@@ -92,9 +93,10 @@ cdef extern from "<sys/stat.h>":
 
 cdef enum:
     C_CHUNK = 128 * 1024
+    C_PIPE_SIZE = 512 * 1024
     C_MAX_EVENTS = 256
 
-assert CHUNK == C_CHUNK and MAX_EVENTS == C_MAX_EVENTS
+assert CHUNK == C_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
 cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOSING, C_EDGE = EDGE
@@ -463,6 +465,7 @@ cdef class Flow:
     cdef public int pipe_r
     cdef public int pipe_w
     cdef public Py_ssize_t piped
+    cdef public bint can_splice
     cdef public bint src_ready
     cdef public bint src_closing
     cdef public bint dst_ready
@@ -477,6 +480,7 @@ cdef class Flow:
         self.pipe_r = -1
         self.pipe_w = -1
         self.piped = 0
+        self.can_splice = True  # False once the kernel refused a pipe: copy instead
         self.src_ready = False
         self.src_closing = False
         self.dst_ready = True
@@ -512,7 +516,7 @@ cdef class Flow:
         if got == 0:
             self.eof = True
             return True
-        if got == C_CHUNK:
+        if got == C_CHUNK and self.can_splice:
             self.open_pipe()
         elif not self.src_closing:
             self.src_ready = False
@@ -520,7 +524,7 @@ cdef class Flow:
 
     cdef bint splice(self):
         """splice() a chunk from src into the pipe and on to dst; False once one must wait."""
-        cdef ssize_t moved = splice(self.src, NULL, self.pipe_w, NULL, C_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        cdef ssize_t moved = splice(self.src, NULL, self.pipe_w, NULL, C_PIPE_SIZE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         if moved < 0:
             if _retry(errno):
                 self.src_ready = False
@@ -576,13 +580,18 @@ cdef class Flow:
         return False
 
     cdef open_pipe(self):
-        """A pipe of CHUNK bytes for splicing; out of descriptors, copying goes on instead."""
+        """A pipe of PIPE_SIZE for splicing; if the kernel refuses one, copy instead, for good."""
         cdef int fds[2]
         if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+            self.can_splice = False
+            return
+        if fcntl(fds[1], F_SETPIPE_SZ, C_PIPE_SIZE) < 0:
+            close(fds[0])
+            close(fds[1])
+            self.can_splice = False
             return
         self.pipe_r = fds[0]
         self.pipe_w = fds[1]
-        fcntl(self.pipe_w, F_SETPIPE_SZ, C_CHUNK)  # on failure the default 64 KiB pipe works too
 
     cpdef release(self):
         if self.pipe_w >= 0:
