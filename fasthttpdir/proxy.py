@@ -314,7 +314,7 @@ class HttpConnection:
         self.backend_writable = True
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active: Request | None = None  # the exchange in progress
-        self.response = None  # its HttpResponseParser
+        self.response = None  # the backend connection's HttpResponseParser
         self.status = 0  # status of the response being parsed
         self.forwarded = 0  # bytes of the current answer sent to the client
         self.final = False  # the final (non-1xx) answer is complete
@@ -546,7 +546,6 @@ class HttpConnection:
                 self.linger()
                 return
             self.active = request
-            self.response = httptools.HttpResponseParser(self)
             self.status = 0
             self.forwarded = 0
             self.final = False
@@ -591,6 +590,7 @@ class HttpConnection:
             return True
         self.backend = fd
         self.backend_name = request.name
+        self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.backend_readable = self.backend_hup = False
         self.backend_writable = True
         self.reactor.add(fd, self)
@@ -636,6 +636,7 @@ class HttpConnection:
             self.backend = -1
             self.backend_name = None
             self.to_backend = b""
+            self.response = None
 
     # backend side
 
@@ -733,7 +734,8 @@ class HttpConnection:
     def finish(self) -> None:
         request = self.active
         self.active = None
-        self.response = None
+        if request.method == b"HEAD":  # its answer left the parser expecting a body
+            self.response = httptools.HttpResponseParser(self)
         self.reader.requests.popleft()
         if request.upgrade and self.upgrade_wait:
             self.upgrade_wait = False

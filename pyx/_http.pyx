@@ -565,7 +565,6 @@ cdef class HttpConnection:
                 self.linger()
                 return
             self.active = request
-            self.response = httptools.HttpResponseParser(self)
             self.status = 0
             self.forwarded = 0
             self.final = False
@@ -610,6 +609,7 @@ cdef class HttpConnection:
             return True
         self.backend = fd
         self.backend_name = request.name
+        self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.backend_readable = self.backend_hup = False
         self.backend_writable = True
         self.reactor.add(fd, self)
@@ -655,6 +655,7 @@ cdef class HttpConnection:
             self.backend = -1
             self.backend_name = None
             self.to_backend = b""
+            self.response = None
 
     # backend side
 
@@ -753,7 +754,8 @@ cdef class HttpConnection:
     cdef finish(self):
         request = self.active
         self.active = None
-        self.response = None
+        if request.method == b"HEAD":  # its answer left the parser expecting a body
+            self.response = httptools.HttpResponseParser(self)
         self.reader.requests.popleft()
         if request.upgrade and self.upgrade_wait:
             self.upgrade_wait = False

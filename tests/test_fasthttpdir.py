@@ -630,3 +630,23 @@ def test_client_closing_inside_a_body_ends_the_exchange(hosts, twin, proxies, ba
         assert recv_until_eof(sock) == b""
     assert backend_saw_eof.wait(10)
     proxy.expect("a: client closed inside a request body")
+
+
+def test_get_after_head_on_one_backend_connection(hosts, twin, proxies, backends):
+    """A HEAD answer has a Content-Length but no body: the next answer on the same backend
+    connection must not be taken for that body."""
+
+    def answer(conn: socket.socket) -> None:
+        buffer = bytearray()
+        while (got := read_request(conn, buffer)) is not None:
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+            conn.sendall(head if got[0]["method"] == "HEAD" else head + b"hello")
+
+    backend = backends(hosts, "a", answer)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        [(status, headers, _)] = exchange(sock, b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", head=True)
+        assert (status, headers["content-length"]) == (200, "5")
+        [(status, _, body)] = exchange(sock, get("a"))
+        assert (status, body) == (200, b"hello")
+    assert backend.accepted == 1
