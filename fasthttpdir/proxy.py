@@ -147,7 +147,7 @@ class RequestReader:
     """
 
     def __init__(self, ip: str) -> None:
-        self.ip = ip
+        self.forwarded_for = b"X-Forwarded-For: %s\r\n" % ip.encode()  # the client's, for every request
         self.parser = httptools.HttpRequestParser(self)
         self.requests: deque[Request] = deque()
         self.current: Request | None = None
@@ -229,15 +229,15 @@ class RequestReader:
         request.target = self.target
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
-        lines = [b"%s %s HTTP/%s\r\n" % (method, self.target, version.encode())]
+        lines = [method, b" ", self.target, b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/1.0\r\n"]
         for field, value in self.headers:
             lowered = field.lower()
             if lowered in DROPPED:
                 continue
             if lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp accepts only "chunked" last in a request
-            lines.append(b"%s: %s\r\n" % (field, value))
-        lines.append(b"X-Forwarded-For: %s\r\n\r\n" % self.ip.encode())
+            lines += (field, b": ", value, b"\r\n")
+        lines += (self.forwarded_for, b"\r\n")
         head = b"".join(lines)
         request.data.append(head)
         request.size = len(head)
