@@ -18,6 +18,16 @@ from posix.unistd cimport close, read, write
 cdef extern from "<unistd.h>":
     int pipe2(int fds[2], int flags)
 
+cdef extern from "Python.h":
+    ctypedef struct PyThreadState:
+        pass
+    ctypedef struct PyInterpreterState:
+        pass
+    PyThreadState* PyThreadState_Get()
+    PyInterpreterState* PyThreadState_GetInterpreter(PyThreadState* tstate)
+    PyThreadState* PyInterpreterState_ThreadHead(PyInterpreterState* interp)
+    PyThreadState* PyThreadState_Next(PyThreadState* tstate)
+
 import os
 import signal
 from collections import deque
@@ -156,6 +166,12 @@ def shutdown_write(int fd):
     shutdown(fd, SHUT_WR)
 
 
+cdef inline bint _only_thread() noexcept:
+    """No other Python thread exists, so none can be waiting for the GIL."""
+    cdef PyThreadState* head = PyInterpreterState_ThreadHead(PyThreadState_GetInterpreter(PyThreadState_Get()))
+    return PyThreadState_Next(head) == NULL
+
+
 cdef inline double _monotonic() noexcept:
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
@@ -250,8 +266,11 @@ cdef class Reactor:
         cdef int milliseconds = -1 if timeout < 0 else <int>ceil(timeout * 1000)
         cdef epoll_event* events = self.events
         cdef dict handlers = self.handlers
-        with nogil:  # another thread may run meanwhile, as around the pure twin's poll()
+        if _only_thread():  # the proxies: handing the GIL over and back would cost more than the call
             count = epoll_wait(epoll, events, C_MAX_EVENTS, milliseconds)
+        else:
+            with nogil:  # another thread may run meanwhile, as around the pure twin's poll()
+                count = epoll_wait(epoll, events, C_MAX_EVENTS, milliseconds)
         if count < 0:
             if errno != EINTR:
                 raise _oserror(errno)
