@@ -11,6 +11,10 @@ reach the client in request order; the backend connection is reused while
 consecutive requests name the same host.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport errno
+from posix.unistd cimport read, write
+
 import os
 import sys
 from collections import deque
@@ -36,6 +40,28 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
 )
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
+
+cdef enum:
+    C_CHUNK = 128 * 1024
+
+assert CHUNK == C_CHUNK
+cdef char _buffer[C_CHUNK]  # every connection reads into this one buffer: the loop is single-threaded
+
+
+cdef bytes _read(int fd):
+    """os.read(fd, CHUNK) without the Python call (nor its GIL release around read(2))."""
+    cdef ssize_t got = read(fd, _buffer, C_CHUNK)
+    if got < 0:
+        raise OSError(errno, os.strerror(errno))  # BlockingIOError for EAGAIN, as os.read
+    return PyBytes_FromStringAndSize(_buffer, got)
+
+
+cdef Py_ssize_t _write(int fd, bytes data) except -1:
+    """os.write(fd, data) without the Python call (nor its GIL release around write(2))."""
+    cdef ssize_t sent = write(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+    if sent < 0:
+        raise OSError(errno, os.strerror(errno))
+    return sent
 
 
 def _authority_name(authority):
@@ -394,7 +420,7 @@ cdef class HttpConnection:
     cdef read_client(self):
         while self.client_readable and self.wants_client():
             try:
-                data = os.read(self.fd, CHUNK)
+                data = _read(self.fd)
             except RETRY:
                 self.client_readable = False
                 return
@@ -464,7 +490,7 @@ cdef class HttpConnection:
             self.to_client += data
             return
         try:
-            sent = os.write(self.fd, data)
+            sent = _write(self.fd, data)
         except RETRY:
             sent = 0
         except OSError:
@@ -633,7 +659,7 @@ cdef class HttpConnection:
             self.to_backend += data
             return
         try:
-            sent = os.write(self.backend, data)
+            sent = _write(self.backend, data)
         except RETRY:
             sent = 0
         except OSError:
@@ -662,7 +688,7 @@ cdef class HttpConnection:
     cdef read_backend(self):
         while self.backend >= 0 and self.backend_readable and len(self.to_client) <= HIGH_WATER:
             try:
-                data = os.read(self.backend, CHUNK)
+                data = _read(self.backend)
             except RETRY:
                 self.backend_readable = False
                 return
