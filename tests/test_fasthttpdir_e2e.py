@@ -254,3 +254,34 @@ def test_64_mib_download_and_slow_client_memory(hosts, twin, proxies, backends):
         grown = vm_rss_kib(proxy.process.pid) - before
         assert grown < 16 * 1024, f"proxy grew by {grown} KiB while the client did not read"
         assert read_answer(sock) == (BIG, big_body_sha())
+
+
+def test_curl_upload_gets_an_early_413(hosts, twin, proxies, backends, tmp_path):
+    """curl uploading 32 MiB to a backend that refuses it at the head, unread: curl gets
+    the 413 and its body.  (curl reads while it sends, so it copes with a reset too; the
+    raw-socket test_early_answer_reaches_a_client_still_uploading is the one that needs
+    fasthttpdir's lingering close.)"""
+    refused = threading.Event()
+
+    def refuse(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(1)
+        conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlarge")
+        refused.wait(20)  # the body stays unread
+
+    backends(hosts, "a", refuse)
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(bytes(32 << 20))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    try:
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "-o", "-", "-w", " %{http_code}", "-H", "Expect:"]
+            + ["--data-binary", f"@{upload}", "--connect-to", f"a:80:127.0.0.1:{proxy.port}", "http://a/"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        refused.set()
+    assert (result.returncode, result.stdout) == (0, "large 413"), result.stderr
