@@ -552,6 +552,8 @@ class Relay:
     def finished(self, flow: Flow) -> None:
         """``flow``'s source sent EOF and all of it is out: shut its destination's
         writing side, or close both if the other direction is done too."""
+        if self.closed:
+            return
         other = self.downstream if flow is self.upstream else self.upstream
         if other.done:
             self.close()
@@ -566,4 +568,5 @@ class Relay:
         self.reactor.close(self.backend)
         self.upstream.release()
         self.downstream.release()
-        self.on_close()
+        self.upstream = self.downstream = None  # each refers back to the relay: unlink them,
+        self.on_close()  # so refcounting frees all three now, not the cyclic GC later

@@ -665,6 +665,8 @@ cdef class Relay:
     cpdef finished(self, Flow flow):
         """``flow``'s source sent EOF and all of it is out: shut its destination's
         writing side, or close both if the other direction is done too."""
+        if self.closed:
+            return
         cdef Flow other = self.downstream if flow is self.upstream else self.upstream
         if other.done:
             self.close()
@@ -679,4 +681,5 @@ cdef class Relay:
         self.reactor.close(self.backend)
         self.upstream.release()
         self.downstream.release()
-        self.on_close()
+        self.upstream = self.downstream = None  # each refers back to the relay: unlink them,
+        self.on_close()  # so refcounting frees all three now, not the cyclic GC later
