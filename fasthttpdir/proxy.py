@@ -415,7 +415,7 @@ class HttpConnection:
             return
         reader.feed(data)
         if reader.requests:
-            self.disarm()
+            self.stop_timer()  # a head is complete: no deadline while it is answered
             if reader.requests[-1].upgrade:
                 self.upgrade_wait = True
         active = self.active
@@ -471,9 +471,6 @@ class HttpConnection:
         """The next head is due within HEAD_TIMEOUT."""
         self.stop_timer()
         self.timer = self.reactor.call_later(HEAD_TIMEOUT, self.expire)
-
-    def disarm(self) -> None:
-        self.stop_timer()
 
     def stop_timer(self) -> None:
         if self.timer is not None:

@@ -460,7 +460,7 @@ cdef class HttpConnection:
             return
         reader.feed(data)
         if reader.requests:
-            self.disarm()
+            self.stop_timer()  # a head is complete: no deadline while it is answered
             if reader.requests[-1].upgrade:
                 self.upgrade_wait = True
         active = self.active
@@ -516,9 +516,6 @@ cdef class HttpConnection:
         """The next head is due within HEAD_TIMEOUT."""
         self.stop_timer()
         self.timer = self.reactor.call_later(HEAD_TIMEOUT, self.expire)
-
-    cdef disarm(self):
-        self.stop_timer()
 
     cdef stop_timer(self):
         if self.timer is not None:
