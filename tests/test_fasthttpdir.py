@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httptools
 import pytest
-from backends import UnixBackend, read_proxy_line, recv_until_eof
+from backends import UnixBackend, read_proxy_line, recv_exactly, recv_until_eof
 
 
 def read_request(conn: socket.socket, buffer: bytearray) -> tuple[dict, bytes] | None:
@@ -365,10 +365,7 @@ def test_bodiless_and_informational_answers_byte_for_byte(hosts, twin, proxies, 
     with proxy.connect() as sock:
         for _ in range(2):  # the connection stays usable
             sock.sendall(get("a"))
-            got = b""
-            while len(got) < len(answer):
-                got += sock.recv(65536)
-            assert got == answer
+            assert recv_exactly(sock, len(answer)) == answer
 
 
 def test_head_answer_ends_at_its_head(hosts, twin, proxies, backends):
@@ -378,10 +375,7 @@ def test_head_answer_ends_at_its_head(hosts, twin, proxies, backends):
     with proxy.connect() as sock:
         for _ in range(2):
             sock.sendall(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
-            got = b""
-            while len(got) < len(answer):
-                got += sock.recv(65536)
-            assert got == answer
+            assert recv_exactly(sock, len(answer)) == answer
 
 
 def test_close_delimited_body_ends_at_eof(hosts, twin, proxies, backends):
