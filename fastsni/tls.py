@@ -16,8 +16,15 @@ INTERNAL_ERROR = 80
 USER_CANCELED = 90
 UNRECOGNIZED_NAME = 112
 
-MAX_BUFFER = 128 * 1024  # never hold more than this while looking for the name
 MAX_FRAGMENT = 16384  # RFC 8446 §5.1: TLSPlaintext.length MUST NOT exceed 2^14
+# The largest legal ClientHello (RFC 8446 §4.1.2): its 4-byte handshake header, then
+# legacy_version 2, random 32, legacy_session_id 1+32, cipher_suites 2+65534,
+# legacy_compression_methods 1+255, extensions 2+65535.
+MAX_HELLO = 4 + 2 + 32 + 1 + 32 + 2 + 65534 + 1 + 255 + 2 + 65535  # 131400 bytes
+# The most a HelloReader holds while the name is not known: MAX_HELLO bytes of handshake
+# in records of at least one byte each behind a 5-byte header, plus one record still
+# incomplete (see HelloReader).
+MAX_BUFFER = 6 * MAX_HELLO + 5 + MAX_FRAGMENT  # 804789 bytes
 MAX_HOSTNAME = 253
 
 CONTENT_HANDSHAKE = 22  # RFC 8446 §5.1 ContentType.handshake
@@ -67,48 +74,6 @@ def check_hostname(raw: bytes) -> str | None:
     return name.decode("ascii")
 
 
-def _server_name(hello: bytes | bytearray, start: int, end: int) -> str:
-    """Parse a ClientHello body ``hello[start:end]`` (RFC 8446 §4.1.2); return the host name."""
-    pos = start + 2 + 32  # legacy_version, random
-    if pos + 1 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    pos += 1 + hello[pos]  # legacy_session_id<0..32>
-    if pos + 2 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    length = hello[pos] << 8 | hello[pos + 1]  # cipher_suites<2..2^16-2>
-    pos += 2 + length
-    if pos + 1 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    pos += 1 + hello[pos]  # legacy_compression_methods<1..2^8-1>
-    if pos == end:
-        raise HelloError(UNRECOGNIZED_NAME, "no extensions, so no server_name")
-    if pos + 2 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    length = hello[pos] << 8 | hello[pos + 1]  # extensions<8..2^16-1>
-    pos += 2
-    if pos + length != end:
-        raise HelloError(DECODE_ERROR, "extensions length does not match ClientHello")
-    found = -1
-    while pos < end:
-        if pos + 4 > end:
-            raise HelloError(DECODE_ERROR, "truncated extension header")
-        kind = hello[pos] << 8 | hello[pos + 1]
-        length = hello[pos + 2] << 8 | hello[pos + 3]
-        pos += 4
-        if pos + length > end:
-            raise HelloError(DECODE_ERROR, "extension overruns ClientHello")
-        if kind == EXTENSION_SERVER_NAME:
-            if found >= 0:
-                # RFC 8446 §4.2: no more than one extension of the same type.
-                raise HelloError(DECODE_ERROR, "duplicate server_name extension")
-            found = pos
-            found_end = pos + length
-        pos += length
-    if found < 0:
-        raise HelloError(UNRECOGNIZED_NAME, "no server_name extension")
-    return _host_name(hello, found, found_end)
-
-
 def _host_name(hello: bytes | bytearray, pos: int, end: int) -> str:
     """Parse a ServerNameList (RFC 6066 §3); return its first host_name, checked."""
     if pos + 2 > end:
@@ -137,12 +102,19 @@ def _host_name(hello: bytes | bytearray, pos: int, end: int) -> str:
 
 
 class HelloReader:
-    """Reassemble the ClientHello from TLS records arriving in any TCP segments.
+    """Reassemble the ClientHello from TLS records arriving in any TCP segments, and read
+    it only as far as its server_name.
 
-    ``feed(data)`` returns the checked host name once the whole ClientHello has
-    arrived, None while more bytes are needed, and raises HelloError when the bytes
-    cannot be a routable ClientHello.  ``received`` holds every byte fed so far.
-    Each byte is looked at a bounded number of times, so the work stays linear
+    ``feed(data)`` returns the checked host name as soon as the server_name extension
+    has arrived (the rest of the hello is the backend's to read), None while more bytes
+    are needed, and raises HelloError when the bytes cannot be a routable ClientHello.
+    ``received`` holds every byte fed so far, to forward untouched.
+
+    Every legal ClientHello is routed, however it is split: what must be held is the
+    hello up to the end of its server_name (at most MAX_HELLO bytes of handshake), in
+    records that each carry at least one byte of it behind a 5-byte header, plus one
+    incomplete record; so ``received`` never exceeds MAX_BUFFER while the name is not
+    known.  Each byte is looked at a bounded number of times, so the work stays linear
     however the hello is split into records and segments.
     """
 
@@ -150,13 +122,13 @@ class HelloReader:
         self.received = bytearray()  # everything fed, to forward untouched
         self.record_at = 0  # offset in ``received`` of the next record header
         self.handshake = bytearray()  # the handshake layer: record payloads joined
-        self.hello_length = -1  # ClientHello body length, once its header is known
+        self.hello_end = -1  # offset in ``handshake`` where the ClientHello ends, once known
+        self.field = 0  # the next field of the ClientHello to read (see _walk)
+        self.at = 4  # offset in ``handshake`` of that field
 
     def feed(self, data: bytes) -> str | None:
         received = self.received
         received += data
-        if len(received) > MAX_BUFFER:
-            raise HelloError(INTERNAL_ERROR, f"no complete ClientHello in {MAX_BUFFER} bytes")
         # RFC 8446 §5.1: the record layer; take each complete record.
         while len(received) - self.record_at >= 5:
             at = self.record_at
@@ -179,17 +151,74 @@ class HelloReader:
     def _handshake(self) -> str | None:
         """RFC 8446 §4: the first handshake message must be a ClientHello."""
         handshake = self.handshake
-        if self.hello_length < 0:
+        if self.hello_end < 0:
             if len(handshake) < 4:
                 return None
             if handshake[0] != HANDSHAKE_CLIENT_HELLO:
                 raise HelloError(UNEXPECTED_MESSAGE, f"handshake type {handshake[0]} before ClientHello")
-            self.hello_length = handshake[1] << 16 | handshake[2] << 8 | handshake[3]
-            if self.hello_length > MAX_BUFFER:
-                raise HelloError(INTERNAL_ERROR, f"ClientHello of {self.hello_length} bytes")
-        if len(handshake) < 4 + self.hello_length:
-            return None
-        return _server_name(handshake, 4, 4 + self.hello_length)
+            length = handshake[1] << 16 | handshake[2] << 8 | handshake[3]
+            if length > MAX_HELLO - 4:
+                raise HelloError(DECODE_ERROR, f"ClientHello of {length} bytes, more than any legal one")
+            self.hello_end = 4 + length
+        return self._walk()
+
+    def _walk(self) -> str | None:
+        """Read the ClientHello's fields (RFC 8446 §4.1.2) as far as they have arrived.
+
+        A field's length is checked against the hello's end as soon as it is known, and
+        what a skipped field holds need not have arrived.  Returns the host name once the
+        whole server_name extension is here, None while waiting."""
+        handshake, end = self.handshake, self.hello_end
+        have = min(len(handshake), end)
+        at = self.at
+        while True:
+            field = self.field
+            if field == 0:  # legacy_version, random
+                if at + 2 + 32 + 1 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                at += 2 + 32
+            elif field == 1 or field == 3:  # legacy_session_id<0..32>, legacy_compression_methods<1..2^8-1>
+                if at + 1 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                if at + 1 > have:
+                    break
+                at += 1 + handshake[at]
+            elif field == 2:  # cipher_suites<2..2^16-2>
+                if at + 2 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                if at + 2 > have:
+                    break
+                at += 2 + (handshake[at] << 8 | handshake[at + 1])
+            elif field == 4:  # extensions<8..2^16-1>, optional before TLS 1.3
+                if at == end:
+                    raise HelloError(UNRECOGNIZED_NAME, "no extensions, so no server_name")
+                if at + 2 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                if at + 2 > have:
+                    break
+                if at + 2 + (handshake[at] << 8 | handshake[at + 1]) != end:
+                    raise HelloError(DECODE_ERROR, "extensions length does not match ClientHello")
+                at += 2
+            else:  # one extension: type, extension_data<0..2^16-1>
+                if at == end:
+                    raise HelloError(UNRECOGNIZED_NAME, "no server_name extension")
+                if at + 4 > end:
+                    raise HelloError(DECODE_ERROR, "truncated extension header")
+                if at + 4 > have:
+                    break
+                kind = handshake[at] << 8 | handshake[at + 1]
+                length = handshake[at + 2] << 8 | handshake[at + 3]
+                if at + 4 + length > end:
+                    raise HelloError(DECODE_ERROR, "extension overruns ClientHello")
+                if kind == EXTENSION_SERVER_NAME:
+                    if at + 4 + length > have:
+                        break
+                    return _host_name(handshake, at + 4, at + 4 + length)
+                at += 4 + length
+                continue  # field 5 again: the next extension
+            self.field = field + 1
+        self.at = at
+        return None
 
 
 def server_name(data: bytes) -> str | None:

@@ -13,6 +13,7 @@ from fastsni.tls import (
     INTERNAL_ERROR,
     MAX_BUFFER,
     MAX_FRAGMENT,
+    MAX_HELLO,
     MAX_HOSTNAME,
     NAME_TYPE_HOST_NAME,
     RECORD_OVERFLOW,
@@ -23,7 +24,7 @@ from fastsni.tls import (
     alert,
 )
 
-cdef Py_ssize_t C_MAX_BUFFER = MAX_BUFFER
+cdef Py_ssize_t C_MAX_HELLO = MAX_HELLO
 cdef Py_ssize_t C_MAX_FRAGMENT = MAX_FRAGMENT
 cdef Py_ssize_t C_MAX_HOSTNAME = MAX_HOSTNAME
 
@@ -67,48 +68,6 @@ cdef inline unsigned int _u16(const unsigned char* p, Py_ssize_t pos) noexcept:
     return p[pos] << 8 | p[pos + 1]
 
 
-cdef str _server_name(const unsigned char* hello, Py_ssize_t start, Py_ssize_t end):
-    """Parse a ClientHello body hello[start:end] (RFC 8446 §4.1.2); return the host name."""
-    cdef Py_ssize_t pos = start + 2 + 32
-    cdef Py_ssize_t length, found = -1, found_end = 0
-    cdef unsigned int kind
-    if pos + 1 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    pos += 1 + hello[pos]
-    if pos + 2 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    length = _u16(hello, pos)
-    pos += 2 + length
-    if pos + 1 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    pos += 1 + hello[pos]
-    if pos == end:
-        raise HelloError(UNRECOGNIZED_NAME, "no extensions, so no server_name")
-    if pos + 2 > end:
-        raise HelloError(DECODE_ERROR, "truncated ClientHello")
-    length = _u16(hello, pos)
-    pos += 2
-    if pos + length != end:
-        raise HelloError(DECODE_ERROR, "extensions length does not match ClientHello")
-    while pos < end:
-        if pos + 4 > end:
-            raise HelloError(DECODE_ERROR, "truncated extension header")
-        kind = _u16(hello, pos)
-        length = _u16(hello, pos + 2)
-        pos += 4
-        if pos + length > end:
-            raise HelloError(DECODE_ERROR, "extension overruns ClientHello")
-        if kind == EXTENSION_SERVER_NAME:
-            if found >= 0:
-                raise HelloError(DECODE_ERROR, "duplicate server_name extension")
-            found = pos
-            found_end = pos + length
-        pos += length
-    if found < 0:
-        raise HelloError(UNRECOGNIZED_NAME, "no server_name extension")
-    return _host_name(hello, found, found_end)
-
-
 cdef str _host_name(const unsigned char* hello, Py_ssize_t pos, Py_ssize_t end):
     """Parse a ServerNameList (RFC 6066 §3); return its first host_name, checked."""
     cdef Py_ssize_t length
@@ -139,26 +98,29 @@ cdef str _host_name(const unsigned char* hello, Py_ssize_t pos, Py_ssize_t end):
 
 
 cdef class HelloReader:
-    """Reassemble the ClientHello from TLS records arriving in any TCP segments."""
+    """Reassemble the ClientHello from TLS records arriving in any TCP segments, and read
+    it only as far as its server_name."""
 
     cdef public bytearray received
     cdef public Py_ssize_t record_at
     cdef public bytearray handshake
-    cdef public Py_ssize_t hello_length
+    cdef public Py_ssize_t hello_end
+    cdef public int field
+    cdef public Py_ssize_t at
 
     def __init__(self):
         self.received = bytearray()
         self.record_at = 0
         self.handshake = bytearray()
-        self.hello_length = -1
+        self.hello_end = -1
+        self.field = 0
+        self.at = 4
 
     cpdef object feed(self, data):
         cdef bytearray received = self.received
         cdef Py_ssize_t at, length
         cdef const unsigned char* p
         received += data
-        if len(received) > C_MAX_BUFFER:
-            raise HelloError(INTERNAL_ERROR, f"no complete ClientHello in {MAX_BUFFER} bytes")
         p = received
         while len(received) - self.record_at >= 5:
             at = self.record_at
@@ -181,17 +143,75 @@ cdef class HelloReader:
     cdef object _handshake(self):
         cdef bytearray handshake = self.handshake
         cdef const unsigned char* p = handshake
-        if self.hello_length < 0:
+        cdef Py_ssize_t length
+        if self.hello_end < 0:
             if len(handshake) < 4:
                 return None
             if p[0] != HANDSHAKE_CLIENT_HELLO:
                 raise HelloError(UNEXPECTED_MESSAGE, f"handshake type {p[0]} before ClientHello")
-            self.hello_length = p[1] << 16 | p[2] << 8 | p[3]
-            if self.hello_length > C_MAX_BUFFER:
-                raise HelloError(INTERNAL_ERROR, f"ClientHello of {self.hello_length} bytes")
-        if len(handshake) < 4 + self.hello_length:
-            return None
-        return _server_name(p, 4, 4 + self.hello_length)
+            length = p[1] << 16 | p[2] << 8 | p[3]
+            if length > C_MAX_HELLO - 4:
+                raise HelloError(DECODE_ERROR, f"ClientHello of {length} bytes, more than any legal one")
+            self.hello_end = 4 + length
+        return self._walk()
+
+    cdef object _walk(self):
+        """Read the ClientHello's fields (RFC 8446 §4.1.2) as far as they have arrived."""
+        cdef const unsigned char* p = self.handshake
+        cdef Py_ssize_t end = self.hello_end
+        cdef Py_ssize_t have = min(len(self.handshake), end)
+        cdef Py_ssize_t at = self.at
+        cdef Py_ssize_t length
+        cdef unsigned int kind
+        cdef int field
+        while True:
+            field = self.field
+            if field == 0:  # legacy_version, random
+                if at + 2 + 32 + 1 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                at += 2 + 32
+            elif field == 1 or field == 3:  # legacy_session_id, legacy_compression_methods
+                if at + 1 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                if at + 1 > have:
+                    break
+                at += 1 + p[at]
+            elif field == 2:  # cipher_suites
+                if at + 2 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                if at + 2 > have:
+                    break
+                at += 2 + _u16(p, at)
+            elif field == 4:  # extensions, optional before TLS 1.3
+                if at == end:
+                    raise HelloError(UNRECOGNIZED_NAME, "no extensions, so no server_name")
+                if at + 2 > end:
+                    raise HelloError(DECODE_ERROR, "truncated ClientHello")
+                if at + 2 > have:
+                    break
+                if at + 2 + _u16(p, at) != end:
+                    raise HelloError(DECODE_ERROR, "extensions length does not match ClientHello")
+                at += 2
+            else:  # one extension: type, extension_data
+                if at == end:
+                    raise HelloError(UNRECOGNIZED_NAME, "no server_name extension")
+                if at + 4 > end:
+                    raise HelloError(DECODE_ERROR, "truncated extension header")
+                if at + 4 > have:
+                    break
+                kind = _u16(p, at)
+                length = _u16(p, at + 2)
+                if at + 4 + length > end:
+                    raise HelloError(DECODE_ERROR, "extension overruns ClientHello")
+                if kind == EXTENSION_SERVER_NAME:
+                    if at + 4 + length > have:
+                        break
+                    return _host_name(p, at + 4, at + 4 + length)
+                at += 4 + length
+                continue
+            self.field = field + 1
+        self.at = at
+        return None
 
 
 def server_name(data):

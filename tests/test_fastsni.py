@@ -21,6 +21,7 @@ from backends import (
     recv_until_eof,
     tls_http_backend,
 )
+from test_tls import extension, hello, largest_hello, padded_hello, records, sni
 
 NAME = "app.example.test"
 
@@ -216,6 +217,45 @@ def test_longest_hostname_routes(twin, hosts, proxies, backends):
         sock.sendall(hello + b"ping")
         assert recv_exactly(sock, 4) == b"ping"
     assert seen == [hello]
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(records(largest_hello(NAME.encode())), id="largest-legal-hello-in-16KiB-records"),
+        pytest.param(records(padded_hello(30_000, NAME.encode()), [1]), id="30KB-hello-in-1-byte-records"),
+    ],
+)
+def test_big_legal_hellos_are_routed_untouched(twin, hosts, proxies, backends, stream):
+    """Legal hellos of more than 128 KiB on the wire reach the backend byte for byte."""
+    seen: list[bytes] = []
+    backends(hosts / NAME / "tls-socket", echo_after_hello(len(stream), seen))
+    proxy = proxies("fastsni", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(stream + b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+    assert seen == [stream]
+
+
+def test_routed_once_the_name_is_known(twin, hosts, proxies, backends):
+    """With the server_name in the first record, the backend is connected before the rest
+    of the hello is sent, and the rest is relayed as it comes."""
+    stream = records(hello(sni(NAME.encode()) + extension(21, b"\x00" * 60000)))
+    first = 5 + 16384
+
+    def handle(conn):
+        recv_exactly(conn, first)
+        conn.sendall(b"connected")
+        rest = recv_exactly(conn, len(stream) - first)
+        conn.sendall(hashlib.sha256(rest).digest())
+
+    backends(hosts / NAME / "tls-socket", handle)
+    proxy = proxies("fastsni", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(stream[:first])
+        assert recv_exactly(sock, 9) == b"connected"
+        sock.sendall(stream[first:])
+        assert recv_exactly(sock, 32) == hashlib.sha256(stream[first:]).digest()
 
 
 @pytest.mark.parametrize(
