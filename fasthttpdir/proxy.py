@@ -68,6 +68,8 @@ class Rejected(Exception):
 
 def _authority_name(authority: bytes) -> str:
     """``host[:port]`` -> the directory name: port dropped, one trailing dot dropped, lowercased."""
+    if authority[:1] == b"[":
+        raise Rejected(400, "IPv6 literal in host")
     host, colon, port = authority.rpartition(b":")
     if not colon:
         host = authority
@@ -89,7 +91,7 @@ def host_name(hosts: list[bytes], target: bytes) -> str:
     """
     if len(hosts) != 1:
         raise Rejected(400, "no Host header" if not hosts else "several Host headers")
-    name = _authority_name(hosts[0])
+    name = _authority_name(hosts[0].strip(b" \t"))  # RFC 9110 §5.5: OWS is not part of the value
     if target[:1] == b"/" or target == b"*":
         return name
     scheme, sep, rest = target.partition(b"://")
@@ -562,7 +564,7 @@ class HttpConnection:
         if self.active is None and reader is not None and not reader.requests:
             if self.client_eof or (self.draining and not reader.head_size):
                 self.close()
-            else:
+            elif self.timer is None:  # the head's deadline holds however its bytes trickle in
                 self.arm()
 
     def connect(self, request: Request) -> bool:
