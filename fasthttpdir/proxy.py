@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from collections import deque
 
 import httptools
@@ -34,6 +33,7 @@ from fastsni.engine import (
     errno_name,
     shutdown_write,
 )
+from fastsni.logs import failures
 from fastsni.tls import check_hostname
 
 HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
@@ -286,7 +286,7 @@ def frame(data: bytes, ip: str = "192.0.2.1") -> list[tuple]:
 
 def log(client: tuple | None, name: str | None, reason: str) -> None:
     where = describe(client) if client else "(gone)"
-    sys.stderr.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
+    failures.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
 
 
 class HttpConnection:

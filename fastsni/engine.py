@@ -27,10 +27,11 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
+
+from fastsni.logs import failures
 
 CHUNK = 128 * 1024  # bytes per read(); also the most that waits unsent per direction
 PIPE_SIZE = 512 * 1024  # a splicing pipe's capacity and the most one splice moves (pipe-max-size: 1 MiB)
@@ -102,7 +103,7 @@ def ignore_signal(signum: int, frame) -> None:
 
 def internal_error(what: str, exc: Exception) -> None:
     """Log an unexpected exception the loop goes on after."""
-    sys.stderr.write(f"fastsni: {what} after an internal error: {exc!r}\n")
+    failures.write(f"{failures.program}: {what} after an internal error: {exc!r}\n")
 
 
 def abandon(handler, exc: Exception) -> None:

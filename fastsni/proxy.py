@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 
 from fastsni.addresses import describe, of_descriptor, proxy_v1_header
 from fastsni.engine import CHUNK, CLOSING, RETRY, Relay, Service, connect_backend, errno_name
+from fastsni.logs import failures
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
 
 HELLO_TIMEOUT = 10.0  # seconds from accept to a complete ClientHello
@@ -24,7 +24,7 @@ def log(fd: int, name: str | None, reason: str) -> None:
         client = describe(of_descriptor(fd)[0])
     except OSError:
         client = "(gone)"
-    sys.stderr.write(f"fastsni: {client} {name or '-'}: {reason}\n")
+    failures.write(f"fastsni: {client} {name or '-'}: {reason}\n")
 
 
 class TlsConnection:

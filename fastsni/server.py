@@ -15,6 +15,7 @@ from types import ModuleType
 
 from fastsni import __version__, twins
 from fastsni.addresses import describe
+from fastsni.logs import failures
 
 DRAIN_SECONDS = 10.0
 DRAIN_POLL = 0.05  # seconds between looks at whether the drain is done
@@ -88,6 +89,18 @@ def listening_socket(program: str) -> socket.socket:
     return sock
 
 
+def refuse_root(program: str) -> None:
+    """As root, any host owner could point a socket symlink at a root-only socket (such as
+    /run/docker.sock) and have the proxy connect to it: exit 2 unless told otherwise."""
+    if 0 not in os.getresuid() or os.environ.get("FASTSNI_ALLOW_ROOT", "") not in ("", "0"):
+        return
+    raise UsageError(
+        f"{program}: refusing to run as root: a host owner's symlink could reach any socket root can "
+        f"(e.g. /run/docker.sock). Run it as its own user: `fastsni-listen --user USER PORT {program}`, "
+        "User= in its systemd unit, or s6-setuidgid; or set FASTSNI_ALLOW_ROOT=1 to run as root anyway"
+    )
+
+
 def raise_nofile_limit() -> None:
     """Supervisors often leave the soft limit at 1024: take what the hard limit allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -103,6 +116,7 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     """
     kind = "compiled" if twins.is_compiled(twin) else "pure"
     parse_arguments(program, summary, argv, kind)
+    refuse_root(program)
     sock = listening_socket(program)
     sock.listen(BACKLOG)
     raise_nofile_limit()
@@ -110,10 +124,6 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     service = engine.Service(sock, start)
     service.listener.start()
     loop, live = service.reactor, service.live
-    sys.stderr.write(
-        f"{program} {__version__} ({kind}, epoll) "
-        f"listening on {describe(sock.getsockname())} serving {os.getcwd()}\n"
-    )
     stopping: list[str] = []
 
     def stop(how: str) -> None:
@@ -121,9 +131,16 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
             stopping.append(how)
             loop.stop()
 
+    failures.start(program, loop.call_later)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # reserved: must not kill a proxy
     loop.add_signal_handler(signal.SIGHUP, stop, "drain")
     loop.add_signal_handler(signal.SIGTERM, stop, "now")
     loop.add_signal_handler(signal.SIGINT, stop, "now")
+    # The start line comes once every signal is handled: whoever waits for it may signal.
+    sys.stderr.write(
+        f"{program} {__version__} ({kind}, epoll) "
+        f"listening on {describe(sock.getsockname())} serving {os.getcwd()}\n"
+    )
     loop.run_forever()
     service.listener.close()
     if stopping == ["drain"]:
@@ -146,5 +163,6 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
         check()
         loop.run_forever()
     cut = len(live)
+    failures.flush()
     sys.stderr.write(f"{program}: exiting, {cut} connections cut\n" if cut else f"{program}: exiting\n")
     raise SystemExit(0)

@@ -121,3 +121,41 @@ def test_out_of_descriptors_keeps_serving_without_spinning(twin, hosts, proxies)
             time.sleep(0.05)
     assert proxy.process.poll() is None
     os.kill(proxy.process.pid, 0)
+
+
+@pytest.mark.parametrize("program", ["fastsni", "fasthttpdir"])
+def test_sigusr1_does_not_kill_a_proxy(twin, hosts, proxies, program):
+    proxy = proxies(program, hosts, twin)
+    proxy.process.send_signal(signal.SIGUSR1)
+    with proxy.connect() as sock:  # still serving after the signal was delivered
+        sock.sendall(HTTP_PROBE)
+        assert sock.recv(64)
+    assert proxy.process.poll() is None
+
+
+FLOOD = 600  # failed connections, as fast as the proxy answers them
+
+
+@pytest.mark.parametrize("program", ["fastsni", "fasthttpdir"])
+def test_a_flood_of_failures_writes_a_bounded_number_of_lines(twin, hosts, proxies, program):
+    """One line per failure up to the burst, then at most RATE a second, and one line
+    (at most once a second) counting what was held back: every failure is accounted for."""
+    from fastsni.logs import BURST, RATE
+
+    proxy = proxies(program, hosts, twin)
+    bad = b"\x16\x03\x01\x00\x00" if program == "fastsni" else b"GET / HTTP/1.1\r\nHost: a_b\r\n\r\n"
+    started = time.monotonic()
+    for _ in range(FLOOD):
+        with proxy.connect() as sock:
+            sock.sendall(bad)
+            assert sock.recv(64)  # the alert or the 400
+    elapsed = time.monotonic() - started
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(timeout=15) == 0
+    proxy.expect("exiting")
+    failures = [line for line in proxy.log if line.startswith(f"{program}: 127.0.0.1:")]
+    counts = [line for line in proxy.log if "more failure lines not written" in line]
+    held = sum(int(line.split()[1]) for line in counts)
+    assert len(failures) + held == FLOOD, proxy.log[-5:]
+    assert len(failures) <= BURST + RATE * (elapsed + 1)
+    assert held > 0 and 1 <= len(counts) <= elapsed + 2
