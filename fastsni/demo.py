@@ -5,12 +5,15 @@ small HTTPS server (a self-signed certificate made with the openssl command) and
 ``demo.localhost/http-socket`` served by a small HTTP server, starts fastsni and
 fasthttpdir on 127.0.0.1 with that directory as their current directory, fetches one
 page through each to show they work, prints the curl lines that reach them, and keeps
-serving until Ctrl-C (with --once: exits after the checks).  Everything is removed at exit.
+serving until Ctrl-C or SIGTERM (with --once: exits after the checks).  Everything is
+removed at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -75,14 +78,22 @@ async def start(program: str, hosts: Path) -> tuple[asyncio.subprocess.Process, 
     """Start ``program`` with a listening socket on a free loopback port as fd 0."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
+    # The demo's hosts directory is its own private temporary one, so no host owner can
+    # abuse a proxy running as root there: let it (the proxies refuse root elsewhere).
+    env = dict(os.environ, FASTSNI_ALLOW_ROOT="1")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", program, stdin=listener.fileno(), cwd=hosts
+        sys.executable, "-m", program, stdin=listener.fileno(), cwd=hosts, env=env
     )
     listener.close()
     return process, port
 
 
 async def run(once: bool) -> int:
+    # SIGTERM (and SIGINT) cancel the demo, so its proxies are stopped and its files removed.
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
     with tempfile.TemporaryDirectory(prefix="fastsni-demo-") as temporary:
         top = Path(temporary)
         cert, key = make_certificate(top)
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         raise SystemExit(asyncio.run(run(once=bool(args))))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         raise SystemExit(0) from None
 
 
