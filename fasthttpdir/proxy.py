@@ -284,6 +284,17 @@ def frame(data: bytes, ip: str = "192.0.2.1") -> list[tuple]:
     ]
 
 
+# The counters of the SIGUSR1 line (fastsni.server): requests routed to a backend, bytes
+# of requests forwarded to backends (up) and of answers forwarded to clients (down), and
+# the answers fasthttpdir gave itself, by status.
+COUNTS = {"routed": 0, "up": 0, "down": 0}
+ANSWERED: dict[int, int] = {}
+
+
+def counts() -> dict:
+    return {**COUNTS, "answered": dict(ANSWERED)}
+
+
 def log(client: tuple | None, name: str | None, reason: str) -> None:
     where = describe(client) if client else "(gone)"
     failures.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
@@ -458,6 +469,11 @@ class HttpConnection:
             self.client_writable = False
             self.reactor.want_write(self.fd)
 
+    def answer(self, status: int, close: bool) -> None:
+        """Answer the client with fasthttpdir's own ``status``."""
+        ANSWERED[status] = ANSWERED.get(status, 0) + 1
+        self.send_client(error_response(status, close))
+
     def flush_client(self) -> None:
         data = self.to_client
         self.to_client = b""
@@ -541,7 +557,7 @@ class HttpConnection:
             request = self.reader.requests[0]
             if request.error is not None:
                 log(self.client, request.name, request.error.reason)
-                self.send_client(error_response(request.error.status, True))
+                self.answer(request.error.status, True)
                 self.linger()
                 return
             self.active = request
@@ -560,6 +576,8 @@ class HttpConnection:
                     continue  # answered with an error; the next request may go on
             else:
                 self.pump()
+            if self.active is request and self.backend >= 0:
+                COUNTS["routed"] += 1
         reader = self.reader
         if self.active is None and reader is not None and not reader.requests:
             if self.client_eof or (self.draining and not reader.head_size):
@@ -582,9 +600,9 @@ class HttpConnection:
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.send_client(error_response(status, False))
+                self.answer(status, False)
                 return False
-            self.send_client(error_response(status, True))
+            self.answer(status, True)
             self.linger()
             return True
         self.backend = fd
@@ -606,6 +624,7 @@ class HttpConnection:
         data = b"".join(request.data)
         request.data = []
         request.size = 0
+        COUNTS["up"] += len(data)
         self.send_backend(data)
 
     def send_backend(self, data: bytes) -> None:
@@ -680,6 +699,7 @@ class HttpConnection:
             self.fail_answer("backend sent bytes after its answer")
             return
         self.forwarded += len(data)
+        COUNTS["down"] += len(data)
         self.send_client(data)
         if self.final and not self.closed:
             self.answered()
@@ -769,7 +789,7 @@ class HttpConnection:
         log(self.client, self.active.name if self.active else None, reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.send_client(error_response(502, True))
+            self.answer(502, True)
             self.linger()
         else:
             self.shut()
@@ -779,7 +799,7 @@ class HttpConnection:
         log(self.client, self.active.name, rejection.reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.send_client(error_response(rejection.status, True))
+            self.answer(rejection.status, True)
             self.linger()
         else:
             self.shut()

@@ -50,6 +50,17 @@ CLOSING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read to learn
 EDGE = READABLE | select.EPOLLRDHUP | select.EPOLLET  # writability only once a write fell short
 
 
+# The counters of the SIGUSR1 line (fastsni.server): plain integers, no system call.
+# "up" is what the relays wrote towards backends, "down" towards clients; "_spliced" the
+# part of it that went by splice(2).
+COUNTS = {"accepted": 0, "up": 0, "down": 0, "up_spliced": 0, "down_spliced": 0}
+
+
+def counts() -> dict[str, int]:
+    """This process's connections accepted and bytes relayed so far."""
+    return dict(COUNTS)
+
+
 def connect_backend(name: str, leaf: str) -> tuple[int, bool]:
     """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh.
 
@@ -292,6 +303,7 @@ class Service:
         self.listener = Listener(self.reactor, sock, self.accepted)
 
     def accepted(self, fd: int) -> None:
+        COUNTS["accepted"] += 1
         self.live.add(self.start(self, fd))
 
     def closed(self, connection) -> None:
@@ -367,10 +379,12 @@ class Flow:
     (bulk data); from then on they go by splice(2) through a pipe, never copied.
     """
 
-    def __init__(self, relay: Relay, src: int, dst: int) -> None:
+    def __init__(self, relay: Relay, src: int, dst: int, upward: bool) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
+        self.way = "up" if upward else "down"  # towards the backend or the client, for COUNTS
+        self.way_spliced = self.way + "_spliced"
         self.pending = b""  # read from src, not yet taken by dst
         self.pipe_r = -1  # the pipe, once bulk data made splicing worth it
         self.pipe_w = -1
@@ -452,6 +466,8 @@ class Flow:
                 self.relay.close()
                 return False
         self.piped -= moved
+        COUNTS[self.way] += moved
+        COUNTS[self.way_spliced] += moved
         if not self.piped:
             return True
         self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
@@ -469,6 +485,7 @@ class Flow:
             except OSError:
                 self.relay.close()
                 return False
+        COUNTS[self.way] += sent
         self.pending = data[sent:]
         if not self.pending:
             return True
@@ -525,8 +542,8 @@ class Relay:
         self.backend = backend
         self.on_close = on_close
         self.closed = False
-        self.upstream = Flow(self, client, backend)
-        self.downstream = Flow(self, backend, client)
+        self.upstream = Flow(self, client, backend, True)
+        self.downstream = Flow(self, backend, client, False)
         self.upstream.pending = to_backend
         self.upstream.src_ready = client_ready
         self.downstream.pending = to_client

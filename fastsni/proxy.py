@@ -19,6 +19,16 @@ BACKEND_SOCKET = "tls-socket"
 ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ECONNREFUSED))
 
 
+# The counters of the SIGUSR1 line (fastsni.server): connections routed to a backend,
+# closed by the client before naming one, and the fatal alerts sent, by description.
+COUNTS = {"routed": 0, "closed_early": 0}
+ALERTS: dict[int, int] = {}
+
+
+def counts() -> dict:
+    return {**COUNTS, "alerts": dict(ALERTS)}
+
+
 def log(fd: int, name: str | None, reason: str) -> None:
     try:
         client = describe(of_descriptor(fd)[0])
@@ -45,9 +55,11 @@ class TlsConnection:
             except RETRY:
                 return
             except OSError:
+                COUNTS["closed_early"] += 1
                 self.close()  # reset before the hello was complete: nothing to answer
                 return
             if not data:
+                COUNTS["closed_early"] += 1
                 self.close()  # a client that closes before its hello is complete is simply closed
                 return
             try:
@@ -74,6 +86,7 @@ class TlsConnection:
         self.reader = None
         if send_proxy:
             hello = proxy_v1_header(*of_descriptor(self.fd, self.service.family)) + hello
+        COUNTS["routed"] += 1
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self) -> None:
@@ -81,6 +94,7 @@ class TlsConnection:
 
     def fail(self, code: int, name: str | None, reason: str) -> None:
         """Answer with one fatal alert, log one line, close."""
+        ALERTS[code] = ALERTS.get(code, 0) + 1
         log(self.fd, name, reason)
         try:
             os.write(self.fd, alert(code))

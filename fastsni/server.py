@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
 from types import ModuleType
 
@@ -108,6 +109,29 @@ def raise_nofile_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def counters_line(program: str, started: float, live: int, engine: ModuleType, proxy: ModuleType) -> str:
+    """The SIGUSR1 line: what this copy of the proxy did since it started, as key=value."""
+    moved, done = engine.counts(), proxy.counts()
+    by_reason = done.pop("alerts", None)
+    key = "alert"
+    if by_reason is None:
+        by_reason, key = done.pop("answered"), "status"
+    up, down = moved["up"] + done.pop("up", 0), moved["down"] + done.pop("down", 0)
+    fields = [
+        f"pid={os.getpid()}",
+        f"uptime={time.monotonic() - started:.0f}s",
+        f"accepted={moved['accepted']}",
+        f"open={live}",
+        *(f"{name}={value}" for name, value in done.items()),
+        *(f"{key}_{reason}={count}" for reason, count in sorted(by_reason.items())),
+        f"bytes_up={up}",
+        f"bytes_up_spliced={moved['up_spliced']}",
+        f"bytes_down={down}",
+        f"bytes_down_spliced={moved['down_spliced']}",
+    ]
+    return f"{program}: counters " + " ".join(fields) + "\n"
+
+
 def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
     """The contract: arguments, fd 0, limits, the start line, signals, drain, exit 0.
 
@@ -132,7 +156,12 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
             loop.stop()
 
     failures.start(program, loop.call_later)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # reserved: must not kill a proxy
+    started = time.monotonic()
+
+    def report() -> None:
+        sys.stderr.write(counters_line(program, started, len(live), engine, twin))
+
+    loop.add_signal_handler(signal.SIGUSR1, report)
     loop.add_signal_handler(signal.SIGHUP, stop, "drain")
     loop.add_signal_handler(signal.SIGTERM, stop, "now")
     loop.add_signal_handler(signal.SIGINT, stop, "now")

@@ -113,6 +113,26 @@ cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOS
 cdef Py_ssize_t C_SUN_PATH_MAX = SUN_PATH_MAX
 cdef char _buffer[C_CHUNK]  # every relay reads into this one buffer: the loop is single-threaded
 
+# The counters of the SIGUSR1 line, as in the pure twin's COUNTS (indexes into _counts).
+cdef enum:
+    ACCEPTED = 0
+    UP = 1
+    DOWN = 2
+    UP_SPLICED = 3
+    DOWN_SPLICED = 4
+cdef unsigned long long _counts[5]
+
+
+def counts():
+    """This process's connections accepted and bytes relayed so far."""
+    return {
+        "accepted": _counts[ACCEPTED],
+        "up": _counts[UP],
+        "down": _counts[DOWN],
+        "up_spliced": _counts[UP_SPLICED],
+        "down_spliced": _counts[DOWN_SPLICED],
+    }
+
 
 cdef inline bint _retry(int err) noexcept:
     return err == EAGAIN or err == EINTR  # EWOULDBLOCK is EAGAIN on Linux
@@ -395,6 +415,7 @@ cdef class Service:
         self.listener = Listener(self.reactor, sock, self.accepted)
 
     def accepted(self, int fd):
+        _counts[ACCEPTED] += 1
         self.live.add(self.start(self, fd))
 
     cpdef closed(self, connection):
@@ -490,11 +511,13 @@ cdef class Flow:
     cdef public bint dst_ready
     cdef public bint eof
     cdef public bint done
+    cdef public int way  # UP or DOWN: towards the backend or the client, for _counts
 
-    def __init__(self, Relay relay, int src, int dst):
+    def __init__(self, Relay relay, int src, int dst, bint upward):
         self.relay = relay
         self.src = src
         self.dst = dst
+        self.way = UP if upward else DOWN
         self.pending = b""
         self.pipe_r = -1
         self.pipe_w = -1
@@ -571,6 +594,8 @@ cdef class Flow:
                     return False
                 moved = 0
         self.piped -= moved
+        _counts[self.way] += moved
+        _counts[self.way + 2] += moved  # UP_SPLICED or DOWN_SPLICED
         if not self.piped:
             return True
         self.dst_ready = False
@@ -590,6 +615,7 @@ cdef class Flow:
                     self.relay.close()
                     return False
                 sent = 0
+        _counts[self.way] += sent
         if sent == size:
             self.pending = b""
             return True
@@ -637,8 +663,8 @@ cdef class Relay:
         self.backend = backend
         self.on_close = on_close
         self.closed = False
-        self.upstream = Flow(self, client, backend)
-        self.downstream = Flow(self, backend, client)
+        self.upstream = Flow(self, client, backend, True)
+        self.downstream = Flow(self, backend, client, False)
         self.upstream.pending = to_backend
         self.upstream.src_ready = client_ready
         self.downstream.pending = to_client

@@ -48,6 +48,15 @@ assert CHUNK == C_CHUNK
 cdef char _buffer[C_CHUNK]  # every connection reads into this one buffer: the loop is single-threaded
 
 
+# The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED.
+cdef unsigned long long _routed = 0, _up = 0, _down = 0
+cdef dict _answered = {}
+
+
+def counts():
+    return {"routed": _routed, "up": _up, "down": _down, "answered": dict(_answered)}
+
+
 cdef bytes _read(int fd):
     """os.read(fd, CHUNK) without the Python call (nor its GIL release around read(2))."""
     cdef ssize_t got = read(fd, _buffer, C_CHUNK)
@@ -503,6 +512,11 @@ cdef class HttpConnection:
             self.client_writable = False
             self.reactor.want_write(self.fd)
 
+    cdef answer(self, int status, bint close):
+        """Answer the client with fasthttpdir's own ``status``."""
+        _answered[status] = _answered.get(status, 0) + 1
+        self.send_client(error_response(status, close))
+
     cdef flush_client(self):
         data = self.to_client
         self.to_client = b""
@@ -582,11 +596,12 @@ cdef class HttpConnection:
 
     cdef next(self):
         """Start the next queued request if none is in progress."""
+        global _routed
         while self.active is None and self.reader is not None and self.reader.requests:
             request = self.reader.requests[0]
             if request.error is not None:
                 log(self.client, request.name, request.error.reason)
-                self.send_client(error_response(request.error.status, True))
+                self.answer(request.error.status, True)
                 self.linger()
                 return
             self.active = request
@@ -605,6 +620,8 @@ cdef class HttpConnection:
                     continue  # answered with an error; the next request may go on
             else:
                 self.pump()
+            if self.active is request and self.backend >= 0:
+                _routed += 1
         reader = self.reader
         if self.active is None and reader is not None and not reader.requests:
             if self.client_eof or (self.draining and not reader.head_size):
@@ -627,9 +644,9 @@ cdef class HttpConnection:
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.send_client(error_response(status, False))
+                self.answer(status, False)
                 return False
-            self.send_client(error_response(status, True))
+            self.answer(status, True)
             self.linger()
             return True
         self.backend = fd
@@ -645,12 +662,14 @@ cdef class HttpConnection:
 
     cdef pump(self):
         """Write what has arrived of the request in progress to its backend."""
+        global _up
         request = self.active
         if request is None or self.backend < 0 or not request.data:
             return
         data = b"".join(request.data)
         request.data = []
         request.size = 0
+        _up += len(data)
         self.send_backend(data)
 
     cdef send_backend(self, bytes data):
@@ -701,6 +720,7 @@ cdef class HttpConnection:
             self.backend_data(data)
 
     cdef backend_data(self, bytes data):
+        global _down
         cdef Request active
         if self.active is None or self.final:
             self.drop_backend()  # an answer nobody asked for
@@ -726,6 +746,7 @@ cdef class HttpConnection:
             self.fail_answer("backend sent bytes after its answer")
             return
         self.forwarded += len(data)
+        _down += len(data)
         self.send_client(data)
         if self.final and not self.closed:
             self.answered()
@@ -815,7 +836,7 @@ cdef class HttpConnection:
         log(self.client, self.active.name if self.active else None, reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.send_client(error_response(502, True))
+            self.answer(502, True)
             self.linger()
         else:
             self.shut()
@@ -825,7 +846,7 @@ cdef class HttpConnection:
         log(self.client, self.active.name, rejection.reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.send_client(error_response(rejection.status, True))
+            self.answer(rejection.status, True)
             self.linger()
         else:
             self.shut()

@@ -18,6 +18,14 @@ assert CHUNK == C_CHUNK
 cdef char _buffer[C_CHUNK]
 cdef unsigned int C_CLOSING = CLOSING
 
+# The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ALERTS.
+cdef unsigned long long _routed = 0, _closed_early = 0
+cdef dict _alerts = {}
+
+
+def counts():
+    return {"routed": _routed, "closed_early": _closed_early, "alerts": dict(_alerts)}
+
 
 cdef class TlsConnection:
     """An accepted client connection until its ClientHello names a backend; then a Relay."""
@@ -36,15 +44,18 @@ cdef class TlsConnection:
 
     def ready(self, int fd, unsigned int events):
         """Read what the client sent (edge-triggered: until the kernel has no more)."""
+        global _closed_early
         cdef ssize_t got
         while True:
             got = read(fd, _buffer, C_CHUNK)
             if got < 0:
                 if errno == EAGAIN or errno == EINTR:
                     return
+                _closed_early += 1
                 self.close()
                 return
             if got == 0:
+                _closed_early += 1
                 self.close()
                 return
             try:
@@ -60,6 +71,7 @@ cdef class TlsConnection:
 
     cdef route(self, str name, bint more):
         """Connect to the backend for ``name``; ``more``: the client may have sent more already."""
+        global _routed
         self.timer.cancel()
         try:
             backend, send_proxy = connect_backend(name, BACKEND_SOCKET)
@@ -71,6 +83,7 @@ cdef class TlsConnection:
         self.reader = None
         if send_proxy:
             hello = proxy_v1_header(*of_descriptor(self.fd, self.service.family)) + hello
+        _routed += 1
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 
     def expire(self):
@@ -78,6 +91,7 @@ cdef class TlsConnection:
 
     cpdef fail(self, int code, name, str reason):
         """Answer with one fatal alert, log one line, close."""
+        _alerts[code] = _alerts.get(code, 0) + 1
         log(self.fd, name, reason)
         cdef bytes answer = alert(code)
         write(self.fd, <const char*>answer, len(answer))

@@ -127,6 +127,7 @@ def test_out_of_descriptors_keeps_serving_without_spinning(twin, hosts, proxies)
 def test_sigusr1_does_not_kill_a_proxy(twin, hosts, proxies, program):
     proxy = proxies(program, hosts, twin)
     proxy.process.send_signal(signal.SIGUSR1)
+    proxy.expect(f"{program}: counters pid=")  # tests/test_counters.py reads the line
     with proxy.connect() as sock:  # still serving after the signal was delivered
         sock.sendall(HTTP_PROBE)
         assert sock.recv(64)
