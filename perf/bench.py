@@ -140,6 +140,10 @@ def ensure_installed() -> list[str]:
         import fastsni  # noqa: F401
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "-e", str(REPO)], check=True)
+    try:
+        import uvloop  # noqa: F401  (the uvloop-relay peer)
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "uvloop"], check=False)
     return notes
 
 

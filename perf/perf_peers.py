@@ -16,7 +16,7 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 @dataclass(frozen=True)
 class Peer:
     name: str
-    kind: str  # fastsni, nginx, haproxy, sniproxy or direct (no proxy: the ceiling)
+    kind: str  # fastsni, nginx, haproxy, sniproxy, uvloop (perf/uvloop_relay.py) or direct (no proxy)
     binary: str | None
     workloads: tuple[str, ...] = ("D", "A", "B", "C", "F")
     variant: str = ""
@@ -29,6 +29,7 @@ PEERS = [
     Peer("haproxy", "haproxy", "haproxy"),
     Peer("sniproxy", "sniproxy", "sniproxy"),
     Peer("direct", "direct", None, ("A", "B", "C", "F")),  # F: the TLS backend's TCP port
+    Peer("uvloop-relay", "uvloop", None, ("D", "A", "B", "C")),  # the design card's shape
     Peer("nginx-buf256k", "nginx", "nginx", ("C",), "buf256k"),
     Peer("haproxy-splice", "haproxy", "haproxy", ("C",), "splice"),
     Peer("fasthttpdir", "fasthttpdir", None, ("E",)),
@@ -52,9 +53,13 @@ def peer_command(peer: Peer, workdir: Path, port: int, hosts: Path) -> tuple[lis
     """(argv, extra environment, working directory) of a peer running in the foreground."""
     conf = str(workdir / f"{peer.kind}.conf")
     if peer.kind in ("fastsni", "fasthttpdir"):
-        env = {"FASTSNI_NO_EXTENSIONS": "1" if peer.variant == "pure" else "0"}
+        env = {"FASTSNI_NO_EXTENSIONS": "1" if peer.variant == "pure" else "0", "FASTSNI_ALLOW_ROOT": "1"}
         python = sys.executable
         return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, "-m", peer.kind], env, hosts
+    if peer.kind == "uvloop":
+        relay = str(Path(__file__).resolve().parent / "uvloop_relay.py")
+        python = sys.executable
+        return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, relay], {}, hosts
     if peer.kind == "nginx":
         return ["nginx", "-p", f"{workdir}/", "-c", conf, "-e", str(workdir / "error.log")], {}, workdir
     if peer.kind == "haproxy":

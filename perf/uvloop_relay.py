@@ -1,0 +1,99 @@
+"""The design card's shape, kept as a perf/ peer: uvloop protocols piping transports.
+
+A minimal SNI relay on uvloop: the listening socket on fd 0, the current directory as
+the hosts directory, the ClientHello read with fastsni's own reader (the compiled twin
+when built), then ``<name>/tls-socket`` joined to the client by two protocols that
+pause each other's reading while a transport's buffer is full.  No alerts, no
+deadline, no PROXY header: only what a relay needs, so each regression run shows what
+the engine buys over the card's first idea (perf/README.md).  Not a product: run it
+only from perf/bench.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvloop
+
+from fastsni import twins
+
+tls = twins.load("fastsni.tls", "fastsni._tls")
+
+
+class Side(asyncio.Protocol):
+    """One transport of a relay; bytes it receives go to ``peer``'s transport."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Side | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write_eof()
+        return True  # keep our side open until the other direction ends
+
+    def connection_lost(self, exc) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self) -> None:  # our transport is full: stop reading the other side
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.transport.resume_reading()
+
+
+class Client(Side):
+    """The client side: read the hello, connect the backend, then relay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader = tls.HelloReader()
+
+    def data_received(self, data: bytes) -> None:
+        if self.reader is None:
+            self.peer.transport.write(data)
+            return
+        try:
+            name = self.reader.feed(data)
+        except tls.HelloError:
+            self.transport.close()
+            return
+        if name is not None:
+            hello, self.reader = bytes(self.reader.received), None
+            self.transport.pause_reading()
+            asyncio.ensure_future(self.route(name, hello))
+
+    async def route(self, name: str, hello: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, backend = await loop.create_unix_connection(Side, f"{name}/tls-socket")
+        except OSError:
+            self.transport.close()
+            return
+        backend.peer, self.peer = self, backend
+        backend.transport.write(hello)
+        self.transport.resume_reading()
+
+
+async def serve() -> None:
+    listener = socket.socket(fileno=0)
+    listener.setblocking(False)
+    server = await asyncio.get_running_loop().create_server(Client, sock=listener, backlog=65535)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    uvloop.run(serve())
+
+
+if __name__ == "__main__":
+    main()
