@@ -121,9 +121,10 @@ class UnixBackend:
             thread.join(5)
 
 
-def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | None = None):
+def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | None = None, label: str = ""):
     """A handler: (PROXY line), TLS with a certificate for ``name`` (ALPN h2 or http/1.1),
-    then reply to one request with a body naming the backend and the negotiated ALPN."""
+    then reply to one request with a body naming the backend (``label``, default ``name``)
+    and the negotiated ALPN."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(name).configure_cert(context)
     context.set_alpn_protocols(["h2", "http/1.1"])
@@ -146,7 +147,7 @@ def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | Non
                 if not chunk:
                     return
                 request += chunk
-            body = f"backend {name} alpn {alpn}\n".encode()
+            body = f"backend {label or name} alpn {alpn}\n".encode()
             tls.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -156,5 +157,32 @@ def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | Non
                 tls.unwrap()
             except (ssl.SSLError, OSError):
                 pass
+
+    return handle
+
+
+def http_backend(label: str, status: int = 200):
+    """A handler: plain HTTP/1.1 with keep-alive; each request (no body) is answered with
+    ``status`` and a body naming ``label``, until the peer closes or asks to close."""
+
+    def handle(conn: socket.socket) -> None:
+        pending = b""
+        while True:
+            while b"\r\n\r\n" not in pending:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                pending += chunk
+            head, pending = pending.split(b"\r\n\r\n", 1)
+            body = f"backend {label}\n".encode()
+            close = b"\r\nconnection: close" in head.lower()
+            conn.sendall(
+                f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n".encode()
+                + (b"Connection: close\r\n" if close else b"")
+                + b"\r\n"
+                + body
+            )
+            if close:
+                return
 
     return handle
