@@ -492,3 +492,7 @@ def test_entry_points():
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=ENV
         )
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+def test_example_hook_is_valid_shell():
+    assert subprocess.run(["sh", "-n", str(ROOT / "examples" / "post-receive")]).returncode == 0
