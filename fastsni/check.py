@@ -223,6 +223,13 @@ class Checker:
         return wildcard if wildcard in present else None
 
     def check_entry(self, entry: str) -> None:
+        try:
+            self.check_entry_as_is(entry)
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            self.add(WARNING, entry, "cannot-inspect", f"cannot inspect{where}: {exc.strerror}; run as root")
+
+    def check_entry_as_is(self, entry: str) -> None:
         if not self.check_name(entry):
             return
         path = os.path.join(self.hosts, entry)

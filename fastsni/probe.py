@@ -7,6 +7,10 @@
 - ``http-socket``: a real HTTP/1.1 request with ``Host: <name>``; the status must be
   below 500, or exactly the expected one.
 
+When the backend's directory holds ``send-proxy-v2`` (or else ``send-proxy-v1``), a probe
+first sends the PROXY header the proxies would, in its form for a connection without
+client addresses: v2 command LOCAL, v1 ``UNKNOWN`` (proxy-protocol.txt §2.2, §2.1).
+
 A probe retries until its deadline while the backend looks not ready yet (no socket,
 refused, reset, timed out, a 5xx); a certificate that does not fit the name, or a
 wrong status below 500, fails at once.
@@ -26,6 +30,10 @@ RETRY_INTERVAL = 0.1  # seconds between attempts while a backend is starting
 ALPN = ["h2", "http/1.1"]
 LEAVES = ("tls-socket", "http-socket")
 MAX_STATUS_LINE = 8192
+# proxy-protocol.txt §2.2: signature, version 2 command LOCAL (0x20), family UNSPEC, no
+# addresses: "the receiver must accept this connection as valid" (a health check).
+PROXY_V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n" + bytes((0x20, 0x00, 0x00, 0x00))
+PROXY_V1_UNKNOWN = b"PROXY UNKNOWN\r\n"  # §2.1: the receiver uses the connection's own addresses
 
 
 class ProbeFailed(Exception):
@@ -103,9 +111,19 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
         raise
 
 
+def proxy_header(directory: str) -> bytes:
+    """What the proxies send first to a backend in ``directory``, in its probe form (v2 wins)."""
+    if os.path.lexists(os.path.join(directory, "send-proxy-v2")):
+        return PROXY_V2_LOCAL
+    if os.path.lexists(os.path.join(directory, "send-proxy-v1")):
+        return PROXY_V1_UNKNOWN
+    return b""
+
+
 def _connect(path: str, deadline: float) -> socket.socket:
+    """Connect, and send the PROXY header the backend expects, if any."""
     try:
-        return connect_unix(path, deadline - time.monotonic())
+        sock = connect_unix(path, deadline - time.monotonic())
     except FileNotFoundError:
         raise NotReady(f"{path}: no such socket") from None
     except ConnectionRefusedError:
@@ -114,6 +132,13 @@ def _connect(path: str, deadline: float) -> socket.socket:
         raise OutOfTime(f"{path}: connect timed out") from None
     except OSError as exc:
         raise ProbeFailed(f"{path}: cannot connect: {exc.strerror or exc}") from None
+    header = proxy_header(os.path.dirname(path))
+    try:
+        sock.sendall(header)
+    except OSError as exc:
+        sock.close()
+        raise NotReady(f"{path}: the backend closed at once: {exc.strerror or exc}") from None
+    return sock
 
 
 def _tls_context(cafile: str | None = None, trusted_leaf: str | None = None) -> ssl.SSLContext:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -186,3 +189,35 @@ def http_backend(label: str, status: int = 200):
                 return
 
     return handle
+
+
+def run_as(uid: int, function: Callable[[], int], timeout: float = 30) -> tuple[int, str]:
+    """Call ``function`` in a forked child running as ``uid`` (gid ``uid``, no other groups);
+    (its return value as exit code, what it printed).  Needs root."""
+    with tempfile.TemporaryFile("w+") as out:
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                sys.stdout = sys.stderr = open(out.fileno(), "w", closefd=False)  # noqa: SIM115
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                code = function()
+            except BaseException as exc:
+                sys.stderr.write(f"child failed: {exc!r}\n")
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the child running as uid {uid} did not finish in {timeout} s")
+            time.sleep(0.02)
+        out.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read()

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from backends import http_backend, tls_http_backend
+from backends import http_backend, run_as, tls_http_backend
 from conftest import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -246,3 +246,33 @@ def test_running_proxy_tree(base, backends, twin, proxies, monkeypatch):
 def test_usage_errors(base):
     assert run("--hosts", str(base / "missing"))[0] == 2
     assert run("--user", "no-such-user-here", "--hosts", str(base))[0] == 2
+
+
+def test_another_users_access_from_mode_bits_when_not_root(base, backends):
+    """Unprivileged and asked about another user, fastsni-check reads the mode bits."""
+    from fastsni import check
+
+    hosts = base / "hosts"
+    for name, mode in (("open.example", 0o666), ("closed.example", 0o755)):
+        (hosts / name).mkdir(parents=True)
+        serve(backends, hosts / name, mode=mode)
+    hosts.chmod(0o755)
+    (hosts / "shut.example").mkdir(mode=0o700)  # nobody may search it
+    serve(backends, hosts / "shut.example")
+    (hosts / "shut.example").chmod(0o700)
+    (hosts / "nobodys.example").mkdir()
+    serve(backends, hosts / "nobodys.example", mode=0o600)
+    os.chown(hosts / "nobodys.example" / "http-socket", NOBODY, NOBODY)  # only its owner may connect
+
+    def as_nobody() -> int:
+        findings = check.check(check.parse(["--hosts", str(hosts), "--user", str(OTHER)]))
+        print(json.dumps([[f.entry, f.code, f.severity] for f in findings]))
+        return 0
+
+    code, output = run_as(NOBODY, as_nobody)
+    assert code == 0, output
+    assert sorted(map(tuple, json.loads(output))) == [
+        ("closed.example", "no-access", "error"),
+        ("nobodys.example", "no-access", "error"),
+        ("shut.example", "cannot-inspect", "warning"),
+    ]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from backends import http_backend, recv_until_eof, tls_http_backend
+from backends import http_backend, recv_exactly, recv_until_eof, run_as, tls_http_backend
 from conftest import ROOT
 
 from fastsni import deploy
@@ -310,6 +310,30 @@ def test_insecure_skips_the_chain_but_not_the_name(hosts, backends, ca):
     assert insecure.returncode == 0, insecure.stderr
 
 
+def test_probes_send_the_proxy_header_the_proxies_would(hosts, backends, ca, cafile):
+    v1_lines: list[bytes] = []
+    v1 = hosts / "_releases" / "v1"
+    backends(v1 / "tls-socket", tls_http_backend(ca, NAME, expect_proxy=True, seen=v1_lines))
+    (v1 / "send-proxy-v1").touch()
+    v2_headers: list[bytes] = []
+
+    def v2_then_http(conn: socket.socket) -> None:
+        v2_headers.append(recv_exactly(conn, 16))
+        http_backend("v2")(conn)
+
+    v2 = hosts / "_releases" / "v2"
+    backends(v2 / "http-socket", v2_then_http)
+    (v2 / "send-proxy-v1").touch()
+    (v2 / "send-proxy-v2").touch()  # v2 wins, as in the proxies
+    result = run(hosts, "--timeout", "5", NAME, str(v1), cafile=cafile)
+    assert result.returncode == 0, result.stderr
+    assert v1_lines == [b"PROXY UNKNOWN\r\n"]
+    os.unlink(hosts / NAME)
+    result = run(hosts, "--timeout", "5", NAME, str(v2), cafile=cafile)
+    assert result.returncode == 0, result.stderr
+    assert v2_headers == [b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"]  # version 2, LOCAL, UNSPEC
+
+
 def test_dry_run_rollback_convert_and_exit_codes(hosts, backends, ca, cafile):
     v1 = release(backends, ca, hosts / "_releases" / "v1", "v1")
     v2 = release(backends, ca, hosts / "_releases" / "v2", "v2")
@@ -410,36 +434,6 @@ def test_two_deploys_of_one_name_at_once(hosts, backends, ca, cafile):
 UID_ALICE, UID_BOB = 65534, 65533  # any unused uids: setuid() needs no passwd entry
 
 
-def as_user(uid: int, argv: list[str], output: Path) -> int:
-    """fastsni-deploy's deploy() in a forked child running as ``uid`` (not root); its exit code."""
-    with open(output, "w") as out:
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                sys.stdout = sys.stderr = open(out.fileno(), "w", closefd=False)  # noqa: SIM115
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-                code = deploy.deploy(deploy.parse(argv))
-            except BaseException as exc:
-                sys.stderr.write(f"child failed: {exc!r}\n")
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-    deadline = time.monotonic() + 30
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            raise AssertionError("deploy as another user did not finish")
-        time.sleep(0.02)
-
-
 def test_unprivileged_owners_in_a_sticky_hosts_directory(backends, ca):
     if os.geteuid() != 0:
         pytest.skip("needs root to run the deploys as two other uids")
@@ -464,9 +458,8 @@ def test_unprivileged_owners_in_a_sticky_hosts_directory(backends, ca):
                 targets[owner, version] = str(directory)
 
         def deploy_as(uid: int, name: str, target: str) -> tuple[int, str]:
-            output = base / "output"
-            code = as_user(uid, ["--hosts", str(hosts), "--cafile", str(cafile), name, target], output)
-            return code, output.read_text()
+            argv = ["--hosts", str(hosts), "--cafile", str(cafile), name, target]
+            return run_as(uid, lambda: deploy.deploy(deploy.parse(argv)))
 
         code, text = deploy_as(UID_ALICE, "alice.example", targets["alice", "v1"])
         assert code == 0, text
