@@ -303,7 +303,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    raise SystemExit(deploy(parse(argv)))
+    args = parse(argv)
+    try:
+        code = deploy(args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"fastsni-deploy: {args.name}: interrupted; see the lines above for what was done\n")
+        code = 130
+    raise SystemExit(code)
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -346,6 +352,9 @@ def deploy(args: argparse.Namespace) -> int:
         say(f"dry run: would switch {entry} -> {text} (previous: {previous_text or 'none'})")
         return EXIT_OK
     try:
+        if current_target(hosts, entry)[0] != previous_text:  # switched by someone else while probing
+            previous_text, previous = current_target(hosts, entry)
+            check_sockets(target, previous)
         make_link(hosts, entry, text)
     except Refused as exc:
         return fail(entry, str(exc), EXIT_REFUSED)
