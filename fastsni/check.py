@@ -68,20 +68,12 @@ def user_of(pid: int) -> User:
             fields[key] = value.split()
     uid = int(fields["Uid"][1])
     gids = tuple({int(fields["Gid"][1]), *(int(gid) for gid in fields.get("Groups", []))})
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = f"uid {uid}"
-    return User(uid, gids, f"{name} (the proxy, pid {pid})")
+    return User(uid, gids, f"{tree.user_name(uid)} (the proxy, pid {pid})")
 
 
 def invoking_user() -> User:
     uid = os.geteuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = f"uid {uid}"
-    return User(uid, tuple({os.getegid(), *os.getgroups()}), name)
+    return User(uid, tuple({os.getegid(), *os.getgroups()}), tree.user_name(uid))
 
 
 def connect_errors(paths: list[str], user: User) -> dict[str, int]:
@@ -323,8 +315,8 @@ class Checker:
                     WARNING,
                     entry,
                     "other-owner",
-                    f"owned by {_user_name(uid)} but {parent} by {_user_name(parent_uid)}: a name under "
-                    "someone's domain can get a real certificate (ACME tls-alpn-01) once it is served; "
+                    f"owned by {tree.user_name(uid)} but {parent} by {tree.user_name(parent_uid)}: a name "
+                    "under someone's domain can get a real certificate (ACME tls-alpn-01) once it is served; "
                     "if that is not intended, remove it",
                 )
             return
@@ -457,13 +449,6 @@ class Checker:
                     self.add(ERROR, entry, "probe-failed", str(exc))
                 else:
                     self.add(INFO, entry, "probe-ok", f"probe {leaf}: ok, {result}")
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def check_process(pid: int, hosts: str | None) -> tuple[str, list[Finding]]:

@@ -160,12 +160,7 @@ def _owner(path: str) -> str:
         uid = os.lstat(path).st_uid
     except OSError:
         return "someone else"
-    try:
-        import pwd
-
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
+    return f"{tree.user_name(uid)} (uid {uid})"
 
 
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2() swaps the two paths atomically

@@ -7,6 +7,7 @@ path lies inside the tree, and how many connections the kernel holds on a socket
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -36,6 +37,14 @@ def routable(entry: str) -> bool:
         return check_hostname(rest.encode("ascii")) == rest
     except UnicodeEncodeError:
         return False
+
+
+def user_name(uid: int) -> str:
+    """A uid as people know it: its login name, or ``uid N`` when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def inside(path: str, root: str) -> bool:

@@ -334,6 +334,14 @@ def test_probes_send_the_proxy_header_the_proxies_would(hosts, backends, ca, caf
     assert v2_headers == [b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"]  # version 2, LOCAL, UNSPEC
 
 
+def test_wildcard_entry(hosts, backends, ca, cafile):
+    v1 = hosts / "_releases" / "wild"
+    backends(v1 / "tls-socket", tls_http_backend(ca, "*.app.example"))
+    result = run(hosts, "*.App.Example", str(v1), cafile=cafile)
+    assert result.returncode == 0, result.stderr
+    assert os.readlink(hosts / "*.app.example") == "_releases/wild"
+
+
 def test_dry_run_rollback_convert_and_exit_codes(hosts, backends, ca, cafile):
     v1 = release(backends, ca, hosts / "_releases" / "v1", "v1")
     v2 = release(backends, ca, hosts / "_releases" / "v2", "v2")
