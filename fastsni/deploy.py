@@ -5,8 +5,9 @@ tls-socket and/or http-socket, typically a release directory such as
 _releases/blog-v43 (a name the proxies never route to).  Steps:
 
 1. NAME is normalised like fastsni-hostname; TARGET must resolve inside the hosts tree.
-2. Every socket in TARGET is probed (fastsni.probe), retrying until --timeout, and TARGET
-   must serve each socket the current target serves.  A failure changes nothing.
+2. Every socket in TARGET, and each one the current target serves, is probed
+   (fastsni.probe), retrying until --timeout while the new version starts.  A failure
+   changes nothing.
 3. A relative symlink is made under a private random name in the hosts directory and
    renamed over NAME (rename(2) is atomic: every lookup finds the old or the new link).
 4. The previous target is printed and recorded in TARGET (for --rollback); with
@@ -96,19 +97,25 @@ def resolve_target(hosts: str, entry: str, target: str, allow_outside: bool) -> 
     return resolved
 
 
-def check_sockets(target: str, previous: str | None) -> list[str]:
-    """The socket leaves to probe in ``target``; Refused if it lacks one the previous target serves."""
-    leaves = probe.sockets_in(target)
-    if not leaves:
-        raise Refused(f"TARGET {target} has neither tls-socket nor http-socket")
-    if previous is not None:
-        missing = [leaf for leaf in probe.sockets_in(previous) if leaf not in leaves]
-        if missing:
-            raise Refused(
-                f"the current target {previous} serves {' and '.join(missing)} but TARGET {target} does not: "
-                "after the switch that protocol would break; serve it from the new version too"
-            )
-    return leaves
+def wanted_sockets(target: str, previous: str | None, deadline: float) -> list[str]:
+    """The sockets to probe: each one the current target serves, and whatever TARGET has.
+    While that is nothing, wait (until ``deadline``) for the new version to create one."""
+    served = probe.sockets_in(previous) if previous else []
+    while True:
+        present = probe.sockets_in(target)
+        leaves = [leaf for leaf in probe.LEAVES if leaf in present or leaf in served]
+        if leaves:
+            return leaves
+        if time.monotonic() >= deadline:
+            raise Refused(f"TARGET {target} has neither tls-socket nor http-socket")
+        time.sleep(probe.RETRY_INTERVAL)
+
+
+def missing_socket(target: str, previous: str | None, leaf: str) -> Refused:
+    return Refused(
+        f"the current target {previous} serves {leaf} but TARGET {target} has none: after the switch that "
+        "protocol would break; serve it from the new version too"
+    )
 
 
 def proxy_header_notes(target: str, previous: str | None) -> list[str]:
@@ -326,15 +333,18 @@ def deploy(args: argparse.Namespace) -> int:
         previous_text, previous = current_target(hosts, entry)
         target_path = recorded_previous(hosts, previous, entry) if args.rollback else args.target
         target = resolve_target(hosts, entry, target_path, args.allow_outside)
-        leaves = check_sockets(target, previous)
+        options = probe.options_from(args)
+        deadline = time.monotonic() + options.timeout
+        leaves = wanted_sockets(target, previous, deadline)
     except Refused as exc:
         return fail(entry, str(exc), EXIT_REFUSED)
-    options = probe.options_from(args)
-    deadline = time.monotonic() + options.timeout
     for leaf in leaves:
+        path = os.path.join(target, leaf)
         try:
-            result = probe.probe(os.path.join(target, leaf), probe.probe_name(entry), options, deadline)
+            result = probe.probe(path, probe.probe_name(entry), options, deadline)
         except probe.ProbeFailed as exc:
+            if not os.path.lexists(path):  # only the current target has it
+                return fail(entry, str(missing_socket(target, previous, leaf)), EXIT_REFUSED)
             return fail(entry, f"probe failed, nothing changed: {exc}", EXIT_PROBE_FAILED)
         say(f"probe {leaf}: ok, {result}")
     for note in proxy_header_notes(target, previous):
@@ -349,7 +359,9 @@ def deploy(args: argparse.Namespace) -> int:
     try:
         if current_target(hosts, entry)[0] != previous_text:  # switched by someone else while probing
             previous_text, previous = current_target(hosts, entry)
-            check_sockets(target, previous)
+            for leaf in probe.sockets_in(previous) if previous else []:
+                if leaf not in leaves:
+                    raise missing_socket(target, previous, leaf)
         make_link(hosts, entry, text)
     except Refused as exc:
         return fail(entry, str(exc), EXIT_REFUSED)

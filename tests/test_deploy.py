@@ -240,7 +240,7 @@ REFUSALS = {
     "no handshake": (1, "TLS handshake did not complete in time"),
     "http 500": (1, "answered 'HTTP/1.1 500 X'"),
     "outside": (3, "outside the hosts tree"),
-    "lacks http": (3, "serves http-socket but TARGET"),
+    "lacks http": (3, "serves http-socket but TARGET"),  # after --timeout: it may still appear
     "empty": (3, "has neither tls-socket nor http-socket"),
 }
 
@@ -267,6 +267,8 @@ def test_refused_deploy_leaves_the_link(case, hosts, backends, ca, cafile, tmp_p
         v2 = release(backends, ca, tmp_path / "elsewhere" / "v2", "v2")
     elif case == "lacks http":
         backends(v2 / "tls-socket", tls_http_backend(ca, NAME))
+    elif case == "empty":
+        (hosts / NAME).unlink()  # a first deploy: nothing it must serve but something
     code, words = REFUSALS[case]
     start = time.monotonic()
     result = run(hosts, "--timeout", "1", NAME, str(v2), cafile=cafile)
@@ -274,7 +276,10 @@ def test_refused_deploy_leaves_the_link(case, hosts, backends, ca, cafile, tmp_p
     assert result.returncode == code, (result.stdout, result.stderr)
     assert words in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert os.readlink(hosts / NAME) == "_releases/v1"
+    if case == "empty":
+        assert not os.path.lexists(hosts / NAME)
+    else:
+        assert os.readlink(hosts / NAME) == "_releases/v1"
     assert not leftovers(hosts)
     if case == "outside":
         allowed = run(hosts, "--allow-outside", NAME, str(v2), cafile=cafile)
@@ -332,6 +337,73 @@ def test_probes_send_the_proxy_header_the_proxies_would(hosts, backends, ca, caf
     result = run(hosts, "--timeout", "5", NAME, str(v2), cafile=cafile)
     assert result.returncode == 0, result.stderr
     assert v2_headers == [b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"]  # version 2, LOCAL, UNSPEC
+
+
+@pytest.fixture
+def processes():
+    """Factory: processes(argv, cwd) -> Popen; each terminated and reaped at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(argv: list[str], cwd: Path) -> subprocess.Popen:
+        process = subprocess.Popen(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_probes_real_servers_openssl_and_uvicorn(hosts, backends, ca, cafile, tmp_path, processes):
+    """openssl s_server on tls-socket, uvicorn on http-socket, started after the deploy
+    began: the probes wait for both (the current target serves both), then see TLS 1.3
+    with h2 and an HTTP 204."""
+    pytest.importorskip("uvicorn")
+    release(backends, ca, hosts / "_releases" / "v0", "v0")
+    os.symlink("_releases/v0", hosts / NAME)
+    v1 = hosts / "_releases" / "v1"
+    v1.mkdir(parents=True)
+    deploying = subprocess.Popen(
+        [sys.executable, "-m", "fastsni.deploy", "--hosts", str(hosts), "--cafile", str(cafile)]
+        + ["--timeout", "30", NAME, str(v1)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    try:
+        certificate = ca.issue_cert(NAME)
+        certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        (tmp_path / "app.py").write_text(
+            "async def app(scope, receive, send):\n"
+            "    await send({'type': 'http.response.start', 'status': 204, 'headers': []})\n"
+            "    await send({'type': 'http.response.body', 'body': b''})\n"
+        )
+        processes(  # a relative -unix path: OpenSSL 3.0 fails to parse long ones
+            ["openssl", "s_server", "-quiet", "-unix", "tls-socket"]
+            + ["-cert", str(tmp_path / "cert.pem"), "-key", str(tmp_path / "key.pem")]
+            + ["-alpn", "h2,http/1.1"],
+            v1,
+        )
+        processes([sys.executable, "-m", "uvicorn", "app:app", "--uds", str(v1 / "http-socket")], tmp_path)
+        output, _ = deploying.communicate(timeout=40)
+    finally:
+        if deploying.poll() is None:
+            deploying.kill()
+            deploying.communicate()
+    assert deploying.returncode == 0, output
+    assert "probe tls-socket: ok, TLSv1.3, ALPN h2" in output
+    assert "probe http-socket: ok, HTTP 204" in output
+    assert os.readlink(hosts / NAME) == "_releases/v1"
+    assert "previous _releases/v0" in output
 
 
 def test_wildcard_entry(hosts, backends, ca, cafile):
