@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     errors = sum(finding.severity == ERROR for finding in findings)
     warnings = sum(finding.severity == WARNING for finding in findings)
     sys.stderr.write(f"fastsni-check: {errors} error(s), {warnings} warning(s)\n")
+    if os.geteuid() == 0 and args.user is None and args.pid is None:
+        sys.stderr.write("fastsni-check: connected as root; --user or --pid to test as the proxy's user\n")
     raise SystemExit(1 if errors else 0)
 
 
