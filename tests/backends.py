@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,9 +124,10 @@ class UnixBackend:
             thread.join(5)
 
 
-def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | None = None):
+def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | None = None, label: str = ""):
     """A handler: (PROXY line), TLS with a certificate for ``name`` (ALPN h2 or http/1.1),
-    then reply to one request with a body naming the backend and the negotiated ALPN."""
+    then reply to one request with a body naming the backend (``label``, default ``name``)
+    and the negotiated ALPN."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(name).configure_cert(context)
     context.set_alpn_protocols(["h2", "http/1.1"])
@@ -146,7 +150,7 @@ def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | Non
                 if not chunk:
                     return
                 request += chunk
-            body = f"backend {name} alpn {alpn}\n".encode()
+            body = f"backend {label or name} alpn {alpn}\n".encode()
             tls.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -158,3 +162,62 @@ def tls_http_backend(ca, name: str, expect_proxy: bool = False, seen: list | Non
                 pass
 
     return handle
+
+
+def http_backend(label: str, status: int = 200):
+    """A handler: plain HTTP/1.1 with keep-alive; each request (no body) is answered with
+    ``status`` and a body naming ``label``, until the peer closes or asks to close."""
+
+    def handle(conn: socket.socket) -> None:
+        pending = b""
+        while True:
+            while b"\r\n\r\n" not in pending:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                pending += chunk
+            head, pending = pending.split(b"\r\n\r\n", 1)
+            body = f"backend {label}\n".encode()
+            close = b"\r\nconnection: close" in head.lower()
+            conn.sendall(
+                f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n".encode()
+                + (b"Connection: close\r\n" if close else b"")
+                + b"\r\n"
+                + body
+            )
+            if close:
+                return
+
+    return handle
+
+
+def run_as(uid: int, function: Callable[[], int], timeout: float = 30) -> tuple[int, str]:
+    """Call ``function`` in a forked child running as ``uid`` (gid ``uid``, no other groups);
+    (its return value as exit code, what it printed).  Needs root."""
+    with tempfile.TemporaryFile("w+") as out:
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                sys.stdout = sys.stderr = open(out.fileno(), "w", closefd=False)  # noqa: SIM115
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                code = function()
+            except BaseException as exc:
+                sys.stderr.write(f"child failed: {exc!r}\n")
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the child running as uid {uid} did not finish in {timeout} s")
+            time.sleep(0.02)
+        out.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read()

@@ -161,6 +161,23 @@ def proxies():
         proxy.listener.close()
 
 
+@pytest.fixture
+def backends():
+    """Factory: backends(path, handle) -> a backends.UnixBackend serving ``path``; all closed at teardown."""
+    from backends import UnixBackend
+
+    started = []
+
+    def start(path: Path, handle):
+        backend = UnixBackend(path, handle)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.close()
+
+
 @pytest.fixture(scope="session")
 def ca():
     trustme = pytest.importorskip("trustme")
