@@ -76,17 +76,20 @@ def parse_cpus(text: str) -> list[int]:
         if not first.isdigit() or (dash and not last.isdigit()):
             raise UsageError(f"--cpus {text!r}: expected CPU numbers like 0,1 or 0-3")
         cpus.extend(range(int(first), int(last if dash else first) + 1))
-    allowed = os.sched_getaffinity(0)
-    for cpu in cpus:
-        if cpu not in allowed:
-            raise UsageError(f"--cpus: CPU {cpu} is not available here (available: {format_cpus(allowed)})")
+    original = os.sched_getaffinity(0)
+    try:
+        for cpu in cpus:  # the kernel knows which CPUs exist and which the cpuset allows
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError:
+                raise UsageError(
+                    f"--cpus: CPU {cpu} is not available here (CPUs: 0-{os.cpu_count() - 1})"
+                ) from None
+    finally:
+        os.sched_setaffinity(0, original)
     if len(set(cpus)) != len(cpus):
         raise UsageError(f"--cpus {text!r} names a CPU twice: give one CPU per copy")
     return cpus
-
-
-def format_cpus(cpus) -> str:
-    return ",".join(str(cpu) for cpu in sorted(cpus))
 
 
 def parse_arguments(args: list[str]) -> Options:
@@ -294,12 +297,15 @@ class Supervisor:
     def spawn(self, slot: int) -> Copy:
         """Start a copy of COMMAND with the socket on fd 0, pinned if --cpus; OSError if it cannot run."""
         cpu = None if self.cpus is None else self.cpus[slot]
-        process = subprocess.Popen(
-            self.command,
-            stdin=self.sock.fileno(),
-            stderr=subprocess.PIPE,
-            preexec_fn=None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu})),
-        )
+        try:
+            process = subprocess.Popen(
+                self.command,
+                stdin=self.sock.fileno(),
+                stderr=subprocess.PIPE,
+                preexec_fn=None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu})),
+            )
+        except subprocess.SubprocessError:  # sched_setaffinity failed in the child
+            raise OSError(errno.EINVAL, f"cannot run it on CPU {cpu}") from None
         os.set_blocking(process.stderr.fileno(), False)
         copy = Copy(process, slot, time.monotonic())
         self.selector.register(process.stderr.fileno(), selectors.EVENT_READ, copy)
