@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 
 from fastsni import __version__
+from fastsni.addresses import describe
+from fastsni.engine import ignore_signal
 
 USAGE = """usage: fastsni-listen [--user USER] [--copies N] [--cpus LIST] [HOST:]PORT COMMAND [ARG...]
 
@@ -255,7 +257,6 @@ class Copy:
     slot: int  # which of the N places it fills (and which CPU of --cpus it runs on)
     started: float
     ready: bool = False  # it printed its "listening on" line
-    leaving: bool = False  # told to stop or drain: its exit is expected
     line: bytearray = field(default_factory=bytearray)  # the unfinished stderr line
 
 
@@ -263,8 +264,8 @@ class Supervisor:
     """The socket holder: N copies of COMMAND on one listening socket.
 
     One loop over a selector: each copy's stderr (passed on line by line to ours, and
-    watched for the start line), and a pipe that signals are written to.  Reaping is
-    on SIGCHLD.
+    watched for the start line), and the pipe the C-level signal handler writes each
+    signal's number to.  Reaping is on SIGCHLD.
     """
 
     def __init__(self, sock: socket.socket, command: list[str], copies: int, cpus: list[int] | None) -> None:
@@ -281,16 +282,11 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}  # slot -> when to start it again
         self.announced = False
         self.stop_deadline: float | None = None  # set by SIGTERM/SIGINT
-        self.signals: list[int] = []
-        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
-        self.selector.register(wake_read, selectors.EVENT_READ, None)
-        self.wake_read = wake_read
+        self.wakeup, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        self.selector.register(self.wakeup, selectors.EVENT_READ, None)
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
-            signal.signal(signum, self.note_signal)
-
-    def note_signal(self, signum: int, frame) -> None:
-        self.signals.append(signum)
+            signal.signal(signum, ignore_signal)
 
     # -- starting copies
 
@@ -354,8 +350,8 @@ class Supervisor:
         self.stop_copies(new, signal.SIGTERM)
 
     def stop_copies(self, copies: list[Copy], signum: int) -> None:
+        """Send ``signum``; their exit is expected (no restart)."""
         for copy in copies:
-            copy.leaving = True
             if copy not in self.old:
                 self.old.append(copy)
             self.kill(copy, signum)
@@ -402,7 +398,7 @@ class Supervisor:
             self.announced = True
             self.say(
                 f"{count_copies(self.copies)} of {shlex.join(self.command)} serving "
-                f"{describe(self.sock)}: {self.pids(self.serving)}"
+                f"{describe(self.sock.getsockname())}: {self.pids(self.serving)}"
             )
 
     def reap(self) -> None:
@@ -415,18 +411,22 @@ class Supervisor:
         how = (
             f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
         )
+        stopping = self.stop_deadline is not None
         if copy in self.old:
             self.old.remove(copy)
-            if self.stop_deadline is None:
+            if not stopping:
                 self.say(f"old copy {copy.process.pid} {how}")
-            return
-        if self.upgrade is not None and copy in self.upgrade:
+        elif self.upgrade is not None and copy in self.upgrade:
             self.upgrade.remove(copy)
-            self.abandon_upgrade(f"new copy {copy.process.pid} {how} before it was ready")
-            return
-        self.serving[copy.slot] = None
-        if self.stop_deadline is not None:
-            return
+            if not stopping:
+                self.abandon_upgrade(f"new copy {copy.process.pid} {how} before it was ready")
+        else:
+            self.serving[copy.slot] = None
+            if not stopping:
+                self.restart_later(copy, how)
+
+    def restart_later(self, copy: Copy, how: str) -> None:
+        """An unexpected exit: start that slot again after 1 s, doubling while it keeps dying."""
         lived = time.monotonic() - copy.started
         self.failures[copy.slot] = 1 if lived >= STABLE_AFTER else self.failures[copy.slot] + 1
         delay = min(RESTART_DELAY_MAX, RESTART_DELAY * 2 ** (self.failures[copy.slot] - 1))
@@ -450,12 +450,10 @@ class Supervisor:
 
     def handle_signals(self) -> None:
         try:
-            while os.read(self.wake_read, 512):
-                pass
+            numbers = os.read(self.wakeup, 512)
         except BlockingIOError:
-            pass
-        signals, self.signals = self.signals, []
-        for signum in signals:
+            return
+        for signum in numbers:
             if signum == signal.SIGHUP and self.stop_deadline is None:
                 self.start_upgrade()
             elif signum in (signal.SIGTERM, signal.SIGINT):
@@ -463,7 +461,6 @@ class Supervisor:
                     self.stop_deadline = time.monotonic() + STOP_TIMEOUT
                     self.restart_at.clear()
                 for copy in self.all_copies():
-                    copy.leaving = True
                     self.kill(copy, signum)
             elif signum == signal.SIGUSR1:
                 for copy in self.all_copies():
@@ -517,11 +514,6 @@ class Supervisor:
 
 def count_copies(count: int) -> str:
     return "1 copy" if count == 1 else f"{count} copies"
-
-
-def describe(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def write_all(fd: int, data: bytes) -> None:
