@@ -11,6 +11,7 @@ refusing a connection.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pwd
@@ -55,6 +56,8 @@ RESTART_DELAY_MAX = 30.0  # ... doubling while it keeps dying, up to this
 STABLE_AFTER = 60.0  # a copy that ran this long before dying starts the doubling afresh
 STOP_TIMEOUT = 15.0  # seconds copies have to exit after SIGTERM/SIGINT before SIGKILL
 LINE_MAX = 65536  # bytes of a copy's unfinished stderr line held before it is passed on anyway
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class UsageError(ValueError):
@@ -293,12 +296,20 @@ class Supervisor:
     def spawn(self, slot: int) -> Copy:
         """Start a copy of COMMAND with the socket on fd 0, pinned if --cpus; OSError if it cannot run."""
         cpu = None if self.cpus is None else self.cpus[slot]
+        holder = os.getpid()
+
+        def in_the_child() -> None:  # between fork and exec
+            # The copy's stderr is a pipe to us: should we die, it could not even log.
+            # prctl(2) PR_SET_PDEATHSIG: our death sends it SIGTERM.
+            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != holder:  # we died before prctl
+                os._exit(1)
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
         try:
             process = subprocess.Popen(
-                self.command,
-                stdin=self.sock.fileno(),
-                stderr=subprocess.PIPE,
-                preexec_fn=None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu})),
+                self.command, stdin=self.sock.fileno(), stderr=subprocess.PIPE, preexec_fn=in_the_child
             )
         except subprocess.SubprocessError:  # sched_setaffinity failed in the child
             raise OSError(errno.EINVAL, f"cannot run it on CPU {cpu}") from None

@@ -481,6 +481,29 @@ def test_a_copy_that_is_killed_is_restarted(twin, hosts, listens):
     assert listen.children() != [old]
 
 
+def test_the_copies_stop_when_fastsni_listen_is_killed(twin, hosts, listens):
+    """Their stderr is a pipe to fastsni-listen: rather than serve on unable to log, they
+    get SIGTERM (PR_SET_PDEATHSIG)."""
+    listen, port = start_proxies(listens, ["--copies", "2"], twin, hosts, copies=2)
+    copies = listen.children()
+    listen.process.kill()
+    listen.process.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while not all(exited(pid) for pid in copies):
+        assert time.monotonic() < deadline, "a copy outlived fastsni-listen"
+        time.sleep(0.02)
+
+
+def test_signals_reach_any_command_and_its_start_line_counts_as_ready(hosts, listens):
+    """A COMMAND other than the proxies: SIGUSR1 is passed on; "listening on" makes it ready."""
+    script = 'trap "echo got USR1 >&2" USR1; echo "sh listening on fd 0" >&2; while :; do sleep 0.05; done'
+    listen = listens(["--copies", "1", "127.0.0.1:0", "sh", "-c", script], dict(os.environ), hosts)
+    listen.expect(r"1 copy of sh -c .* serving 127\.0\.0\.1:\d+")
+    listen.process.send_signal(signal.SIGUSR1)
+    listen.expect(r"^got USR1$")
+    assert listen.stop() == 0
+
+
 def test_cpus_pins_each_copy_to_its_own_cpu(twin, hosts, listens):
     cpus = sorted(os.sched_getaffinity(0))[:2]
     listen, port = start_proxies(listens, ["--cpus", ",".join(map(str, cpus))], twin, hosts, copies=len(cpus))
