@@ -1,12 +1,15 @@
 """How many copies of a proxy wake up for one new connection, counted with strace.
 
 N copies of fastsni (or fasthttpdir) share one listening socket on 127.0.0.1, as under
-``fastsni-listen --copies N``.  strace follows every copy (``-ff``: one trace per process)
-while COUNT connections are made one after another; each sends a plain-HTTP line, which
-fastsni answers with one TLS alert (fasthttpdir: a 400) and closes.  Per copy it counts
-the returns of epoll_wait, the accepts that got a connection and those that found none
-(EAGAIN: a copy woken for a connection another copy took).  Without EPOLLEXCLUSIVE on
-the listener every copy wakes for every connection; with it, one does.
+``fastsni-listen --copies N``.  COUNT connections are made one after another; each sends
+a plain-HTTP line, which fastsni answers with one TLS alert (fasthttpdir: a 400) and
+closes.  First, with every copy asleep in epoll_wait before each connection, the copies
+whose voluntary context switches changed are counted: the copies woken.  Then strace
+follows every copy (``-ff``: one trace per process) for COUNT more connections, counting
+per copy the returns of epoll_wait, the accepts that got a connection and those that
+found none (EAGAIN).  strace undercounts the wakeups: a copy woken for a connection
+another copy already took goes back to sleep inside epoll_wait, unseen.  Without
+EPOLLEXCLUSIVE on the listener every copy wakes for every connection; with it, one does.
 
     python3 perf/wakeups.py --copies 4 --connections 200 [--program fasthttpdir] [--pure]
 
@@ -101,6 +104,38 @@ def count(trace: Path) -> dict[str, int]:
     return figures
 
 
+def asleep_in_epoll_wait(pid: int) -> bool:
+    with open(f"/proc/{pid}/wchan") as wchan:
+        return "epoll" in wchan.read()
+
+
+def context_switches(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise ValueError(f"no voluntary_ctxt_switches for {pid}")
+
+
+def copies_woken(pids: list[int], port: int, connections: int) -> float:
+    """Per connection, how many copies went back to sleep after it (without strace, whose
+    stops are context switches too): each is first left asleep in epoll_wait."""
+    woken = 0
+    for _ in range(connections):
+        counts = []
+        for _ in range(2):  # before the connection, after it
+            deadline = time.monotonic() + START_TIMEOUT
+            while not all(asleep_in_epoll_wait(pid) for pid in pids):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the copies do not go back to epoll_wait")
+                time.sleep(0.002)
+            counts.append([context_switches(pid) for pid in pids])
+            if len(counts) == 1:
+                connect_once(port)
+        woken += sum(before != after for before, after in zip(*counts, strict=True))
+    return woken / connections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=4)
@@ -115,6 +150,7 @@ def main() -> None:
         try:
             for _ in range(options.copies):
                 copies.append(start_copy(options.program, listener, workdir, env))
+            woken = copies_woken([copy.pid for copy in copies], port, options.connections)
             prefix = f"{workdir}/trace"
             tracer = attach_strace([copy.pid for copy in copies], prefix)
             for _ in range(options.connections):
@@ -131,9 +167,9 @@ def main() -> None:
             per = options.connections
             print(
                 f"{options.program} ({'pure' if options.pure else 'compiled'}), {options.copies} copies, "
-                f"{per} connections: {totals['wakeups'] / per:.2f} epoll_wait returns and "
-                f"{totals['empty accepts'] / per:.2f} empty accepts per connection "
-                f"({totals['accepted']} accepted)"
+                f"{per} connections, per connection: {woken:.2f} copies woken; under strace "
+                f"{totals['wakeups'] / per:.2f} epoll_wait returns and "
+                f"{totals['empty accepts'] / per:.2f} empty accepts ({totals['accepted']} accepted)"
             )
         finally:
             for copy in copies:
