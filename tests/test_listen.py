@@ -292,6 +292,35 @@ def test_a_port_below_1024_unprivileged_says_what_to_do(open_hosts):
         assert advice in message, message
 
 
+@needs_root
+def test_user_needs_root(open_hosts):
+    result = subprocess.run(
+        [python_for_nobody(), "-m", "fastsni.listen", "--user", "nobody", "127.0.0.1:0", "true"],
+        env=SOURCE_TREE,
+        cwd=open_hosts,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        **AS_NOBODY,
+    )
+    assert result.returncode == 2
+    assert "only root can change user" in result.stderr
+
+
+def test_a_port_in_use_points_to_copies_and_sighup(hosts):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "fastsni.listen", f"127.0.0.1:{port}", "true"],
+            cwd=hosts,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert "Address already in use" in result.stderr and "--copies" in result.stderr
+
+
 def free_low_port() -> int:
     for port in range(1023, 900, -1):
         with socket.socket() as sock:
