@@ -546,7 +546,10 @@ def test_cpus_pins_each_copy_to_its_own_cpu(twin, hosts, listens):
 
 def asleep_in_epoll(pid: int) -> bool:
     with open(f"/proc/{pid}/wchan") as wchan:
-        return "epoll" in wchan.read()
+        where = wchan.read()
+    if where == "0":  # the kernel hides where tasks sleep (e.g. no kallsyms)
+        pytest.skip("/proc/PID/wchan says nothing here")
+    return "epoll" in where
 
 
 def wakeups(pid: int) -> int:
