@@ -5,7 +5,8 @@ with direct system calls.  Bytes move with plain read(2) and write(2), so every 
 of an strace has one obvious cause:
 
 - Listener: accepts in batches; out of descriptors, it stops accepting until a
-  connection closes (or a second passes) instead of spinning.
+  connection closes (or a second passes) instead of spinning.  With several copies
+  on one socket, a new connection wakes one of them (EPOLLEXCLUSIVE).
 - Reactor: one edge-triggered epoll instance; each connection descriptor is added
   once (closing it removes it).  Writability is asked for only after a write fell
   short (one EPOLL_CTL_MOD, kept).  Edge-triggered means "read until the kernel has no
@@ -48,6 +49,11 @@ READABLE = select.EPOLLIN
 WRITABLE = select.EPOLLOUT
 CLOSING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read to learn what it is
 EDGE = READABLE | select.EPOLLRDHUP | select.EPOLLET  # writability only once a write fell short
+# Level-triggered (a batch cut short comes back) and exclusive: when several copies share
+# the socket, a new connection wakes one copy blocked in epoll_wait, not all (Linux 4.5,
+# epoll_ctl(2)).  EPOLLEXCLUSIVE is refused by EPOLL_CTL_MOD: the listener is only ever
+# added and removed.
+LISTENING = READABLE | select.EPOLLEXCLUSIVE
 
 
 # The counters of the SIGUSR1 line (fastsni.server): plain integers, no system call.
@@ -326,7 +332,7 @@ class Listener:
     def start(self) -> None:
         if not self.accepting and not self.closed:
             self.accepting = True
-            self.reactor.add(self.fd, self, READABLE)  # level-triggered: a cut batch comes back
+            self.reactor.add(self.fd, self, LISTENING)
 
     def ready(self, fd: int, events: int) -> None:
         self.accept()

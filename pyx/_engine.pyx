@@ -39,6 +39,7 @@ from fastsni.engine import (
     CLOSING,
     PIPE_SIZE,
     EDGE,
+    LISTENING,
     MAX_EVENTS,
     OUT_OF_DESCRIPTORS,
     PUMP_ROUNDS,
@@ -110,6 +111,7 @@ assert CHUNK == C_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVE
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
 cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOSING, C_EDGE = EDGE
+cdef unsigned int C_LISTENING = LISTENING
 cdef Py_ssize_t C_SUN_PATH_MAX = SUN_PATH_MAX
 cdef char _buffer[C_CHUNK]  # every relay reads into this one buffer: the loop is single-threaded
 
@@ -446,7 +448,7 @@ cdef class Listener:
     def start(self):
         if not self.accepting and not self.closed:
             self.accepting = True
-            self.reactor.add(self.fd, self, C_READABLE)  # level-triggered: a cut batch comes back
+            self.reactor.add(self.fd, self, C_LISTENING)  # level-triggered, exclusive: see LISTENING
 
     def ready(self, int fd, unsigned int events):
         self.accept()
