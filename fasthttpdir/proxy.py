@@ -345,6 +345,7 @@ class HttpConnection:
         self.relayed = False  # handed to fastsni's relay after a 101
         self.closed = False
         self.draining = False  # SIGHUP: close once the requests begun are answered
+        self.kept_alive = False  # answered a request and waits for the next
         self.reactor.add(fd, self)
         try:
             self.client = peer_of(fd, service.family)
@@ -583,6 +584,7 @@ class HttpConnection:
             if self.client_eof or (self.draining and not reader.head_size):
                 self.close()
             elif self.timer is None:  # the head's deadline holds however its bytes trickle in
+                self.kept_alive = True
                 self.arm()
 
     def connect(self, request: Request) -> bool:
@@ -829,5 +831,5 @@ class HttpConnection:
         if self.done() or self.reader is None:
             return  # a relay (or a connection already closing) runs to its end
         self.draining = True
-        if self.active is None and not self.reader.requests and not self.reader.head_size:
-            self.close()  # between requests
+        if self.kept_alive and self.active is None and not self.reader.requests and not self.reader.head_size:
+            self.close()  # idle between requests; a new connection's first request may be on its way

@@ -348,6 +348,7 @@ cdef class HttpConnection:
     cdef public bint lingering
     cdef public bint relayed
     cdef public bint closed
+    cdef public bint kept_alive
     cdef public bint draining
 
     def __init__(self, service, fd):
@@ -386,6 +387,7 @@ cdef class HttpConnection:
         self.relayed = False  # handed to fastsni's relay after a 101
         self.closed = False
         self.draining = False  # SIGHUP: close once the requests begun are answered
+        self.kept_alive = False
         self.reactor.add(fd, self)
         try:
             self.client = peer_of(fd, service.family)
@@ -627,6 +629,7 @@ cdef class HttpConnection:
             if self.client_eof or (self.draining and not reader.head_size):
                 self.close()
             elif self.timer is None:  # the head's deadline holds however its bytes trickle in
+                self.kept_alive = True
                 self.arm()
 
     cdef bint connect(self, Request request) except -1:
@@ -876,5 +879,5 @@ cdef class HttpConnection:
         if self.done() or self.reader is None:
             return  # a relay (or a connection already closing) runs to its end
         self.draining = True
-        if self.active is None and not self.reader.requests and not self.reader.head_size:
-            self.close()  # between requests
+        if self.kept_alive and self.active is None and not self.reader.requests and not self.reader.head_size:
+            self.close()  # idle between requests; a new connection's first request may be on its way

@@ -433,15 +433,6 @@ def test_sighup_replaces_every_copy_without_failing_a_connection(twin, hosts, li
     assert done >= 40
 
 
-FIRST_REQUEST_BUG = (
-    "fasthttpdir's drain() closes a connection accepted before its first request arrived as if it "
-    "were an idle keep-alive one (fasthttpdir/proxy.py and pyx/_http.pyx: `if self.active is None and "
-    "not self.reader.requests and not self.reader.head_size: self.close()`), so a client whose "
-    "request is in flight during an upgrade gets no answer"
-)
-
-
-@pytest.mark.xfail(reason=FIRST_REQUEST_BUG, strict=True, raises=(AssertionError, ConnectionError))
 def test_fasthttpdir_drain_answers_a_connection_whose_first_request_is_still_coming(twin, hosts, proxies):
     """A connection accepted but not yet sent to when SIGHUP arrives is not idle: the
     client has a request on its way, and the draining copy must answer it."""
@@ -461,7 +452,6 @@ def test_fasthttpdir_drain_answers_a_connection_whose_first_request_is_still_com
         backend.close()
 
 
-@pytest.mark.xfail(reason=FIRST_REQUEST_BUG, strict=False)  # fails in about one run of four
 @pytest.mark.usefixtures("uvicorn_backend")
 def test_sighup_replaces_fasthttpdir_copies_under_httpx_load(twin, hosts, listens):
     """httpx, a new connection per request, through two copies of fasthttpdir to uvicorn,
