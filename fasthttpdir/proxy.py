@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from collections import deque
 
 import httptools
 
-from fastsni.addresses import client_ip, describe, of_descriptor, peer_of, proxy_v1_header
+from fastsni.addresses import client_ip, describe, peer_of, proxy_header
 from fastsni.engine import (
     CHUNK,
     CLOSING,
@@ -32,6 +33,7 @@ from fastsni.engine import (
     Service,
     connect_backend,
     errno_name,
+    serves,
     shutdown_write,
 )
 from fastsni.tls import check_hostname
@@ -40,10 +42,13 @@ HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) t
 LINGER = 5.0  # seconds a closing connection keeps reading (and dropping) what the client still sends
 MAX_HEAD = 64 * 1024  # bytes of request head before 431
 BACKEND_SOCKET = "http-socket"
+TLS_SOCKET = "tls-socket"  # fastsni's: a host with only this one is redirected to https
 DROPPED = frozenset((b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"))
 NOT_FOUND = frozenset((errno.ENOENT, errno.ENOTDIR))
 UNAVAILABLE = frozenset((errno.EACCES, errno.ECONNREFUSED))
+NOT_URI_SAFE = re.compile(rb"[^\x21-\x7e]")  # controls, space, DEL, non-ASCII: percent-encoded
 REASONS = {
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
@@ -118,6 +123,62 @@ def error_response(status: int, close: bool) -> bytes:
         b"Connection: close\r\n" if close else b"",
         body,
     )
+
+
+def redirect_response(name: str, method: bytes, target: bytes, close: bool) -> bytes:
+    """308 to ``https://<name><path and query of target>`` (RFC 9110 §15.4.9: the method
+    and body are kept), with a short body (only its length for HEAD)."""
+    location = b"https://%s%s" % (name.encode("ascii"), https_path(target))
+    body = b"Moved to %s\n" % location
+    head = (
+        b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n"
+        % (
+            location,
+            len(body),
+            b"Connection: close\r\n" if close else b"",
+        )
+    )
+    return head if method == b"HEAD" else head + body
+
+
+def https_path(target: bytes) -> bytes:
+    """The path and query of a request-target for a Location header: origin-form as
+    sent; absolute-form without its scheme and authority (and fragment); ``*`` -> ``/``.
+    Every byte outside printable ASCII is percent-encoded (RFC 3986 §2.1), so no control
+    character (CR, LF above all) can reach the header, whatever the parser let through."""
+    if target[:1] != b"/":
+        if target == b"*":
+            return b"/"
+        rest = target.partition(b"://")[2]
+        start = len(rest)
+        for stop in (b"/", b"?"):
+            index = rest.find(stop)
+            if 0 <= index < start:
+                start = index
+        target = rest[start:].partition(b"#")[0]
+        if target[:1] != b"/":
+            target = b"/" + target  # "http://a?q" has an empty path
+    return NOT_URI_SAFE.sub(percent_encoded, target)
+
+
+def percent_encoded(match: re.Match) -> bytes:
+    return b"%%%02X" % match[0][0]
+
+
+def refusal(client: tuple | None, request, exc: OSError, close: bool) -> bytes:
+    """The answer when connect_backend failed for ``request``: 308 to https if only
+    fastsni serves the name (no http-socket, a tls-socket), else 404, 503 or 502 (logged)."""
+    if exc.errno in NOT_FOUND and serves(request.name, TLS_SOCKET):
+        return redirect_response(request.name, request.method, request.target, close)
+    if exc.errno in NOT_FOUND:
+        status = 404
+    elif exc.errno in UNAVAILABLE:
+        status = 503
+    else:
+        status = 502
+    log(client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
+    return error_response(status, close)
 
 
 class Request:
@@ -568,21 +629,14 @@ class HttpConnection:
     def connect(self, request: Request) -> bool:
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
-            fd, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
+            fd, proxy = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
-            if exc.errno in NOT_FOUND:
-                status = 404
-            elif exc.errno in UNAVAILABLE:
-                status = 503
-            else:
-                status = 502
-            log(self.client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.send_client(error_response(status, False))
+                self.send_client(refusal(self.client, request, exc, False))
                 return False
-            self.send_client(error_response(status, True))
+            self.send_client(refusal(self.client, request, exc, True))
             self.linger()
             return True
         self.backend = fd
@@ -591,8 +645,8 @@ class HttpConnection:
         self.backend_readable = self.backend_hup = False
         self.backend_writable = True
         self.reactor.add(fd, self)
-        if send_proxy:
-            self.send_backend(proxy_v1_header(*of_descriptor(self.fd, self.service.family)))
+        if proxy:  # goes out in one write with the request head (pump)
+            request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
         self.pump()
         return True
 

@@ -23,8 +23,8 @@ import httptools
 
 from fastsni._engine import Relay, connect_backend, shutdown_write
 from fastsni._tls import check_hostname
-from fastsni.addresses import client_ip, describe, of_descriptor, peer_of, proxy_v1_header
-from fastsni.engine import CHUNK, CLOSING, READABLE, RETRY, WRITABLE, errno_name
+from fastsni.addresses import client_ip, describe, peer_of, proxy_header
+from fastsni.engine import CHUNK, CLOSING, READABLE, RETRY, WRITABLE
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
     DROPPED,
@@ -32,11 +32,10 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     HIGH_WATER,
     LINGER,
     MAX_HEAD,
-    NOT_FOUND,
-    UNAVAILABLE,
     Rejected,
     error_response,
     log,
+    refusal,
 )
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
@@ -613,21 +612,14 @@ cdef class HttpConnection:
     cdef bint connect(self, Request request) except -1:
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
-            fd, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
+            fd, proxy = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
-            if exc.errno in NOT_FOUND:
-                status = 404
-            elif exc.errno in UNAVAILABLE:
-                status = 503
-            else:
-                status = 502
-            log(self.client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.send_client(error_response(status, False))
+                self.send_client(refusal(self.client, request, exc, False))
                 return False
-            self.send_client(error_response(status, True))
+            self.send_client(refusal(self.client, request, exc, True))
             self.linger()
             return True
         self.backend = fd
@@ -636,8 +628,8 @@ cdef class HttpConnection:
         self.backend_readable = self.backend_hup = False
         self.backend_writable = True
         self.reactor.add(fd, self)
-        if send_proxy:
-            self.send_backend(proxy_v1_header(*of_descriptor(self.fd, self.service.family)))
+        if proxy:  # goes out in one write with the request head (pump)
+            request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
         self.pump()
         return True
 
