@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from backends import UnixBackend, client_hello, recv_exactly
+from backends import client_hello, recv_exactly
 from realservers import Servers, pem_for_haproxy, write_tls_files
 
 from fastsni.addresses import proxy_v2_header
@@ -57,19 +57,6 @@ def test_longest_name_fits_its_tlv():
 # -- which file asks for which version ---------------------------------------------------
 
 
-@pytest.fixture
-def raw_backends():
-    started: list[UnixBackend] = []
-
-    def start(path, handle) -> UnixBackend:
-        started.append(UnixBackend(path, handle))
-        return started[-1]
-
-    yield start
-    for backend in started:
-        backend.close()
-
-
 def recording(seen: list, reply: bytes):
     """A backend that records everything up to the end of a request head, then replies."""
 
@@ -87,11 +74,11 @@ def recording(seen: list, reply: bytes):
 
 
 @pytest.mark.parametrize("files", [("send-proxy-v2",), ("send-proxy-v1", "send-proxy-v2")])
-def test_v2_file_selects_v2_and_wins_over_v1(twin, hosts, proxies, raw_backends, files):
+def test_v2_file_selects_v2_and_wins_over_v1(twin, hosts, proxies, unix_backends, files):
     """send-proxy-v2 of any file type (here a dangling symlink) selects v2; with both
     files present, v2 wins."""
     seen: list[bytes] = []
-    raw_backends(hosts / "a.test" / "http-socket", recording(seen, b"HTTP/1.1 204 No Content\r\n\r\n"))
+    unix_backends(hosts / "a.test" / "http-socket", recording(seen, b"HTTP/1.1 204 No Content\r\n\r\n"))
     for marker in files:
         (hosts / "a.test" / marker).symlink_to("nowhere")
     proxy = proxies("fasthttpdir", hosts, twin)
@@ -103,7 +90,7 @@ def test_v2_file_selects_v2_and_wins_over_v1(twin, hosts, proxies, raw_backends,
     assert seen[0].startswith(expected + b"GET / HTTP/1.1\r\n"), seen
 
 
-def test_fastsni_sends_v2_then_the_hello(twin, hosts, proxies, raw_backends):
+def test_fastsni_sends_v2_then_the_hello(twin, hosts, proxies, unix_backends):
     hello = client_hello("a.test")
     seen: list[bytes] = []
 
@@ -113,7 +100,7 @@ def test_fastsni_sends_v2_then_the_hello(twin, hosts, proxies, raw_backends):
         seen.append(recv_exactly(conn, len(hello)))
         conn.sendall(b"ok")
 
-    raw_backends(hosts / "a.test" / "tls-socket", handle)
+    unix_backends(hosts / "a.test" / "tls-socket", handle)
     (hosts / "a.test" / "send-proxy-v2").write_text("")
     (hosts / "a.test" / "send-proxy-v1").mkdir()  # any file type; v2 still wins
     proxy = proxies("fastsni", hosts, twin)

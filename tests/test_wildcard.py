@@ -8,26 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from backends import UnixBackend, client_hello, recv_exactly, recv_until_eof, tls_http_backend
+from backends import client_hello, recv_exactly, recv_until_eof, tls_http_backend
 
 from fastsni.addresses import proxy_v2_header
 from fastsni.hostname import directory_name
 from fastsni.tls import UNRECOGNIZED_NAME, alert
 
 WILD = "*.example.test"
-
-
-@pytest.fixture
-def backends():
-    started: list[UnixBackend] = []
-
-    def start(path, handle) -> UnixBackend:
-        started.append(UnixBackend(path, handle))
-        return started[-1]
-
-    yield start
-    for backend in started:
-        backend.close()
 
 
 def tagged(tag: str, proxies_seen: list | None = None):
@@ -56,10 +43,10 @@ def tagged(tag: str, proxies_seen: list | None = None):
 def layout(hosts, leaf: str, handler_for) -> None:
     """The wildcard as a symlink to a release directory, one exact name, and one claimed
     name whose directory has no backend socket (it still wins over the wildcard)."""
-    backends, make = handler_for
-    backends(hosts / "wild-v1" / leaf, make("*.example.test"))
+    unix_backends, make = handler_for
+    unix_backends(hosts / "wild-v1" / leaf, make("*.example.test"))
     (hosts / WILD).symlink_to("wild-v1")
-    backends(hosts / "exact.example.test" / leaf, make("exact.example.test"))
+    unix_backends(hosts / "exact.example.test" / leaf, make("exact.example.test"))
     (hosts / "claimed.example.test").mkdir()
 
 
@@ -73,8 +60,8 @@ ROUTES = {
 }
 
 
-def test_fastsni_routes_by_wildcard(twin, hosts, proxies, backends, ca, tmp_path):
-    layout(hosts, "tls-socket", (backends, lambda name: tls_http_backend(ca, name)))
+def test_fastsni_routes_by_wildcard(twin, hosts, proxies, unix_backends, ca, tmp_path):
+    layout(hosts, "tls-socket", (unix_backends, lambda name: tls_http_backend(ca, name)))
     proxy = proxies("fastsni", hosts, twin)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -94,8 +81,8 @@ def test_fastsni_routes_by_wildcard(twin, hosts, proxies, backends, ca, tmp_path
         assert result.stdout == f"backend {served_by} alpn http/1.1\n".encode(), name
 
 
-def test_fasthttpdir_routes_by_wildcard(twin, hosts, proxies, backends):
-    layout(hosts, "http-socket", (backends, tagged))
+def test_fasthttpdir_routes_by_wildcard(twin, hosts, proxies, unix_backends):
+    layout(hosts, "http-socket", (unix_backends, tagged))
     proxy = proxies("fasthttpdir", hosts, twin)
     for name, served_by in ROUTES.items():
         result = subprocess.run(
@@ -120,11 +107,11 @@ def test_fasthttpdir_routes_by_wildcard(twin, hosts, proxies, backends):
             assert result.stdout == f"{served_by} {name}\n200".encode(), name
 
 
-def test_fasthttpdir_wildcard_names_get_their_own_backend_connections(twin, hosts, proxies, backends):
+def test_fasthttpdir_wildcard_names_get_their_own_backend_connections(twin, hosts, proxies, unix_backends):
     """Two names under one wildcard are two hosts: a new backend connection for each,
     each with its own name in the PROXY v2 TLV."""
     seen: list[bytes] = []
-    backends(hosts / WILD / "http-socket", tagged("wild", seen))
+    unix_backends(hosts / WILD / "http-socket", tagged("wild", seen))
     (hosts / WILD / "send-proxy-v2").write_text("")
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
