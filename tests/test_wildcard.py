@@ -157,3 +157,27 @@ def test_hostname_tool_prints_the_wildcard_directory():
         [sys.executable, "-m", "fastsni.hostname", "a.*.example"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 1 and "leftmost label" in result.stderr
+
+
+def test_long_names_through_a_wildcard_with_proxy_v2(twin, hosts, proxies, unix_backends):
+    """Paths past sun_path's 108 bytes go through the directory's descriptor: the
+    wildcard and the send-proxy-v2 lookup work there too."""
+    rest = ".".join(["b" * 63, "c" * 63, "d" * 61])  # 189 bytes
+    name = "a" * 63 + "." + rest  # 253 bytes, the longest valid name
+    hello = client_hello(name)
+    seen: list[bytes] = []
+
+    def handle(conn: socket.socket) -> None:
+        head = recv_exactly(conn, 16)
+        seen.append(head + recv_exactly(conn, int.from_bytes(head[14:16], "big")))
+        recv_exactly(conn, len(hello))
+        conn.sendall(b"ok")
+
+    unix_backends(hosts / f"*.{rest}" / "tls-socket", handle)
+    (hosts / f"*.{rest}" / "send-proxy-v2").write_text("")
+    proxy = proxies("fastsni", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(hello)
+        assert recv_exactly(sock, 2) == b"ok"
+        port = sock.getsockname()[1]
+    assert seen == [proxy_v2_header(("127.0.0.1", port), ("127.0.0.1", proxy.port), name)]
