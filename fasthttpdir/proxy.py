@@ -159,10 +159,10 @@ def https_path(target: bytes) -> bytes:
         target = rest[start:].partition(b"#")[0]
         if target[:1] != b"/":
             target = b"/" + target  # "http://a?q" has an empty path
-    return NOT_URI_SAFE.sub(percent_encoded, target)
+    return NOT_URI_SAFE.sub(_percent_encoded, target)
 
 
-def percent_encoded(match: re.Match) -> bytes:
+def _percent_encoded(match: re.Match) -> bytes:
     return b"%%%02X" % match[0][0]
 
 

@@ -58,18 +58,18 @@ def connect_backend(name: str, leaf: str) -> tuple[int, int]:
     if that path is absent and no entry ``<name>`` exists, to ``*.<rest>/<leaf>``.
 
     Returns the connected non-blocking descriptor and the PROXY protocol version the
-    backend's directory asks for (see proxy_version).  Raises OSError from open(),
+    backend's directory asks for (see _proxy_version).  Raises OSError from open(),
     connect() or socket(); the caller maps its errno to an answer.
     """
     try:
-        return connect_in(name, leaf)
+        return _connect_in(name, leaf)
     except OSError as exc:
         if exc.errno not in ABSENT_ENTRY:
             raise
-        wildcard = fallback_directory(name)
+        wildcard = _fallback_directory(name)
         if wildcard is None:
             raise
-    return connect_in(wildcard, leaf)
+    return _connect_in(wildcard, leaf)
 
 
 def wildcard_of(name: str) -> str | None:
@@ -79,7 +79,7 @@ def wildcard_of(name: str) -> str | None:
     return None if dot < 0 else "*" + name[dot:]
 
 
-def fallback_directory(name: str) -> str | None:
+def _fallback_directory(name: str) -> str | None:
     """Once ``<name>/<leaf>`` was absent: the wildcard directory to try instead, or None.
 
     An entry ``<name>`` of any kind (even one without that leaf, or a dangling symlink)
@@ -94,11 +94,11 @@ def fallback_directory(name: str) -> str | None:
 def serves(name: str, leaf: str) -> bool:
     """Whether ``<name>/<leaf>`` exists in the directory that serves ``name`` (the exact
     entry, else its wildcard), following symlinks.  Not hot: after a failed connect."""
-    directory = fallback_directory(name) or name
+    directory = _fallback_directory(name) or name
     return os.path.exists(f"{directory}/{leaf}")
 
 
-def connect_in(directory: str, leaf: str) -> tuple[int, int]:
+def _connect_in(directory: str, leaf: str) -> tuple[int, int]:
     """Connect to ``<directory>/<leaf>``; (descriptor, PROXY version).  A path too long
     for sun_path is reached through the directory's descriptor in /proc, so every
     valid hostname works."""
@@ -107,18 +107,18 @@ def connect_in(directory: str, leaf: str) -> tuple[int, int]:
         path = f"{directory}/{leaf}"
         if len(path) <= SUN_PATH_MAX:
             sock.connect(path)
-            return sock.detach(), proxy_version(f"{directory}/")
+            return sock.detach(), _proxy_version(f"{directory}/")
         dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             sock.connect(f"/proc/self/fd/{dirfd}/{leaf}")
-            return sock.detach(), proxy_version("", dirfd)
+            return sock.detach(), _proxy_version("", dirfd)
         finally:
             os.close(dirfd)
     finally:
         sock.close()  # a no-op once detached
 
 
-def proxy_version(prefix: str, dir_fd: int | None = None) -> int:
+def _proxy_version(prefix: str, dir_fd: int | None = None) -> int:
     """2 if ``<prefix>send-proxy-v2`` exists (any file type, a dangling symlink too),
     else 1 if ``send-proxy-v1`` does, else 0: one lstat for a v2 host, two otherwise."""
     for version, marker in PROXY_MARKERS:

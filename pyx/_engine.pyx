@@ -32,7 +32,7 @@ import os
 import signal
 from collections import deque
 
-from fastsni.engine import abandon, errno_name, ignore_signal, internal_error, wildcard_of  # not hot: the pure module's own
+from fastsni.engine import abandon, errno_name, ignore_signal, internal_error, serves, wildcard_of  # not hot: the pure module's own
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,

@@ -34,7 +34,9 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     MAX_HEAD,
     Rejected,
     error_response,
+    https_path,  # with redirect_response: what refusal() answers for a TLS-only host
     log,
+    redirect_response,
     refusal,
 )
 
