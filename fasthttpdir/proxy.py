@@ -33,7 +33,7 @@ from fastsni.engine import (
     Service,
     connect_backend,
     errno_name,
-    serves,
+    exists_beside,
     shutdown_write,
 )
 from fastsni.tls import check_hostname
@@ -169,7 +169,7 @@ def _percent_encoded(match: re.Match) -> bytes:
 def refusal(client: tuple | None, request, exc: OSError, close: bool) -> bytes:
     """The answer when connect_backend failed for ``request``: 308 to https if only
     fastsni serves the name (no http-socket, a tls-socket), else 404, 503 or 502 (logged)."""
-    if exc.errno in NOT_FOUND and serves(request.name, TLS_SOCKET):
+    if exc.errno in NOT_FOUND and exists_beside(exc, TLS_SOCKET):
         return redirect_response(request.name, request.method, request.target, close)
     if exc.errno in NOT_FOUND:
         status = 404

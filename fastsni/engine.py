@@ -59,17 +59,23 @@ def connect_backend(name: str, leaf: str) -> tuple[int, int]:
 
     Returns the connected non-blocking descriptor and the PROXY protocol version the
     backend's directory asks for (see _proxy_version).  Raises OSError from open(),
-    connect() or socket(); the caller maps its errno to an answer.
+    connect() or socket(), its ``filename`` the ``<directory>/<leaf>`` tried last; the
+    caller maps its errno to an answer.
     """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
-        return _connect_in(name, leaf)
-    except OSError as exc:
-        if exc.errno not in ABSENT_ENTRY:
-            raise
-        wildcard = _fallback_directory(name)
-        if wildcard is None:
-            raise
-    return _connect_in(wildcard, leaf)
+        try:
+            proxy = _connect_in(sock, name, leaf)
+        except OSError as exc:
+            if exc.errno not in ABSENT_ENTRY:
+                raise
+            wildcard = _fallback_directory(name)
+            if wildcard is None:
+                raise
+            proxy = _connect_in(sock, wildcard, leaf)  # a failed connect leaves it unconnected
+        return sock.detach(), proxy
+    finally:
+        sock.close()  # a no-op once detached
 
 
 def wildcard_of(name: str) -> str | None:
@@ -91,31 +97,31 @@ def _fallback_directory(name: str) -> str | None:
     return wildcard
 
 
-def serves(name: str, leaf: str) -> bool:
-    """Whether ``<name>/<leaf>`` exists in the directory that serves ``name`` (the exact
-    entry, else its wildcard), following symlinks.  Not hot: after a failed connect."""
-    directory = _fallback_directory(name) or name
-    return os.path.exists(f"{directory}/{leaf}")
+def exists_beside(failed: OSError, leaf: str) -> bool:
+    """Whether ``leaf`` exists (following symlinks) in the directory where
+    connect_backend failed: the exact entry, or the wildcard that stood in for it."""
+    directory = os.path.dirname(failed.filename or "")
+    return bool(directory) and os.path.exists(f"{directory}/{leaf}")
 
 
-def _connect_in(directory: str, leaf: str) -> tuple[int, int]:
-    """Connect to ``<directory>/<leaf>``; (descriptor, PROXY version).  A path too long
-    for sun_path is reached through the directory's descriptor in /proc, so every
-    valid hostname works."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+def _connect_in(sock: socket.socket, directory: str, leaf: str) -> int:
+    """Connect ``sock`` to ``<directory>/<leaf>``; the directory's PROXY version.  A path
+    too long for sun_path is reached through the directory's descriptor in /proc, so
+    every valid hostname works."""
+    path = f"{directory}/{leaf}"
     try:
-        path = f"{directory}/{leaf}"
         if len(path) <= SUN_PATH_MAX:
             sock.connect(path)
-            return sock.detach(), _proxy_version(f"{directory}/")
+            return _proxy_version(f"{directory}/")
         dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             sock.connect(f"/proc/self/fd/{dirfd}/{leaf}")
-            return sock.detach(), _proxy_version("", dirfd)
+            return _proxy_version("", dirfd)
         finally:
             os.close(dirfd)
-    finally:
-        sock.close()  # a no-op once detached
+    except OSError as exc:
+        exc.filename = path
+        raise
 
 
 def _proxy_version(prefix: str, dir_fd: int | None = None) -> int:

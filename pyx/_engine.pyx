@@ -32,7 +32,7 @@ import os
 import signal
 from collections import deque
 
-from fastsni.engine import abandon, errno_name, ignore_signal, internal_error, serves, wildcard_of  # not hot: the pure module's own
+from fastsni.engine import abandon, errno_name, ignore_signal, internal_error, exists_beside, wildcard_of  # not hot: the pure module's own
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,
@@ -120,32 +120,42 @@ cdef inline bint _retry(int err) noexcept:
     return err == EAGAIN or err == EINTR  # EWOULDBLOCK is EAGAIN on Linux
 
 
-cdef object _oserror(int err):
-    return OSError(err, os.strerror(err))
+cdef object _oserror(int err, bytes filename=None):
+    if filename is None:
+        return OSError(err, os.strerror(err))
+    return OSError(err, os.strerror(err), filename.decode("ascii"))
 
 
-cdef int _connect_path(int fd, bytes path) except -1:
+cdef int _connect_path(int fd, bytes path) noexcept:
+    """connect(2) to the Unix socket at ``path``: 0, or -1 with errno set."""
     cdef sockaddr_un address
     cdef Py_ssize_t length = PyBytes_GET_SIZE(path)
     address.sun_family = AF_UNIX
     memcpy(address.sun_path, PyBytes_AS_STRING(path), length + 1)
-    if connect(fd, <sockaddr*>&address, <socklen_t>(sizeof(sa_family_t) + length + 1)) < 0:
-        raise _oserror(errno)
-    return 0
+    return connect(fd, <sockaddr*>&address, <socklen_t>(sizeof(sa_family_t) + length + 1))
 
 
 def connect_backend(str name, str leaf):
     """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh;
     if that path is absent and no entry ``<name>`` exists, to ``*.<rest>/<leaf>``."""
+    cdef int proxy
+    cdef int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        raise _oserror(errno)
     try:
-        return _connect_in(name, leaf)
-    except OSError as exc:
-        if exc.errno != ENOENT and exc.errno != ENOTDIR:
-            raise
-        wildcard = _fallback_directory(name)
-        if wildcard is None:
-            raise
-    return _connect_in(wildcard, leaf)
+        try:
+            proxy = _connect_in(fd, name, leaf)
+        except OSError as exc:
+            if exc.errno != ENOENT and exc.errno != ENOTDIR:
+                raise
+            wildcard = _fallback_directory(name)
+            if wildcard is None:
+                raise
+            proxy = _connect_in(fd, wildcard, leaf)  # a failed connect leaves it unconnected
+        return fd, proxy
+    except BaseException:
+        close(fd)
+        raise
 
 
 cdef object _fallback_directory(str name):
@@ -157,28 +167,23 @@ cdef object _fallback_directory(str name):
     return wildcard
 
 
-cdef tuple _connect_in(str directory, str leaf):
-    """Connect to ``<directory>/<leaf>``; (descriptor, PROXY version)."""
+cdef int _connect_in(int fd, str directory, str leaf) except -1:
+    """Connect ``fd`` to ``<directory>/<leaf>``; the directory's PROXY version."""
     cdef int dirfd
     cdef bytes path = f"{directory}/{leaf}".encode("ascii")
-    cdef int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-    if fd < 0:
-        raise _oserror(errno)
+    if PyBytes_GET_SIZE(path) <= C_SUN_PATH_MAX:
+        if _connect_path(fd, path) < 0:
+            raise _oserror(errno, path)
+        return _proxy_version(AT_FDCWD, PyBytes_AS_STRING(path), len(directory) + 1)
+    dirfd = c_open(directory.encode("ascii"), O_PATH | O_DIRECTORY | O_CLOEXEC)
+    if dirfd < 0:
+        raise _oserror(errno, path)
     try:
-        if PyBytes_GET_SIZE(path) <= C_SUN_PATH_MAX:
-            _connect_path(fd, path)
-            return fd, _proxy_version(AT_FDCWD, PyBytes_AS_STRING(path), len(directory) + 1)
-        dirfd = c_open(directory.encode("ascii"), O_PATH | O_DIRECTORY | O_CLOEXEC)
-        if dirfd < 0:
-            raise _oserror(errno)
-        try:
-            _connect_path(fd, f"/proc/self/fd/{dirfd}/{leaf}".encode("ascii"))
-            return fd, _proxy_version(dirfd, b"", 0)
-        finally:
-            close(dirfd)
-    except BaseException:
-        close(fd)
-        raise
+        if _connect_path(fd, f"/proc/self/fd/{dirfd}/{leaf}".encode("ascii")) < 0:
+            raise _oserror(errno, path)
+        return _proxy_version(dirfd, b"", 0)
+    finally:
+        close(dirfd)
 
 
 cdef int _proxy_version(int dirfd, const char* prefix, Py_ssize_t length) noexcept:

@@ -74,6 +74,7 @@ def test_redirect_keeps_the_connection_alive(twin, hosts, proxies):
 
 def test_wildcard_tls_only_redirects_with_the_asked_name(twin, hosts, proxies):
     (hosts / "*.wild.test").mkdir()
+    (hosts / "claimed.wild.test").mkdir()
     with socket.socket(socket.AF_UNIX) as placeholder:
         placeholder.bind(str(hosts / "*.wild.test" / "tls-socket"))
         proxy = proxies("fasthttpdir", hosts, twin)
@@ -81,6 +82,9 @@ def test_wildcard_tls_only_redirects_with_the_asked_name(twin, hosts, proxies):
             sock.sendall(b"GET /x HTTP/1.1\r\nHost: a.wild.test\r\n\r\n")
             expected = redirect(b"https://a.wild.test/x")
             assert recv_exactly(sock, len(expected)) == expected
+            # an exact entry without sockets wins over the wildcard: no redirect, 404
+            sock.sendall(b"GET /x HTTP/1.1\r\nHost: claimed.wild.test\r\n\r\n")
+            assert recv_exactly(sock, 12) == b"HTTP/1.1 404"
 
 
 def path_echo_backend(ca, name: str):
