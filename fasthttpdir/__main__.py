@@ -7,8 +7,10 @@ import sys
 from fastsni import server, twins
 
 SUMMARY = """Route each HTTP/1.1 request accepted on fd 0 by its Host header to the Unix socket
-<name>/http-socket under the current directory (each new backend connection starts
-with a PROXY v1 line if <name>/send-proxy-v1 exists), adding X-Forwarded-For.
+<name>/http-socket under the current directory, or *.<rest>/http-socket if no entry
+<name> exists (each new backend connection starts with a PROXY v2 header if
+<name>/send-proxy-v2 exists, else a v1 line if send-proxy-v1 does), adding
+X-Forwarded-For; a host with only a tls-socket gets a 308 redirect to https.
 No options, no configuration: the directory tree is the configuration, looked up
 afresh for every backend connection. SIGHUP: stop accepting and let open connections
 finish (up to 10 s). SIGTERM, SIGINT: exit."""

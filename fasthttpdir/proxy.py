@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections import deque
 
 import httptools
 
-from fastsni.addresses import client_ip, describe, of_descriptor, peer_of, proxy_v1_header
+from fastsni.addresses import client_ip, describe, peer_of, proxy_header
 from fastsni.engine import (
     CHUNK,
     CLOSING,
@@ -31,6 +32,7 @@ from fastsni.engine import (
     Service,
     connect_backend,
     errno_name,
+    exists_beside,
     shutdown_write,
 )
 from fastsni.logs import failures
@@ -40,10 +42,13 @@ HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) t
 LINGER = 5.0  # seconds a closing connection keeps reading (and dropping) what the client still sends
 MAX_HEAD = 64 * 1024  # bytes of request head before 431
 BACKEND_SOCKET = "http-socket"
+TLS_SOCKET = "tls-socket"  # fastsni's: a host with only this one is redirected to https
 DROPPED = frozenset((b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"))
 NOT_FOUND = frozenset((errno.ENOENT, errno.ENOTDIR))
 UNAVAILABLE = frozenset((errno.EACCES, errno.ECONNREFUSED))
+NOT_URI_SAFE = re.compile(rb"[^\x21-\x7e]")  # controls, space, DEL, non-ASCII: percent-encoded
 REASONS = {
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
@@ -120,6 +125,74 @@ def error_response(status: int, close: bool) -> bytes:
         b"Connection: close\r\n" if close else b"",
         body,
     )
+
+
+def redirect_response(name: str, method: bytes, target: bytes, close: bool) -> bytes:
+    """308 to ``https://<name><path and query of target>`` (RFC 9110 §15.4.9: the method
+    and body are kept), with a short body (only its length for HEAD)."""
+    location = b"https://%s%s" % (name.encode("ascii"), https_path(target))
+    body = b"Moved to %s\n" % location
+    head = (
+        b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n"
+        % (
+            location,
+            len(body),
+            b"Connection: close\r\n" if close else b"",
+        )
+    )
+    return head if method == b"HEAD" else head + body
+
+
+def https_path(target: bytes) -> bytes:
+    """The path and query of a request-target for a Location header: origin-form as
+    sent; absolute-form without its scheme and authority (and fragment); ``*`` -> ``/``.
+    Every byte outside printable ASCII is percent-encoded (RFC 3986 §2.1), so no control
+    character (CR, LF above all) can reach the header, whatever the parser let through."""
+    if target[:1] != b"/":
+        if target == b"*":
+            return b"/"
+        rest = target.partition(b"://")[2]
+        start = len(rest)
+        for stop in (b"/", b"?"):
+            index = rest.find(stop)
+            if 0 <= index < start:
+                start = index
+        target = rest[start:].partition(b"#")[0]
+        if target[:1] != b"/":
+            target = b"/" + target  # "http://a?q" has an empty path
+    return NOT_URI_SAFE.sub(_percent_encoded, target)
+
+
+def _percent_encoded(match: re.Match) -> bytes:
+    return b"%%%02X" % match[0][0]
+
+
+def refusal(client: tuple | None, request, exc: OSError) -> int:
+    """The status to answer when connect_backend failed for ``request``: 308 to https if
+    only fastsni serves the name (no http-socket, a tls-socket), else 404, 503 or 502
+    (logged)."""
+    if exc.errno in NOT_FOUND and exists_beside(exc, TLS_SOCKET):
+        return 308
+    if exc.errno in NOT_FOUND:
+        status = 404
+    elif exc.errno in UNAVAILABLE:
+        status = 503
+    else:
+        status = 502
+    log(client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
+    return status
+
+
+def response(status: int, request, close: bool) -> bytes:
+    """fasthttpdir's own answer to ``request`` (None if none was parsed): a 308 to https
+    or an error, without its body for HEAD (RFC 9110 §9.3.2)."""
+    if status == 308:
+        return redirect_response(request.name, request.method, request.target, close)
+    answer = error_response(status, close)
+    if request is not None and request.method == b"HEAD":
+        return answer[: answer.index(b"\r\n\r\n") + 4]
+    return answer
 
 
 class Request:
@@ -470,10 +543,10 @@ class HttpConnection:
             self.client_writable = False
             self.reactor.want_write(self.fd)
 
-    def answer(self, status: int, close: bool) -> None:
-        """Answer the client with fasthttpdir's own ``status``."""
+    def answer(self, status: int, close: bool, request: Request | None) -> None:
+        """Answer ``request`` with fasthttpdir's own ``status``."""
         ANSWERED[status] = ANSWERED.get(status, 0) + 1
-        self.send_client(error_response(status, close))
+        self.send_client(response(status, request, close))
 
     def flush_client(self) -> None:
         data = self.to_client
@@ -558,7 +631,7 @@ class HttpConnection:
             request = self.reader.requests[0]
             if request.error is not None:
                 log(self.client, request.name, request.error.reason)
-                self.answer(request.error.status, True)
+                self.answer(request.error.status, True, request)
                 self.linger()
                 return
             self.active = request
@@ -590,21 +663,14 @@ class HttpConnection:
     def connect(self, request: Request) -> bool:
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
-            fd, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
+            fd, proxy = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
-            if exc.errno in NOT_FOUND:
-                status = 404
-            elif exc.errno in UNAVAILABLE:
-                status = 503
-            else:
-                status = 502
-            log(self.client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.answer(status, False)
+                self.answer(refusal(self.client, request, exc), False, request)
                 return False
-            self.answer(status, True)
+            self.answer(refusal(self.client, request, exc), True, request)
             self.linger()
             return True
         self.backend = fd
@@ -613,8 +679,8 @@ class HttpConnection:
         self.backend_readable = self.backend_hup = False
         self.backend_writable = True
         self.reactor.add(fd, self)
-        if send_proxy:
-            self.send_backend(proxy_v1_header(*of_descriptor(self.fd, self.service.family)))
+        if proxy:  # goes out in one write with the request head (pump)
+            request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
         self.pump()
         return True
 
@@ -791,7 +857,7 @@ class HttpConnection:
         log(self.client, self.active.name if self.active else None, reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.answer(502, True)
+            self.answer(502, True, self.active)
             self.linger()
         else:
             self.shut()
@@ -801,7 +867,7 @@ class HttpConnection:
         log(self.client, self.active.name, rejection.reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.answer(rejection.status, True)
+            self.answer(rejection.status, True, self.active)
             self.linger()
         else:
             self.shut()

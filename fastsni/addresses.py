@@ -1,10 +1,20 @@
-"""Socket addresses as the proxies show them: the PROXY v1 line, the client IP for
-X-Forwarded-For, and the ``ip:port`` of log lines.  Not on the hot path: pure only.
+"""Socket addresses as the proxies show them: the PROXY v1 line and v2 header, the
+client IP for X-Forwarded-For, and the ``ip:port`` of log lines.  Not on the hot path:
+pure only.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
+
+# haproxy proxy-protocol.txt §2.2: the binary header's fixed 12-byte signature, then
+# version 2 + command PROXY, then the address family + transport protocol.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_COMMAND = 0x21  # version 2 (high nibble), PROXY (low nibble)
+PROXY_V2_FAMILY = {4: 0x11, 6: 0x21}  # TCP over IPv4, TCP over IPv6
+PROXY_V2_UNSPEC = 0x00  # unknown: no address block (§2.2, like v1's "UNKNOWN")
+PP2_TYPE_AUTHORITY = 0x02  # §2.2.1: the host name the client asked for (SNI or Host)
 
 
 def _plain_ip(address: str) -> tuple[int, str]:
@@ -24,6 +34,40 @@ def proxy_v1_header(client: tuple, server: tuple) -> bytes:
     if client_family != server_family:
         return b"PROXY UNKNOWN\r\n"
     return f"PROXY TCP{client_family} {client_ip} {server_ip} {client[1]} {server[1]}\r\n".encode("ascii")
+
+
+def proxy_v2_header(client: tuple, server: tuple, name: str) -> bytes:
+    """The PROXY protocol v2 header (proxy-protocol.txt §2.2) for a TCP connection routed
+    by ``name``, which travels in a PP2_TYPE_AUTHORITY TLV (§2.2.1).
+
+    IPv4-mapped IPv6 addresses are written as IPv4; if the two ends still differ in
+    family, the family is UNSPEC and no addresses are sent (the receiver then uses the
+    connection's own, §2.2).
+    """
+    client_family, client_ip = _plain_ip(client[0])
+    server_family, server_ip = _plain_ip(server[0])
+    if client_family != server_family:
+        family, addresses = PROXY_V2_UNSPEC, b""
+    else:
+        kind = socket.AF_INET if client_family == 4 else socket.AF_INET6
+        family = PROXY_V2_FAMILY[client_family]
+        addresses = (
+            socket.inet_pton(kind, client_ip)
+            + socket.inet_pton(kind, server_ip)
+            + struct.pack("!HH", client[1], server[1])
+        )
+    authority = name.encode("ascii")
+    tlv = struct.pack("!BH", PP2_TYPE_AUTHORITY, len(authority)) + authority
+    rest = addresses + tlv
+    return PROXY_V2_SIGNATURE + struct.pack("!BBH", PROXY_V2_COMMAND, family, len(rest)) + rest
+
+
+def proxy_header(version: int, fd: int, family: int, name: str) -> bytes:
+    """The PROXY header of ``version`` (1 or 2) for the client connection ``fd``."""
+    client, server = of_descriptor(fd, family)
+    if version == 2:
+        return proxy_v2_header(client, server, name)
+    return proxy_v1_header(client, server)
 
 
 def client_ip(address: tuple) -> str:

@@ -67,34 +67,91 @@ def counts() -> dict[str, int]:
     return dict(COUNTS)
 
 
-def connect_backend(name: str, leaf: str) -> tuple[int, bool]:
-    """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh.
+ABSENT_ENTRY = frozenset((errno.ENOENT, errno.ENOTDIR))  # nothing at that path: try the wildcard
+PROXY_MARKERS = ((2, "send-proxy-v2"), (1, "send-proxy-v1"))  # in this order: v2 wins over v1
 
-    Returns the connected non-blocking descriptor and whether ``<name>/send-proxy-v1``
-    exists (any file type, a dangling symlink too).  Raises OSError from open(),
-    connect() or socket(); the caller maps its errno to an answer.  A path too long
-    for sun_path is reached through the directory's descriptor in /proc, so every
-    valid hostname works.
+
+def connect_backend(name: str, leaf: str) -> tuple[int, int]:
+    """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh;
+    if that path is absent and no entry ``<name>`` exists, to ``*.<rest>/<leaf>``.
+
+    Returns the connected non-blocking descriptor and the PROXY protocol version the
+    backend's directory asks for (see _proxy_version).  Raises OSError from open(),
+    connect() or socket(), its ``filename`` the ``<directory>/<leaf>`` tried last; the
+    caller maps its errno to an answer.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
-        path = f"{name}/{leaf}"
-        if len(path) <= SUN_PATH_MAX:
-            sock.connect(path)
-            return sock.detach(), os.path.lexists(f"{name}/send-proxy-v1")
-        dirfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            sock.connect(f"/proc/self/fd/{dirfd}/{leaf}")
-            try:
-                os.stat("send-proxy-v1", dir_fd=dirfd, follow_symlinks=False)
-                send_proxy = True
-            except OSError:
-                send_proxy = False
-            return sock.detach(), send_proxy
-        finally:
-            os.close(dirfd)
+            proxy = _connect_in(sock, name, leaf)
+        except OSError as exc:
+            if exc.errno not in ABSENT_ENTRY:
+                raise
+            wildcard = _fallback_directory(name)
+            if wildcard is None:
+                raise
+            proxy = _connect_in(sock, wildcard, leaf)  # a failed connect leaves it unconnected
+        return sock.detach(), proxy
     finally:
         sock.close()  # a no-op once detached
+
+
+def wildcard_of(name: str) -> str | None:
+    """The one-label wildcard entry for ``name`` (``a.example.com`` -> ``*.example.com``,
+    as a wildcard certificate matches, RFC 6125 §6.4.3); None for a one-label name."""
+    dot = name.find(".")
+    return None if dot < 0 else "*" + name[dot:]
+
+
+def _fallback_directory(name: str) -> str | None:
+    """Once ``<name>/<leaf>`` was absent: the wildcard directory to try instead, or None.
+
+    An entry ``<name>`` of any kind (even one without that leaf, or a dangling symlink)
+    wins over the wildcard, so a specific name is never served by ``*.`` by accident.
+    """
+    wildcard = wildcard_of(name)
+    if wildcard is None or os.path.lexists(name):
+        return None
+    return wildcard
+
+
+def exists_beside(failed: OSError, leaf: str) -> bool:
+    """Whether ``leaf`` exists (following symlinks) in the directory where
+    connect_backend failed: the exact entry, or the wildcard that stood in for it."""
+    directory = os.path.dirname(failed.filename or "")
+    return bool(directory) and os.path.exists(f"{directory}/{leaf}")
+
+
+def _connect_in(sock: socket.socket, directory: str, leaf: str) -> int:
+    """Connect ``sock`` to ``<directory>/<leaf>``; the directory's PROXY version.  A path
+    too long for sun_path is reached through the directory's descriptor in /proc, so
+    every valid hostname works."""
+    path = f"{directory}/{leaf}"
+    try:
+        if len(path) <= SUN_PATH_MAX:
+            sock.connect(path)
+            return _proxy_version(f"{directory}/")
+        dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            sock.connect(f"/proc/self/fd/{dirfd}/{leaf}")
+            return _proxy_version("", dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as exc:
+        exc.filename = path
+        raise
+
+
+def _proxy_version(prefix: str, dir_fd: int | None = None) -> int:
+    """2 if ``<prefix>send-proxy-v2`` exists (any file type, a dangling symlink too),
+    else 1 if ``send-proxy-v1`` does, else 0: one lstat for a v2 host, two otherwise."""
+    for version, marker in PROXY_MARKERS:
+        try:
+            os.stat(prefix + marker, dir_fd=dir_fd, follow_symlinks=False)
+            return version
+        except OSError:
+            pass
+    return 0
 
 
 def errno_name(exc: OSError) -> str:

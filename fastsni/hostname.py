@@ -2,7 +2,9 @@
 
 International names are converted to their A-label (IDNA 2008 with UTS #46 mapping),
 lowercased, with one trailing dot dropped; the result must then pass the proxies'
-hostname rules (fastsni.tls.check_hostname).
+hostname rules (fastsni.tls.check_hostname).  A one-label wildcard ``*.example.com``
+names the directory ``*.`` + the A-label of the rest (only the whole leftmost label may
+be ``*``), which serves every name with exactly one more label in front.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import idna
 from fastsni.tls import check_hostname
 
 USAGE = """usage: fastsni-hostname NAME
-Print the hosts-directory entry that serves NAME, or why NAME is not valid."""
+Print the hosts-directory entry that serves NAME, or why NAME is not valid.
+NAME may be a one-label wildcard, *.example.com: it serves a.example.com, not
+a.b.example.com nor example.com, and an exact entry always wins over it."""
+WILDCARD = "*."
 
 
 def directory_name(name: str) -> str:
@@ -23,6 +28,13 @@ def directory_name(name: str) -> str:
         name = name[:-1]
     if not name:
         raise ValueError("the name is empty")
+    if name.startswith(WILDCARD):
+        rest = name[len(WILDCARD) :]
+        if "*" in rest:
+            raise ValueError("only the leftmost label may be '*'")
+        return WILDCARD + directory_name(rest)
+    if "*" in name:
+        raise ValueError("'*' may only be the whole leftmost label, as in *.example.com")
     try:
         ascii_name = idna.encode(name, uts46=True).decode("ascii")
     except idna.IDNAError as exc:

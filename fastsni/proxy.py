@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 
-from fastsni.addresses import describe, of_descriptor, proxy_v1_header
+from fastsni.addresses import describe, of_descriptor, proxy_header
 from fastsni.engine import CHUNK, CLOSING, RETRY, Relay, Service, connect_backend, errno_name
 from fastsni.logs import failures
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
@@ -77,15 +77,15 @@ class TlsConnection:
         """Connect to the backend for ``name``; ``more``: the client may have sent more already."""
         self.timer.cancel()
         try:
-            backend, send_proxy = connect_backend(name, BACKEND_SOCKET)
+            backend, proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             return
         hello = bytes(self.reader.received)
         self.reader = None
-        if send_proxy:
-            hello = proxy_v1_header(*of_descriptor(self.fd, self.service.family)) + hello
+        if proxy:
+            hello = proxy_header(proxy, self.fd, self.service.family, name) + hello  # one write
         COUNTS["routed"] += 1
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 

@@ -143,6 +143,9 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     refuse_root(program)
     sock = listening_socket(program)
     sock.listen(BACKLOG)
+    # No Nagle stalls (a small write held for the peer's delayed ACK, ~40 ms): accepted
+    # sockets inherit TCP_NODELAY from the listening socket on Linux, so one call here.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     raise_nofile_limit()
     engine = twins.load("fastsni.engine", "fastsni._engine")
     service = engine.Service(sock, start)

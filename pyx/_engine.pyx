@@ -8,7 +8,7 @@ slow (then the unsent rest waits as bytes).
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, ENOENT, ENOTDIR, errno
 from libc.math cimport INFINITY, ceil
 from libc.string cimport memcpy, strlen
 from posix.fcntl cimport O_CLOEXEC, O_DIRECTORY, open as c_open
@@ -32,7 +32,7 @@ import os
 import signal
 from collections import deque
 
-from fastsni.engine import abandon, errno_name, ignore_signal, internal_error  # not hot: the pure module's own
+from fastsni.engine import abandon, errno_name, ignore_signal, internal_error, exists_beside, wildcard_of  # not hot: the pure module's own
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,
@@ -106,8 +106,10 @@ cdef enum:
     C_CHUNK = 128 * 1024
     C_PIPE_SIZE = 512 * 1024
     C_MAX_EVENTS = 256
+    C_MARKER_PATH = 128  # <directory>/send-proxy-vN, for paths that fit sun_path
 
 assert CHUNK == C_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
+assert C_MARKER_PATH > SUN_PATH_MAX + len("send-proxy-v2")  # the longest prefix and a marker, NUL
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
 cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOSING, C_EDGE = EDGE
@@ -140,47 +142,85 @@ cdef inline bint _retry(int err) noexcept:
     return err == EAGAIN or err == EINTR  # EWOULDBLOCK is EAGAIN on Linux
 
 
-cdef object _oserror(int err):
-    return OSError(err, os.strerror(err))
+cdef object _oserror(int err, bytes filename=None):
+    if filename is None:
+        return OSError(err, os.strerror(err))
+    return OSError(err, os.strerror(err), filename.decode("ascii"))
 
 
-cdef int _connect_path(int fd, bytes path) except -1:
+cdef int _connect_path(int fd, bytes path) noexcept:
+    """connect(2) to the Unix socket at ``path``: 0, or -1 with errno set."""
     cdef sockaddr_un address
     cdef Py_ssize_t length = PyBytes_GET_SIZE(path)
     address.sun_family = AF_UNIX
     memcpy(address.sun_path, PyBytes_AS_STRING(path), length + 1)
-    if connect(fd, <sockaddr*>&address, <socklen_t>(sizeof(sa_family_t) + length + 1)) < 0:
-        raise _oserror(errno)
-    return 0
+    return connect(fd, <sockaddr*>&address, <socklen_t>(sizeof(sa_family_t) + length + 1))
 
 
 def connect_backend(str name, str leaf):
-    """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh."""
-    cdef stat status
-    cdef int dirfd
-    cdef bint send_proxy
-    cdef bytes path = f"{name}/{leaf}".encode("ascii")
+    """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh;
+    if that path is absent and no entry ``<name>`` exists, to ``*.<rest>/<leaf>``."""
+    cdef int proxy
     cdef int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         raise _oserror(errno)
     try:
-        if PyBytes_GET_SIZE(path) <= C_SUN_PATH_MAX:
-            _connect_path(fd, path)
-            marker = f"{name}/send-proxy-v1".encode("ascii")
-            send_proxy = fstatat(AT_FDCWD, marker, &status, AT_SYMLINK_NOFOLLOW) == 0
-            return fd, send_proxy
-        dirfd = c_open(name.encode("ascii"), O_PATH | O_DIRECTORY | O_CLOEXEC)
-        if dirfd < 0:
-            raise _oserror(errno)
         try:
-            _connect_path(fd, f"/proc/self/fd/{dirfd}/{leaf}".encode("ascii"))
-            send_proxy = fstatat(dirfd, b"send-proxy-v1", &status, AT_SYMLINK_NOFOLLOW) == 0
-            return fd, send_proxy
-        finally:
-            close(dirfd)
+            proxy = _connect_in(fd, name, leaf)
+        except OSError as exc:
+            if exc.errno != ENOENT and exc.errno != ENOTDIR:
+                raise
+            wildcard = _fallback_directory(name)
+            if wildcard is None:
+                raise
+            proxy = _connect_in(fd, wildcard, leaf)  # a failed connect leaves it unconnected
+        return fd, proxy
     except BaseException:
         close(fd)
         raise
+
+
+cdef object _fallback_directory(str name):
+    """Once ``<name>/<leaf>`` was absent: the wildcard directory to try instead, or None."""
+    cdef stat status
+    wildcard = wildcard_of(name)
+    if wildcard is None or fstatat(AT_FDCWD, name.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
+        return None
+    return wildcard
+
+
+cdef int _connect_in(int fd, str directory, str leaf) except -1:
+    """Connect ``fd`` to ``<directory>/<leaf>``; the directory's PROXY version."""
+    cdef int dirfd
+    cdef bytes path = f"{directory}/{leaf}".encode("ascii")
+    if PyBytes_GET_SIZE(path) <= C_SUN_PATH_MAX:
+        if _connect_path(fd, path) < 0:
+            raise _oserror(errno, path)
+        return _proxy_version(AT_FDCWD, PyBytes_AS_STRING(path), len(directory) + 1)
+    dirfd = c_open(directory.encode("ascii"), O_PATH | O_DIRECTORY | O_CLOEXEC)
+    if dirfd < 0:
+        raise _oserror(errno, path)
+    try:
+        if _connect_path(fd, f"/proc/self/fd/{dirfd}/{leaf}".encode("ascii")) < 0:
+            raise _oserror(errno, path)
+        return _proxy_version(dirfd, b"", 0)
+    finally:
+        close(dirfd)
+
+
+cdef int _proxy_version(int dirfd, const char* prefix, Py_ssize_t length) noexcept:
+    """2 if ``<prefix>send-proxy-v2`` exists (any file type), else 1 if ``send-proxy-v1``
+    does, else 0 (``prefix``: the first ``length`` bytes, the directory and its slash)."""
+    cdef stat status
+    cdef char path[C_MARKER_PATH]
+    memcpy(path, prefix, length)
+    memcpy(path + length, b"send-proxy-v2", 14)  # with the NUL
+    if fstatat(dirfd, path, &status, AT_SYMLINK_NOFOLLOW) == 0:
+        return 2
+    path[length + 12] = 49  # "1"
+    if fstatat(dirfd, path, &status, AT_SYMLINK_NOFOLLOW) == 0:
+        return 1
+    return 0
 
 
 def shutdown_write(int fd):

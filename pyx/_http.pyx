@@ -23,8 +23,8 @@ import httptools
 
 from fastsni._engine import Relay, connect_backend, shutdown_write
 from fastsni._tls import check_hostname
-from fastsni.addresses import client_ip, describe, of_descriptor, peer_of, proxy_v1_header
-from fastsni.engine import CHUNK, CLOSING, READABLE, RETRY, WRITABLE, errno_name
+from fastsni.addresses import client_ip, describe, peer_of, proxy_header
+from fastsni.engine import CHUNK, CLOSING, READABLE, RETRY, WRITABLE
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
     DROPPED,
@@ -32,11 +32,13 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     HIGH_WATER,
     LINGER,
     MAX_HEAD,
-    NOT_FOUND,
-    UNAVAILABLE,
     Rejected,
     error_response,
+    https_path,  # with redirect_response: what refusal() answers for a TLS-only host
     log,
+    redirect_response,
+    refusal,
+    response,
 )
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
@@ -514,10 +516,10 @@ cdef class HttpConnection:
             self.client_writable = False
             self.reactor.want_write(self.fd)
 
-    cdef answer(self, int status, bint close):
-        """Answer the client with fasthttpdir's own ``status``."""
+    cdef answer(self, int status, bint close, request):
+        """Answer ``request`` with fasthttpdir's own ``status``."""
         _answered[status] = _answered.get(status, 0) + 1
-        self.send_client(error_response(status, close))
+        self.send_client(response(status, request, close))
 
     cdef flush_client(self):
         data = self.to_client
@@ -603,7 +605,7 @@ cdef class HttpConnection:
             request = self.reader.requests[0]
             if request.error is not None:
                 log(self.client, request.name, request.error.reason)
-                self.answer(request.error.status, True)
+                self.answer(request.error.status, True, request)
                 self.linger()
                 return
             self.active = request
@@ -635,21 +637,14 @@ cdef class HttpConnection:
     cdef bint connect(self, Request request) except -1:
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
-            fd, send_proxy = connect_backend(request.name, BACKEND_SOCKET)
+            fd, proxy = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
-            if exc.errno in NOT_FOUND:
-                status = 404
-            elif exc.errno in UNAVAILABLE:
-                status = 503
-            else:
-                status = 502
-            log(self.client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.answer(status, False)
+                self.answer(refusal(self.client, request, exc), False, request)
                 return False
-            self.answer(status, True)
+            self.answer(refusal(self.client, request, exc), True, request)
             self.linger()
             return True
         self.backend = fd
@@ -658,8 +653,8 @@ cdef class HttpConnection:
         self.backend_readable = self.backend_hup = False
         self.backend_writable = True
         self.reactor.add(fd, self)
-        if send_proxy:
-            self.send_backend(proxy_v1_header(*of_descriptor(self.fd, self.service.family)))
+        if proxy:  # goes out in one write with the request head (pump)
+            request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
         self.pump()
         return True
 
@@ -839,7 +834,7 @@ cdef class HttpConnection:
         log(self.client, self.active.name if self.active else None, reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.answer(502, True)
+            self.answer(502, True, self.active)
             self.linger()
         else:
             self.shut()
@@ -849,7 +844,7 @@ cdef class HttpConnection:
         log(self.client, self.active.name, rejection.reason)
         self.drop_backend()
         if self.forwarded == 0:
-            self.answer(rejection.status, True)
+            self.answer(rejection.status, True, self.active)
             self.linger()
         else:
             self.shut()

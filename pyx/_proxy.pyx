@@ -5,7 +5,7 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from posix.unistd cimport read, write
 
 from fastsni._engine import Relay, connect_backend
-from fastsni.addresses import of_descriptor, proxy_v1_header
+from fastsni.addresses import proxy_header
 from fastsni.engine import CHUNK, CLOSING, errno_name
 from fastsni._tls import HelloReader
 from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, log
@@ -74,15 +74,15 @@ cdef class TlsConnection:
         global _routed
         self.timer.cancel()
         try:
-            backend, send_proxy = connect_backend(name, BACKEND_SOCKET)
+            backend, proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             return
         cdef bytes hello = bytes(self.reader.received)
         self.reader = None
-        if send_proxy:
-            hello = proxy_v1_header(*of_descriptor(self.fd, self.service.family)) + hello
+        if proxy:
+            hello = proxy_header(proxy, self.fd, self.service.family, name) + hello  # one write
         _routed += 1
         Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
 

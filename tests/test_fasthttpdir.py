@@ -700,3 +700,18 @@ def test_get_after_head_on_one_backend_connection(hosts, twin, proxies, backends
         [(status, _, body)] = exchange(sock, get("a"))
         assert (status, body) == (200, b"hello")
     assert backend.accepted == 1
+
+
+def test_own_answer_to_head_has_no_body(hosts, twin, proxies, backends):
+    """RFC 9110 §9.3.2: a 404 to HEAD carries Content-Length but no body, so the answer to
+    the next request on the connection is read as itself."""
+    backends(hosts, "a", echo())
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: nobody.test\r\n\r\n")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 404 ") and b"Content-Length: 14\r\n" in head
+        [(status, _, body)] = exchange(sock, get("a", "/next"))
+    assert status == 200 and json.loads(body)["target"] == "/next"

@@ -1,0 +1,199 @@
+"""Per-connection cost of one proxy tree, in user instructions (callgrind) and system
+calls (strace): not a wall-clock benchmark, repeatable on a busy machine.
+
+    python3 perf/per_connection.py TREE [--tool callgrind|strace] [--case CASE ...]
+
+TREE is a source tree with its extensions built in place (``setup.py build_ext
+--inplace``); the compiled twin runs.  Each case runs the proxy twice, for FEW and for
+MANY sequential connections (or keep-alive requests), and prints the difference divided
+by MANY - FEW, so start-up and shut-down cancel out.  Only loopback and Unix sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from backends import client_hello  # noqa: E402 (a real Python ssl ClientHello, as bench.py uses)
+
+FEW, MANY = 100, 600
+NAME = "app.example.test"
+
+
+HELLO = client_hello(NAME)
+HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
+
+# case: (program, directory entry that serves NAME, marker files in it, what a client does)
+CASES = {
+    "tls": ("fastsni", NAME, (), "hello"),
+    "tls-v1": ("fastsni", NAME, ("send-proxy-v1",), "hello"),
+    "tls-v2": ("fastsni", NAME, ("send-proxy-v2",), "hello"),
+    "tls-wildcard": ("fastsni", "*.example.test", (), "hello"),
+    "http-keepalive": ("fasthttpdir", NAME, (), "keepalive"),
+    "http-conn": ("fasthttpdir", NAME, (), "close"),
+    "http-conn-v2": ("fasthttpdir", NAME, ("send-proxy-v2",), "close"),
+    # no backend for NAME (only another name's): fastsni's alert, fasthttpdir's 404
+    "tls-absent": ("fastsni", "other.test", (), "refused"),
+    "http-absent": ("fasthttpdir", "other.test", (), "refused"),
+}
+
+
+def serve_backend(path: Path, program: str, markers: tuple) -> socket.socket:
+    """A Unix-socket backend in this process's threads: OK after the hello, or per request."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1024)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            if "send-proxy-v2" in markers:  # skip the header: 16 bytes and what they announce
+                recv_exactly(conn, int.from_bytes(recv_exactly(conn, 16)[14:16], "big"))
+            elif markers:  # a v1 line
+                while not recv_exactly(conn, 1) == b"\n":
+                    pass
+            data = b""
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+                if program == "fastsni":
+                    if len(data) >= len(HELLO):
+                        conn.sendall(b"OK")
+                        data = b""
+                    continue
+                while b"\r\n\r\n" in data:
+                    _, data = data.split(b"\r\n\r\n", 1)
+                    conn.sendall(HTTP_ANSWER)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(data)} bytes")
+        data += chunk
+    return data
+
+
+def drive(port: int, how: str, count: int, port_is_tls: bool) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % NAME.encode()
+    if how == "keepalive":
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            for _ in range(count):
+                sock.sendall(request)
+                assert recv_exactly(sock, len(HTTP_ANSWER)) == HTTP_ANSWER
+        return
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            if how == "hello":
+                sock.sendall(HELLO)
+                assert recv_exactly(sock, 2) == b"OK"
+            elif how == "refused":
+                sock.sendall(HELLO if port_is_tls else request)
+                assert sock.recv(65536)
+            else:
+                sock.sendall(request)
+                assert recv_exactly(sock, len(HTTP_ANSWER)) == HTTP_ANSWER
+
+
+def proxy_pid(process: subprocess.Popen, tool: str) -> int:
+    """The proxy's own pid: valgrind runs in the process it starts, strace forks it."""
+    if tool == "callgrind":
+        return process.pid
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    return int(children[0])
+
+
+def run(tree: Path, tool: str, case: str, count: int, work: Path) -> collections.Counter:
+    program, entry, markers, how = CASES[case]
+    hosts = work / f"hosts-{case}-{count}"
+    (hosts / entry).mkdir(parents=True)
+    for marker in markers:
+        (hosts / entry / marker).write_text("")
+    leaf = "tls-socket" if program == "fastsni" else "http-socket"
+    backend = serve_backend(hosts / entry / leaf, program, markers)
+    out = work / f"{tool}-{case}-{count}.out"
+    if tool == "callgrind":
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={out}.log"]
+    else:
+        wrapper = ["strace", "-f", "-c", "-o", str(out)]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    env = dict(os.environ, PYTHONPATH=str(tree), FASTSNI_ALLOW_ROOT="1")
+    env.pop("FASTSNI_NO_EXTENSIONS", None)
+    process = subprocess.Popen(
+        wrapper + [sys.executable, "-m", program],
+        stdin=listener.fileno(),
+        stderr=subprocess.PIPE,
+        cwd=hosts,
+        env=env,
+        text=True,
+    )
+    try:
+        for line in process.stderr:  # until the proxy says it listens
+            if "listening on" in line:
+                assert "(compiled," in line, line
+                break
+        else:
+            raise SystemExit(f"{program} did not start")
+        drive(listener.getsockname()[1], how, count, program == "fastsni")
+    finally:
+        os.kill(proxy_pid(process, tool), signal.SIGTERM)
+        process.wait(timeout=300)
+        listener.close()
+        backend.close()
+    text = out.read_text()
+    counts: collections.Counter = collections.Counter()
+    if tool == "callgrind":
+        counts["Ir"] = int(re.search(r"^(?:summary|totals): (\d+)", text, re.M).group(1))
+        return counts
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1].isidentifier() and fields[3].isdigit():
+            counts[fields[-1]] = int(fields[3])  # % time, seconds, usecs/call, calls, [errors,] name
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tree", type=Path)
+    parser.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
+    parser.add_argument("--case", action="append", choices=sorted(CASES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.case or CASES:
+            few = run(args.tree.resolve(), args.tool, case, FEW, Path(tmp))
+            many = run(args.tree.resolve(), args.tool, case, MANY, Path(tmp))
+            per = {key: (many[key] - few[key]) / (MANY - FEW) for key in sorted(set(few) | set(many))}
+            shown = ", ".join(f"{key} {value:.2f}" for key, value in per.items() if abs(value) >= 0.05)
+            if args.tool == "callgrind":
+                shown = f"{per['Ir'] / 1000:.1f}k user instructions"
+            print(f"{case}: {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
