@@ -182,19 +182,3 @@ def backends():
 def ca():
     trustme = pytest.importorskip("trustme")
     return trustme.CA()
-
-
-@pytest.fixture
-def unix_backends():
-    """Factory: unix_backends(path, handle) -> backends.UnixBackend; all closed at teardown."""
-    from backends import UnixBackend
-
-    started: list[UnixBackend] = []
-
-    def start(path: Path, handle) -> UnixBackend:
-        started.append(UnixBackend(path, handle))
-        return started[-1]
-
-    yield start
-    for backend in started:
-        backend.close()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
-from backends import UnixBackend, client_hello, recv_exactly, recv_until_eof
+from backends import client_hello, recv_exactly, recv_until_eof
 
 DOWNLOAD = 4 << 20  # enough for the relay to splice
 
@@ -23,20 +22,7 @@ def counters(proxy, open_wanted: int = 0) -> dict[str, str]:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def backend():
-    started: list[UnixBackend] = []
-
-    def start(path, handle) -> UnixBackend:
-        started.append(UnixBackend(path, handle))
-        return started[-1]
-
-    yield start
-    for one in started:
-        one.close()
-
-
-def test_fastsni_counters(twin, hosts, proxies, backend):
+def test_fastsni_counters(twin, hosts, proxies, backends):
     name = "count.test"
     hello = client_hello(name)
 
@@ -45,7 +31,7 @@ def test_fastsni_counters(twin, hosts, proxies, backend):
         size = int(recv_exactly(conn, 8))
         conn.sendall(b"d" * size)
 
-    backend(hosts / name / "tls-socket", handle)
+    backends(hosts / name / "tls-socket", handle)
     proxy = proxies("fastsni", hosts, twin)
     for size in (10, DOWNLOAD):
         with proxy.connect() as sock:
@@ -67,7 +53,7 @@ def test_fastsni_counters(twin, hosts, proxies, backend):
     assert 0 < int(fields["bytes_down_spliced"]) <= DOWNLOAD and fields["bytes_up_spliced"] == "0"
 
 
-def test_fasthttpdir_counters(twin, hosts, proxies, backend):
+def test_fasthttpdir_counters(twin, hosts, proxies, backends):
     seen = bytearray()
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -80,7 +66,7 @@ def test_fasthttpdir_counters(twin, hosts, proxies, backend):
                 _, _, buffer = buffer.partition(b"\r\n\r\n")
                 conn.sendall(answer)
 
-    backend(hosts / "a.test" / "http-socket", handle)
+    backends(hosts / "a.test" / "http-socket", handle)
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
         for _ in range(2):

@@ -14,7 +14,6 @@ import time
 
 import pytest
 from backends import (
-    UnixBackend,
     client_hello,
     read_proxy_line,
     recv_exactly,
@@ -24,20 +23,6 @@ from backends import (
 from test_tls import extension, hello, largest_hello, padded_hello, records, sni
 
 NAME = "app.example.test"
-
-
-@pytest.fixture
-def backends():
-    started: list[UnixBackend] = []
-
-    def start(path, handle) -> UnixBackend:
-        backend = UnixBackend(path, handle)
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        backend.close()
 
 
 def alert_from(sock: socket.socket) -> bytes:

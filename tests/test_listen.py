@@ -98,19 +98,6 @@ def listens():
         listen.stop()
 
 
-@pytest.fixture
-def backends():
-    started: list[UnixBackend] = []
-
-    def start(path, handle) -> UnixBackend:
-        started.append(UnixBackend(path, handle))
-        return started[-1]
-
-    yield start
-    for backend in started:
-        backend.close()
-
-
 def peer(conn: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket: the proxy copy."""
     import struct

@@ -77,9 +77,9 @@ def assert_no_stalls(measured: list[float]) -> None:
     )
 
 
-def test_fastsni_accepted_sockets_inherit_nodelay_and_never_stall(twin, hosts, proxies, unix_backends):
+def test_fastsni_accepted_sockets_inherit_nodelay_and_never_stall(twin, hosts, proxies, backends):
     hello = client_hello("a.test")
-    unix_backends(hosts / "a.test" / "tls-socket", two_pieces(b"first", b"second", len(hello)))
+    backends(hosts / "a.test" / "tls-socket", two_pieces(b"first", b"second", len(hello)))
     proxy = proxies("fastsni", hosts, twin)
     with proxy.connect() as sock:
         sock.sendall(hello)
@@ -89,9 +89,9 @@ def test_fastsni_accepted_sockets_inherit_nodelay_and_never_stall(twin, hosts, p
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
-def test_fasthttpdir_accepted_sockets_inherit_nodelay_and_never_stall(twin, hosts, proxies, unix_backends):
+def test_fasthttpdir_accepted_sockets_inherit_nodelay_and_never_stall(twin, hosts, proxies, backends):
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
-    unix_backends(hosts / "a.test" / "http-socket", two_pieces(head, b"body", 0))
+    backends(hosts / "a.test" / "http-socket", two_pieces(head, b"body", 0))
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
         measured = gaps(sock, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", head, b"body")

@@ -74,11 +74,11 @@ def recording(seen: list, reply: bytes):
 
 
 @pytest.mark.parametrize("files", [("send-proxy-v2",), ("send-proxy-v1", "send-proxy-v2")])
-def test_v2_file_selects_v2_and_wins_over_v1(twin, hosts, proxies, unix_backends, files):
+def test_v2_file_selects_v2_and_wins_over_v1(twin, hosts, proxies, backends, files):
     """send-proxy-v2 of any file type (here a dangling symlink) selects v2; with both
     files present, v2 wins."""
     seen: list[bytes] = []
-    unix_backends(hosts / "a.test" / "http-socket", recording(seen, b"HTTP/1.1 204 No Content\r\n\r\n"))
+    backends(hosts / "a.test" / "http-socket", recording(seen, b"HTTP/1.1 204 No Content\r\n\r\n"))
     for marker in files:
         (hosts / "a.test" / marker).symlink_to("nowhere")
     proxy = proxies("fasthttpdir", hosts, twin)
@@ -90,7 +90,7 @@ def test_v2_file_selects_v2_and_wins_over_v1(twin, hosts, proxies, unix_backends
     assert seen[0].startswith(expected + b"GET / HTTP/1.1\r\n"), seen
 
 
-def test_fastsni_sends_v2_then_the_hello(twin, hosts, proxies, unix_backends):
+def test_fastsni_sends_v2_then_the_hello(twin, hosts, proxies, backends):
     hello = client_hello("a.test")
     seen: list[bytes] = []
 
@@ -100,7 +100,7 @@ def test_fastsni_sends_v2_then_the_hello(twin, hosts, proxies, unix_backends):
         seen.append(recv_exactly(conn, len(hello)))
         conn.sendall(b"ok")
 
-    unix_backends(hosts / "a.test" / "tls-socket", handle)
+    backends(hosts / "a.test" / "tls-socket", handle)
     (hosts / "a.test" / "send-proxy-v2").write_text("")
     (hosts / "a.test" / "send-proxy-v1").mkdir()  # any file type; v2 still wins
     proxy = proxies("fastsni", hosts, twin)

@@ -108,8 +108,8 @@ def path_echo_backend(ca, name: str):
     return handle
 
 
-def test_curl_follows_the_redirect_through_fastsni(twin, hosts, proxies, unix_backends, ca, tmp_path):
-    unix_backends(hosts / "tls.test" / "tls-socket", path_echo_backend(ca, "tls.test"))
+def test_curl_follows_the_redirect_through_fastsni(twin, hosts, proxies, backends, ca, tmp_path):
+    backends(hosts / "tls.test" / "tls-socket", path_echo_backend(ca, "tls.test"))
     http = proxies("fasthttpdir", hosts, twin)
     https = proxies("fastsni", hosts, twin)
     ca_file = tmp_path / "ca.pem"

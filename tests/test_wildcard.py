@@ -43,10 +43,10 @@ def tagged(tag: str, proxies_seen: list | None = None):
 def layout(hosts, leaf: str, handler_for) -> None:
     """The wildcard as a symlink to a release directory, one exact name, and one claimed
     name whose directory has no backend socket (it still wins over the wildcard)."""
-    unix_backends, make = handler_for
-    unix_backends(hosts / "wild-v1" / leaf, make("*.example.test"))
+    backends, make = handler_for
+    backends(hosts / "wild-v1" / leaf, make("*.example.test"))
     (hosts / WILD).symlink_to("wild-v1")
-    unix_backends(hosts / "exact.example.test" / leaf, make("exact.example.test"))
+    backends(hosts / "exact.example.test" / leaf, make("exact.example.test"))
     (hosts / "claimed.example.test").mkdir()
 
 
@@ -60,8 +60,8 @@ ROUTES = {
 }
 
 
-def test_fastsni_routes_by_wildcard(twin, hosts, proxies, unix_backends, ca, tmp_path):
-    layout(hosts, "tls-socket", (unix_backends, lambda name: tls_http_backend(ca, name)))
+def test_fastsni_routes_by_wildcard(twin, hosts, proxies, backends, ca, tmp_path):
+    layout(hosts, "tls-socket", (backends, lambda name: tls_http_backend(ca, name)))
     proxy = proxies("fastsni", hosts, twin)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -81,8 +81,8 @@ def test_fastsni_routes_by_wildcard(twin, hosts, proxies, unix_backends, ca, tmp
         assert result.stdout == f"backend {served_by} alpn http/1.1\n".encode(), name
 
 
-def test_fasthttpdir_routes_by_wildcard(twin, hosts, proxies, unix_backends):
-    layout(hosts, "http-socket", (unix_backends, tagged))
+def test_fasthttpdir_routes_by_wildcard(twin, hosts, proxies, backends):
+    layout(hosts, "http-socket", (backends, tagged))
     proxy = proxies("fasthttpdir", hosts, twin)
     for name, served_by in ROUTES.items():
         result = subprocess.run(
@@ -107,11 +107,11 @@ def test_fasthttpdir_routes_by_wildcard(twin, hosts, proxies, unix_backends):
             assert result.stdout == f"{served_by} {name}\n200".encode(), name
 
 
-def test_fasthttpdir_wildcard_names_get_their_own_backend_connections(twin, hosts, proxies, unix_backends):
+def test_fasthttpdir_wildcard_names_get_their_own_backend_connections(twin, hosts, proxies, backends):
     """Two names under one wildcard are two hosts: a new backend connection for each,
     each with its own name in the PROXY v2 TLV."""
     seen: list[bytes] = []
-    unix_backends(hosts / WILD / "http-socket", tagged("wild", seen))
+    backends(hosts / WILD / "http-socket", tagged("wild", seen))
     (hosts / WILD / "send-proxy-v2").write_text("")
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:
@@ -159,7 +159,7 @@ def test_hostname_tool_prints_the_wildcard_directory():
     assert result.returncode == 1 and "leftmost label" in result.stderr
 
 
-def test_long_names_through_a_wildcard_with_proxy_v2(twin, hosts, proxies, unix_backends):
+def test_long_names_through_a_wildcard_with_proxy_v2(twin, hosts, proxies, backends):
     """Paths past sun_path's 108 bytes go through the directory's descriptor: the
     wildcard and the send-proxy-v2 lookup work there too."""
     rest = ".".join(["b" * 63, "c" * 63, "d" * 61])  # 189 bytes
@@ -173,7 +173,7 @@ def test_long_names_through_a_wildcard_with_proxy_v2(twin, hosts, proxies, unix_
         recv_exactly(conn, len(hello))
         conn.sendall(b"ok")
 
-    unix_backends(hosts / f"*.{rest}" / "tls-socket", handle)
+    backends(hosts / f"*.{rest}" / "tls-socket", handle)
     (hosts / f"*.{rest}" / "send-proxy-v2").write_text("")
     proxy = proxies("fastsni", hosts, twin)
     with proxy.connect() as sock:
