@@ -122,6 +122,17 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
+    def server_bind(self) -> None:
+        """Bind a path too long for sun_path through its directory's descriptor."""
+        path = Path(self.server_address)
+        if len(str(path)) < 100:
+            return super().server_bind()
+        dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            self.socket.bind(f"/proc/self/fd/{dirfd}/{path.name}")
+        finally:
+            os.close(dirfd)
+
     def get_request(self):
         conn, _ = self.socket.accept()
         return conn, ("unix", 0)  # BaseHTTPRequestHandler wants an address tuple
