@@ -358,7 +358,7 @@ async def soak(options: argparse.Namespace) -> dict:
             os.symlink(target[0], hosts / ".next")
             os.replace(hosts / ".next", hosts / NAME)  # rename(2): atomic
 
-        proxies = [Proxy(program, hosts, options.twin) for program in ("fastsni", "fasthttpdir")]
+        proxies = [Proxy(program, hosts, options.twin) for program in options.programs.split(",")]
         for proxy in proxies:
             await proxy.start()
         result: dict = {"twin": options.twin, "options": vars(options)}
@@ -379,7 +379,7 @@ async def soak(options: argparse.Namespace) -> dict:
                 await proxy.stop()
                 result.setdefault("copies", {})[proxy.program] = {
                     "started": len(proxy.exits),
-                    "exit_status_not_0": sum(status != 0 for status, _ in proxy.exits),
+                    "exit_status_not_0": [(status, last) for status, last in proxy.exits if status != 0],
                     "drains_that_cut": sum("cut" in last for _, last in proxy.exits),
                     "other_log_lines": other_lines(proxy.log)[:5],
                 }
@@ -468,6 +468,7 @@ def status(result: dict) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--twin", choices=("compiled", "pure"), default="compiled")
+    parser.add_argument("--programs", default="fastsni,fasthttpdir", help="which proxies, comma-separated")
     parser.add_argument("--rss-connections", type=int, default=100_000, help="phase 1, per proxy")
     parser.add_argument("--connections", type=int, default=20_000, help="phase 2, per proxy")
     parser.add_argument("--streams", type=int, default=40, help="phase 2, per proxy")

@@ -9,7 +9,12 @@ import argparse
 import asyncio
 import importlib.util
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 SOAK = Path(__file__).resolve().parent.parent / "perf" / "soak.py"
 
@@ -21,26 +26,29 @@ def load_soak():
     return module
 
 
-def test_handover_and_switching_under_load(twin):
+@pytest.mark.parametrize("program", ["fastsni", "fasthttpdir"])
+def test_handover_and_switching_under_load(program, twin):
     soak = load_soak()
     options = argparse.Namespace(
         twin=twin.name,
+        programs=program,
         rss_connections=0,
         connections=1500,
-        streams=4,
+        streams=8,
         stream_kib=1024,
         pace=0.02,  # a stream takes about 0.3 s: longer than the time between handovers
         concurrency=8,
-        handover_every=0.25,
+        handover_every=0.2,
         switch_every=0.1,
         seconds=60,
     )
     result = asyncio.run(soak.soak(options))
     assert not result.get("timed_out"), result
+    assert list(result["handover"]) == [program]
     for program, figures in result["handover"].items():
         assert figures["failed"] == 0, (program, figures["first_failures"])
         assert figures["connections"] == 1500
-        assert (figures["streams"], figures["corrupted"]) == (4, 0), figures
+        assert (figures["streams"], figures["corrupted"]) == (8, 0), figures
         assert figures["handovers"] >= 3, figures
         assert all(figures["tags"].values()), figures  # both backends served
     for program, copies in result["copies"].items():
@@ -77,3 +85,32 @@ def test_sighup_answers_a_new_connection_accepted_before_it(twin, hosts, proxies
         assert old.wait(15) == 0
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+@pytest.mark.parametrize("program", ["fastsni", "fasthttpdir"])
+def test_a_signal_right_after_the_listening_line_is_handled(program, signum, twin, hosts):
+    """The "listening on" line is what a supervisor (or the soak) waits for before the
+    next handover; a SIGHUP or SIGTERM sent as soon as it appears must drain or stop the
+    copy and exit 0, not kill it by the signal's default action (the soak saw -15)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        for _ in range(3):
+            process = subprocess.Popen(
+                [sys.executable, "-m", program],
+                stdin=listener.fileno(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=hosts,
+                env=twin.env,
+            )
+            try:
+                assert b"listening on" in process.stderr.readline()
+                process.send_signal(signum)
+                assert process.wait(15) == 0
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+                process.stderr.close()
