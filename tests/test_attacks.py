@@ -292,6 +292,12 @@ def test_out_of_descriptors(program, twin, hosts, proxies, backends):
         connection.exchange()
         connection.close()
     assert proxy.process.poll() is None
-    no_tracebacks(drain_log(proxy))
+    log = drain_log(proxy)
+    no_tracebacks(log)
+    # One line for the whole episode (not one per retry), saying what ran out and what to do.
+    starved = [line for line in log if "out of descriptors" in line]
+    assert len(starved) == 1, log
+    assert "EMFILE" in starved[0] and f"RLIMIT_NOFILE {NOFILE}" in starved[0], starved
     assert starved_cpu < 0.1, f"{starved_cpu:.2f} s of CPU in 2 s without descriptors"
     print(f"\n{program} {twin.name}: {free} descriptors filled; CPU while starved {starved_cpu:.2f} s in 2 s")
+    print(starved[0])
