@@ -53,7 +53,7 @@ def test_handover_and_switching_under_load(program, twin):
         assert all(figures["tags"].values()), figures  # both backends served
     for program, copies in result["copies"].items():
         assert copies["started"] >= 4, (program, copies)
-        assert copies["exit_status_not_0"] == copies["drains_that_cut"] == 0, (program, copies)
+        assert copies["exit_status_not_0"] == [] and copies["drains_that_cut"] == 0, (program, copies)
         assert not copies["other_log_lines"], (program, copies)
     assert result["switches"] >= 10
     assert result["status"] == 0
