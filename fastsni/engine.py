@@ -25,6 +25,7 @@ import errno
 import fcntl
 import math
 import os
+import resource
 import select
 import signal
 import socket
@@ -178,6 +179,16 @@ def ignore_signal(signum: int, frame) -> None:
 def internal_error(what: str, exc: Exception) -> None:
     """Log an unexpected exception the loop goes on after."""
     failures.write(f"{failures.program}: {what} after an internal error: {exc!r}\n")
+
+
+def out_of_descriptors(err: int) -> None:
+    """Log that accepting paused: once per episode (see Listener.starved), with what to do."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    failures.write(
+        f"{failures.program}: accept: {errno.errorcode.get(err, str(err))}: out of descriptors at "
+        f"RLIMIT_NOFILE {soft}; open connections go on and accepting resumes as they close; raise the limit "
+        "(systemd: LimitNOFILE=; system-wide: fs.file-max) for more at once\n"
+    )
 
 
 def abandon(handler, exc: Exception) -> None:
@@ -385,6 +396,7 @@ class Listener:
         self.accepting = False
         self.closed = False
         self.retry: Timer | None = None
+        self.starved = False  # out of descriptors since the accept queue was last emptied
 
     def start(self) -> None:
         if not self.accepting and not self.closed:
@@ -399,10 +411,11 @@ class Listener:
             try:
                 conn, _ = self.sock.accept()  # the address is looked up only if needed
             except RETRY:
+                self.starved = False  # the queue is empty: that episode is over
                 return
             except OSError as exc:
                 if exc.errno in OUT_OF_DESCRIPTORS:
-                    self.pause()
+                    self.pause(exc.errno)
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
             conn.setblocking(False)
@@ -413,8 +426,11 @@ class Listener:
                 internal_error("closing a new connection", exc)
                 os.close(fd)
 
-    def pause(self) -> None:
+    def pause(self, err: int) -> None:
         """Out of descriptors: stop until one is freed (descriptor_freed) or a second passes."""
+        if not self.starved:
+            self.starved = True
+            out_of_descriptors(err)
         self.reactor.remove(self.fd)
         self.accepting = False
         self.retry = self.reactor.call_later(RESUME_ACCEPT_AFTER, self.start)

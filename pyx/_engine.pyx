@@ -32,7 +32,15 @@ import os
 import signal
 from collections import deque
 
-from fastsni.engine import abandon, errno_name, ignore_signal, internal_error, exists_beside, wildcard_of  # not hot: the pure module's own
+from fastsni.engine import (  # not hot: the pure module's own
+    abandon,
+    errno_name,
+    exists_beside,
+    ignore_signal,
+    internal_error,
+    out_of_descriptors,
+    wildcard_of,
+)
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,
@@ -475,6 +483,7 @@ cdef class Listener:
     cdef public bint accepting
     cdef public bint closed
     cdef public object retry
+    cdef public bint starved  # out of descriptors since the accept queue was last emptied
 
     def __init__(self, Reactor reactor, sock, on_accept):
         self.reactor = reactor
@@ -484,6 +493,7 @@ cdef class Listener:
         self.accepting = False
         self.closed = False
         self.retry = None
+        self.starved = False
 
     def start(self):
         if not self.accepting and not self.closed:
@@ -500,9 +510,10 @@ cdef class Listener:
             if fd < 0:
                 err = errno
                 if _retry(err):
+                    self.starved = False  # the queue is empty: that episode is over
                     return
                 if err in OUT_OF_DESCRIPTORS:
-                    self.pause()
+                    self.pause(err)
                     return
                 continue
             try:
@@ -511,8 +522,11 @@ cdef class Listener:
                 internal_error("closing a new connection", exc)
                 close(fd)
 
-    def pause(self):
+    def pause(self, int err):
         """Out of descriptors: stop until one is freed (descriptor_freed) or a second passes."""
+        if not self.starved:
+            self.starved = True
+            out_of_descriptors(err)
         self.reactor.remove(self.fd)
         self.accepting = False
         self.retry = self.reactor.call_later(RESUME_ACCEPT_AFTER, self.start)
