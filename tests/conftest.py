@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 REQUIRE_COMPILED = os.environ.get("FASTSNI_REQUIRE_COMPILED", "") not in ("", "0")
-ROOT = Path(__file__).resolve().parent.parent  # processes the tests start import this tree
+ROOT = Path(__file__).resolve().parent.parent  # the source tree
+# Processes the tests start import ROOT's packages, unless FASTSNI_TEST_INSTALLED=1: then
+# they import whatever the interpreter has installed (CI's run against the built wheel).
+TEST_INSTALLED = os.environ.get("FASTSNI_TEST_INSTALLED", "") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class Twin:
         if self.name == "pure":
             env["FASTSNI_NO_EXTENSIONS"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if not TEST_INSTALLED:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
     def module(self, pure: str, compiled: str):
