@@ -72,7 +72,13 @@ class Proxy:
     """A proxy process with a listening socket on fd 0 and ``hosts`` as its current directory."""
 
     def __init__(
-        self, program: str, hosts: Path, twin: Twin, address: str = "127.0.0.1", nofile: int | None = None
+        self,
+        program: str,
+        hosts: Path,
+        twin: Twin,
+        address: str = "127.0.0.1",
+        nofile: int | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
@@ -85,6 +91,7 @@ class Proxy:
         self.hosts = hosts
         self.twin = twin
         self.nofile = nofile  # RLIMIT_NOFILE, soft and hard, for the proxy process
+        self.wrapper = wrapper  # a command that runs the proxy, e.g. under a unit's restrictions
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.process: subprocess.Popen | None = None  # the newest copy
@@ -94,7 +101,7 @@ class Proxy:
     def start(self) -> subprocess.Popen:
         """Start one more copy of the proxy on the same listening socket."""
         process = subprocess.Popen(
-            [sys.executable, "-m", self.program],
+            [*self.wrapper, sys.executable, "-m", self.program],
             stdin=self.listener.fileno(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
