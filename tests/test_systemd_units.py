@@ -259,8 +259,15 @@ class OutsideSocket:
         self.dir = Path("/run") / f"fastsni-test-{os.getpid()}-{tmp_path.name}"
         self.dir.mkdir(parents=True)
         self.path = str(self.dir / "docker.sock")
-        self.backend = UnixBackend(Path(self.path), lambda conn: conn.sendall(b"docker here"))
+        self.backend = UnixBackend(Path(self.path), self.answer)
         grant(Path(self.path))
+
+    @staticmethod
+    def answer(conn: socket.socket) -> None:
+        """Read the whole hello record (closing on unread bytes would reset), then answer."""
+        header = recv_exactly(conn, 5)
+        recv_exactly(conn, int.from_bytes(header[3:5], "big"))
+        conn.sendall(b"docker here")
 
     @property
     def accepted(self) -> int:
@@ -413,3 +420,70 @@ def test_restart_is_graceful_under_the_unit(twin, hosts, proxies):
             assert recv_exactly(waiting, 6) == b"queued"
     finally:
         backend.close()
+
+
+PRODUCTION = r"""
+import socket, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from unit_sandbox import service_section
+sandbox, units, hosts = sys.argv[1] + "/unit_sandbox.py", Path(sys.argv[2]), sys.argv[3]
+probes = {"fastsni": (b"GET / HTTP/1.0\r\n\r\n", bytes.fromhex("1503030002020a")),
+          "fasthttpdir": (b"GET / HTTP/1.1\r\nHost: nobody.test\r\n\r\n", b"HTTP/1.1 404")}
+for program, (request, answer) in probes.items():
+    unit = units / f"{program}.service"
+    venv = [w.lstrip("-") for v in service_section(unit)["BindReadOnlyPaths"] for w in v.split()
+            if w.lstrip("-").startswith("/opt/fastsni/") and Path(w.lstrip("-")).exists()]
+    for twin, env in (("compiled", {}), ("pure", {"FASTSNI_NO_EXTENSIONS": "1"})):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            command = [sys.executable, sandbox, str(unit), hosts]
+            for path in venv:  # the unit's own venv paths, bound as they are
+                command += ["--python", path]
+            command += ["--", *service_section(unit)["ExecStart"][-1].split()]
+            proxy = subprocess.Popen(command, stdin=listener, stderr=subprocess.PIPE, text=True,
+                                     env={"PATH": "/usr/bin:/bin", **env})
+            line = proxy.stderr.readline()
+            if "listening on" not in line:
+                proxy.wait(15)
+                sys.exit(f"{program} {twin} did not start: {line}{proxy.stderr.read()}")
+            with socket.create_connection(listener.getsockname(), timeout=10) as sock:
+                sock.sendall(request)
+                got = sock.recv(64)
+            proxy.terminate()
+            print(program, twin, f"({twin}," in line, got.startswith(answer), proxy.wait(15), flush=True)
+"""
+
+
+@needs_sandbox
+def test_production_install_runs_under_the_units(tmp_path, hosts):
+    """README's recipe in a private mount namespace (a tmpfs on /opt): Debian's python3
+    makes the venv /opt/fastsni, the built wheel goes in, and each unit's own ExecStart=
+    runs under its restrictions with exactly its BindReadOnlyPaths= (no substitution)."""
+    wheel = os.environ.get("FASTSNI_TEST_WHEEL")
+    if not wheel:
+        pytest.skip("set FASTSNI_TEST_WHEEL to a built wheel (.ci/wheel does)")
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("no /usr/bin/python3 (Debian: python3-venv) for the venv")
+    driver = tmp_path / "production.py"
+    driver.write_text(PRODUCTION)
+    script = (
+        "set -e; mount -t tmpfs tmpfs /opt; /usr/bin/python3 -m venv /opt/fastsni; "
+        '/opt/fastsni/bin/pip install -q --only-binary=:all: "$1"; '
+        "chmod -R a+rX /opt/fastsni; install -d -m 0755 /opt/fastsni/root; "
+        'exec "$2" "$3" "$4" "$5" "$6"'
+    )
+    args = [wheel, sys.executable, str(driver), str(SANDBOX.parent), str(UNITS), str(hosts)]
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "production", *args],
+        env={"PATH": os.environ["PATH"]},  # no PYTHONPATH: pip would take the source tree as installed
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.split("\n")
+    for program in ("fastsni", "fasthttpdir"):
+        for twin in ("compiled", "pure"):
+            assert f"{program} {twin} True True 0" in lines, result.stdout + result.stderr

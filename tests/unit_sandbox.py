@@ -136,6 +136,10 @@ def build_root(values: dict[str, list[str]], hosts: str, python: list[str]) -> P
     """RootDirectory= as systemd sets it up: an empty directory, the binds, API file systems."""
     root = Path(tempfile.mkdtemp(prefix="unit-root-", dir=Path(hosts).parent))
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    if yes(values, "PrivateTmp"):  # first: the tests' Python may itself live under /tmp
+        for tmp in ("tmp", "var/tmp"):
+            (root / tmp).mkdir(parents=True)
+            mount("tmpfs", root / tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     for value in values.get("BindReadOnlyPaths", []):
         for source, target in bind_paths(value, python):
             bind(source, root / target.lstrip("/"), read_only=True)
@@ -143,10 +147,6 @@ def build_root(values: dict[str, list[str]], hosts: str, python: list[str]) -> P
         for word in value.split():
             assert word == "/srv/hosts", f"unexpected BindPaths= word {word!r}"
             bind(hosts, root / "srv/hosts", read_only=False)
-    if yes(values, "PrivateTmp"):
-        for tmp in ("tmp", "var/tmp"):
-            (root / tmp).mkdir(parents=True)
-            mount("tmpfs", root / tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     if yes(values, "MountAPIVFS"):
         options = []
         if values.get("ProtectProc", ["default"])[-1] != "default":
