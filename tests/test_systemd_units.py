@@ -444,15 +444,20 @@ for program, (request, answer) in probes.items():
             command += ["--", *service_section(unit)["ExecStart"][-1].split()]
             proxy = subprocess.Popen(command, stdin=listener, stderr=subprocess.PIPE, text=True,
                                      env={"PATH": "/usr/bin:/bin", **env})
-            line = proxy.stderr.readline()
-            if "listening on" not in line:
-                proxy.wait(15)
-                sys.exit(f"{program} {twin} did not start: {line}{proxy.stderr.read()}")
-            with socket.create_connection(listener.getsockname(), timeout=10) as sock:
-                sock.sendall(request)
-                got = sock.recv(64)
-            proxy.terminate()
-            print(program, twin, f"({twin}," in line, got.startswith(answer), proxy.wait(15), flush=True)
+            try:
+                line = proxy.stderr.readline()
+                if "listening on" not in line:
+                    proxy.wait(15)
+                    sys.exit(f"{program} {twin} did not start: {line}{proxy.stderr.read()}")
+                with socket.create_connection(listener.getsockname(), timeout=10) as sock:
+                    sock.sendall(request)
+                    got = sock.recv(64)
+                proxy.terminate()
+                print(program, twin, f"({twin}," in line, got.startswith(answer), proxy.wait(15), flush=True)
+            finally:
+                if proxy.poll() is None:
+                    proxy.kill()
+                    proxy.wait()
 """
 
 
