@@ -226,13 +226,16 @@ print(json.dumps(seen))
 def test_restrictions_as_seen_from_inside(hosts, tmp_path):
     """What each reproduced directive does, checked from a process under the unit."""
     outside = outside_socket(tmp_path)
-    with socket.socket() as host_listener, socket.socket() as passed:
-        host_listener.bind(("127.0.0.1", 0))
-        host_listener.listen()
-        passed.bind(("127.0.0.1", 0))
-        passed.listen()
-        port = str(host_listener.getsockname()[1])
-        result = run_sandboxed("fastsni.service", hosts, passed, INSIDE, port, outside.path)
+    try:
+        with socket.socket() as host_listener, socket.socket() as passed:
+            host_listener.bind(("127.0.0.1", 0))
+            host_listener.listen()
+            passed.bind(("127.0.0.1", 0))
+            passed.listen()
+            port = str(host_listener.getsockname()[1])
+            result = run_sandboxed("fastsni.service", hosts, passed, INSIDE, port, outside.path)
+    finally:
+        outside.close()
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["loopback_of_the_host"] == "ECONNREFUSED"  # PrivateNetwork=: its own loopback
@@ -248,7 +251,6 @@ def test_restrictions_as_seen_from_inside(hosts, tmp_path):
     assert seen["mounts"]["/"].startswith("ro") and seen["mounts"]["/usr"].startswith("ro")
     assert seen["mounts"]["/srv/hosts"].startswith("rw")
     assert "1" not in seen["pids"]  # ProtectProc=invisible: root's processes are not there
-    outside.close()
     assert outside.accepted == 0
 
 
