@@ -1,5 +1,6 @@
-"""The contract both proxies share: no options, fd 0 is the listening socket, the
-current directory is the hosts directory, SIGHUP drains, SIGTERM/SIGINT stop.
+"""The contract both proxies share: no options, fd 0 is the listening socket (or fd 3 as
+systemd passes it natively), the current directory is the hosts directory, SIGHUP drains,
+SIGTERM/SIGINT stop.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ DRAIN_SECONDS = 10.0
 DRAIN_POLL = 0.05  # seconds between looks at whether the drain is done
 BACKLOG = 65535  # the kernel caps it at net.core.somaxconn; asyncio would use 100
 HOW_TO_LISTEN = (
-    "pass a listening TCP socket as fd 0: `fastsni-listen [HOST:]PORT {program}`, "
-    "systemd StandardInput=socket, inetd (wait) or s6-tcpserver-socketbinder"
+    "pass a listening TCP socket as fd 0 (`fastsni-listen [HOST:]PORT {program}`, "
+    "systemd StandardInput=socket, inetd (wait) or s6-tcpserver-socketbinder), "
+    "or as fd 3 the way systemd passes sockets natively (LISTEN_FDS=1 and LISTEN_PID=<its pid>: "
+    "a socket unit without StandardInput=socket, or `systemd-socket-activate -l PORT {program}`)"
 )
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor systemd passes
 
 
 class UsageError(SystemExit):
@@ -78,14 +82,34 @@ def _what_is(fd: int) -> str:
         probe.detach()
 
 
+def passed_descriptor(program: str) -> tuple[int, str]:
+    """Where the listening socket is: fd 3 if systemd passed exactly one socket to this
+    process (sd_listen_fds(3): LISTEN_FDS=1 and LISTEN_PID equal to our pid), else fd 0.
+
+    The LISTEN_* variables are removed either way, so no child process takes them as its own.
+    """
+    pid, count = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if count is None or pid != str(os.getpid()):
+        return 0, "fd 0"
+    if count != "1":
+        raise UsageError(
+            f"{program}: systemd passed LISTEN_FDS={count} sockets; it takes exactly one "
+            "(one ListenStream= in the socket unit)"
+        )
+    return SD_LISTEN_FDS_START, "fd 3 (LISTEN_FDS=1)"
+
+
 def listening_socket(program: str) -> socket.socket:
-    """fd 0 as a listening TCP socket, or exit 2 with one line saying what it is instead."""
-    what = _what_is(0)
+    """The passed listening TCP socket, or exit 2 with one line saying what is there instead."""
+    fd, name = passed_descriptor(program)
+    what = _what_is(fd)
     if what != "listening":
         raise UsageError(
-            f"{program}: fd 0 is {what}, not a listening TCP socket; " + HOW_TO_LISTEN.format(program=program)
+            f"{program}: {name} is {what}, not a listening TCP socket; "
+            + HOW_TO_LISTEN.format(program=program)
         )
-    sock = socket.socket(fileno=0)
+    sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     return sock
 

@@ -80,7 +80,6 @@ cdef extern from "<sys/un.h>":
 
 cdef extern from "<fcntl.h>":
     ssize_t splice(int fd_in, long long* off_in, int fd_out, long long* off_out, size_t length, unsigned int flags)
-    int fcntl(int fd, int command, ...)
     enum:
         SPLICE_F_MOVE
         SPLICE_F_NONBLOCK
@@ -108,7 +107,32 @@ cdef extern from "<sys/epoll.h>":
 cdef extern from "<sys/stat.h>":
     struct stat:
         pass
-    int fstatat(int dirfd, const char* path, stat* buf, int flags)
+
+cdef extern from *:
+    """
+    #include <fcntl.h>
+    #include <sys/stat.h>
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    /* Python.h sets _FILE_OFFSET_BITS=64, so glibc links fcntl as fcntl64 (GLIBC_2.28) and
+       fstatat as fstatat64 (GLIBC_2.33): symbols glibc 2.17 lacks, which would make the
+       wheel manylinux_2_34. On x86_64 and aarch64 both are plain system calls whose
+       arguments (glibc's struct stat is the kernel's there) need no translation, so make
+       them directly; the strace is the same. Elsewhere keep glibc's wrappers. */
+    #if defined(__x86_64__) || defined(__aarch64__)
+    static int fastsni_fcntl(int fd, int command, int value) {
+        return (int)syscall(SYS_fcntl, fd, command, value);
+    }
+    static int fastsni_fstatat(int dirfd, const char *path, struct stat *buf, int flags) {
+        return (int)syscall(SYS_newfstatat, dirfd, path, buf, flags);
+    }
+    #else
+    #define fastsni_fcntl(fd, command, value) fcntl(fd, command, value)
+    #define fastsni_fstatat fstatat
+    #endif
+    """
+    int fcntl "fastsni_fcntl"(int fd, int command, int value)
+    int fstatat "fastsni_fstatat"(int dirfd, const char* path, stat* buf, int flags)
 
 cdef enum:
     C_CHUNK = 128 * 1024

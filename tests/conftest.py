@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 REQUIRE_COMPILED = os.environ.get("FASTSNI_REQUIRE_COMPILED", "") not in ("", "0")
-ROOT = Path(__file__).resolve().parent.parent  # processes the tests start import this tree
+ROOT = Path(__file__).resolve().parent.parent  # the source tree
+# Processes the tests start import ROOT's packages, unless FASTSNI_TEST_INSTALLED=1: then
+# they import whatever the interpreter has installed (CI's run against the built wheel).
+TEST_INSTALLED = os.environ.get("FASTSNI_TEST_INSTALLED", "") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class Twin:
         env["PYTHONUNBUFFERED"] = "1"
         if os.geteuid() == 0:  # the proxies refuse root otherwise (tests/test_privileges.py)
             env["FASTSNI_ALLOW_ROOT"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if not TEST_INSTALLED:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
     def module(self, pure: str, compiled: str):
@@ -89,7 +93,7 @@ class Proxy:
         self.hosts = hosts
         self.twin = twin
         self.nofile = nofile  # RLIMIT_NOFILE, soft and hard, for the proxy process
-        self.wrapper = wrapper  # a command that runs the proxy, e.g. ("strace", "-o", "out")
+        self.wrapper = wrapper  # a command that runs the proxy: strace, a unit's restrictions
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.process: subprocess.Popen | None = None  # the newest copy
