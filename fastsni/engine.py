@@ -498,8 +498,8 @@ class Flow:
         except RETRY:
             self.src_ready = False
             return False
-        except OSError:
-            self.relay.close()
+        except OSError as exc:
+            self.relay.fail(self.src, exc.errno)
             return False
         if not data:
             self.eof = True
@@ -520,8 +520,8 @@ class Flow:
         except RETRY:
             self.src_ready = False
             return False
-        except OSError:
-            self.relay.close()
+        except OSError as exc:
+            self.relay.fail(self.src, exc.errno)
             return False
         if not moved:
             self.eof = True
@@ -541,8 +541,8 @@ class Flow:
                 moved = os.splice(self.pipe_r, self.dst, self.piped, flags=SPLICE_FLAGS)
             except RETRY:
                 pass
-            except OSError:
-                self.relay.close()
+            except OSError as exc:
+                self.relay.fail(self.dst, exc.errno)
                 return False
         self.piped -= moved
         COUNTS[self.way] += moved
@@ -561,8 +561,8 @@ class Flow:
                 sent = os.write(self.dst, data)
             except RETRY:
                 pass
-            except OSError:
-                self.relay.close()
+            except OSError as exc:
+                self.relay.fail(self.dst, exc.errno)
                 return False
         COUNTS[self.way] += sent
         self.pending = data[sent:]
@@ -603,7 +603,9 @@ class Relay:
     ``to_backend`` and ``to_client`` are bytes already read from the other side (a
     ClientHello, a PROXY line); they go out before anything else.  The client
     descriptor is already in the reactor (``client_ready``: it may hold unread bytes);
-    the backend's is added here.
+    the backend's is added here.  If a read or write on the backend fails (a reset),
+    ``on_backend_error(errno)`` is called before both are closed, to log it; a client's
+    errors are its own business, and an EOF on either side is no error.
     """
 
     def __init__(
@@ -615,11 +617,13 @@ class Relay:
         to_client: bytes,
         on_close: Callable[[], None],
         client_ready: bool = False,
+        on_backend_error: Callable[[int], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.client = client
         self.backend = backend
         self.on_close = on_close
+        self.on_backend_error = on_backend_error
         self.closed = False
         self.upstream = Flow(self, client, backend, True)
         self.downstream = Flow(self, backend, client, False)
@@ -656,6 +660,12 @@ class Relay:
             self.close()
         else:
             shutdown_write(flow.dst)
+
+    def fail(self, fd: int, err: int) -> None:
+        """A read or write on ``fd`` failed with ``err``: close both sides."""
+        if fd == self.backend and self.on_backend_error is not None and not self.closed:
+            self.on_backend_error(err)
+        self.close()
 
     def close(self) -> None:
         if self.closed:

@@ -44,6 +44,7 @@ class TlsConnection:
         self.service = service
         self.fd = fd
         self.reader: HelloReader | None = HelloReader()
+        self.name: str | None = None  # once routed
         service.reactor.add(fd, self)
         self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
@@ -87,7 +88,9 @@ class TlsConnection:
         if proxy:
             hello = proxy_header(proxy, self.fd, self.service.family, name) + hello  # one write
         COUNTS["routed"] += 1
-        Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
+        self.name = name
+        reactor = self.service.reactor
+        Relay(reactor, self.fd, backend, hello, b"", self.relay_closed, more, self.backend_failed)
 
     def expire(self) -> None:
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
@@ -110,6 +113,10 @@ class TlsConnection:
 
     def relay_closed(self) -> None:
         self.service.closed(self)
+
+    def backend_failed(self, err: int) -> None:
+        """The backend reset (or failed) while relaying: one line, then the relay closes."""
+        log(self.fd, self.name, f"{BACKEND_SOCKET}: {errno.errorcode.get(err, err)} while relaying")
 
     def drain(self) -> None:
         """SIGHUP: nothing to do; a TLS stream has no request boundary to stop at."""

@@ -633,7 +633,7 @@ cdef class Flow:
             if _retry(errno):
                 self.src_ready = False
             else:
-                self.relay.close()
+                self.relay.fail(self.src, errno)
             return False
         if got == 0:
             self.eof = True
@@ -651,7 +651,7 @@ cdef class Flow:
             if _retry(errno):
                 self.src_ready = False
             else:
-                self.relay.close()
+                self.relay.fail(self.src, errno)
             return False
         if moved == 0:
             self.eof = True
@@ -670,7 +670,7 @@ cdef class Flow:
             moved = splice(self.pipe_r, NULL, self.dst, NULL, self.piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if moved < 0:
                 if not _retry(errno):
-                    self.relay.close()
+                    self.relay.fail(self.dst, errno)
                     return False
                 moved = 0
         self.piped -= moved
@@ -692,7 +692,7 @@ cdef class Flow:
             sent = write(self.dst, data, size)
             if sent < 0:
                 if not _retry(errno):
-                    self.relay.close()
+                    self.relay.fail(self.dst, errno)
                     return False
                 sent = 0
         _counts[self.way] += sent
@@ -732,16 +732,18 @@ cdef class Relay:
     cdef public int client
     cdef public int backend
     cdef public object on_close
+    cdef public object on_backend_error
     cdef public bint closed
     cdef public Flow upstream
     cdef public Flow downstream
 
     def __init__(self, Reactor reactor, int client, int backend, bytes to_backend, bytes to_client,
-                 on_close, bint client_ready=False):
+                 on_close, bint client_ready=False, on_backend_error=None):
         self.reactor = reactor
         self.client = client
         self.backend = backend
         self.on_close = on_close
+        self.on_backend_error = on_backend_error
         self.closed = False
         self.upstream = Flow(self, client, backend, True)
         self.downstream = Flow(self, backend, client, False)
@@ -778,6 +780,12 @@ cdef class Relay:
             self.close()
         else:
             shutdown(flow.dst, SHUT_WR)
+
+    cdef fail(self, int fd, int err):
+        """A read or write on ``fd`` failed with ``err``: close both sides."""
+        if fd == self.backend and self.on_backend_error is not None and not self.closed:
+            self.on_backend_error(err)
+        self.close()
 
     cpdef close(self):
         if self.closed:

@@ -18,6 +18,7 @@ from posix.unistd cimport read, write
 import os
 import sys
 from collections import deque
+from errno import errorcode
 
 import httptools
 
@@ -864,10 +865,16 @@ cdef class HttpConnection:
         self.active = None
         self.relayed = True
         self.reactor.remove(backend)  # the Relay adds it as its own
-        Relay(self.reactor, self.fd, backend, to_backend, to_client, self.relay_closed, True)
+        reactor, fd = self.reactor, self.fd
+        Relay(reactor, fd, backend, to_backend, to_client, self.relay_closed, True, self.backend_failed)
 
     def relay_closed(self):
         self.service.closed(self)
+
+    def backend_failed(self, int err):
+        """The backend reset (or failed) while relaying after a 101: one line."""
+        reason = f"{BACKEND_SOCKET}: {errorcode.get(err, err)} while relaying"
+        log(self.client, self.backend_name, reason)
 
     def drain(self):
         """SIGHUP: answer the requests begun, then close (see next); an idle one closes now."""

@@ -4,6 +4,8 @@
 from libc.errno cimport EAGAIN, EINTR, errno
 from posix.unistd cimport read, write
 
+from errno import errorcode
+
 from fastsni._engine import Relay, connect_backend
 from fastsni.addresses import proxy_header
 from fastsni.engine import CHUNK, CLOSING, errno_name
@@ -34,11 +36,13 @@ cdef class TlsConnection:
     cdef public int fd
     cdef public object reader
     cdef public object timer
+    cdef public object name
 
     def __init__(self, service, int fd):
         self.service = service
         self.fd = fd
         self.reader = HelloReader()
+        self.name = None
         service.reactor.add(fd, self)
         self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
@@ -84,7 +88,9 @@ cdef class TlsConnection:
         if proxy:
             hello = proxy_header(proxy, self.fd, self.service.family, name) + hello  # one write
         _routed += 1
-        Relay(self.service.reactor, self.fd, backend, hello, b"", self.relay_closed, more)
+        self.name = name
+        reactor = self.service.reactor
+        Relay(reactor, self.fd, backend, hello, b"", self.relay_closed, more, self.backend_failed)
 
     def expire(self):
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
@@ -105,6 +111,10 @@ cdef class TlsConnection:
 
     def relay_closed(self):
         self.service.closed(self)
+
+    def backend_failed(self, int err):
+        """The backend reset (or failed) while relaying: one line, then the relay closes."""
+        log(self.fd, self.name, f"{BACKEND_SOCKET}: {errorcode.get(err, err)} while relaying")
 
     def drain(self):
         """SIGHUP: nothing to do; a TLS stream has no request boundary to stop at."""

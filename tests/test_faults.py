@@ -323,6 +323,8 @@ def test_backend_resets_or_answers_garbage(program, handler, twin, hosts, proxie
             )  # relayed untouched: TLS is the backend's
         else:
             assert answer in (b"", b"(reset)"), answer
+            # A backend that resets (closing with the hello unread) is one log line.
+            assert f"{SICK}: tls-socket: ECONNRESET while relaying" in proxy.expect(f":{port} ")
         check_unharmed(program, proxy, healthy, port)
 
 
