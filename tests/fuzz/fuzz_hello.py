@@ -1,6 +1,6 @@
 """Fuzz the ClientHello reader: fastsni.tls (pure) against fastsni._tls (compiled).
 
-Input: a split pattern for the TCP segments (see harness.py); then one flags byte: if
+Input: a split pattern for the TCP segments (see fuzzing.py); then one flags byte: if
 its top bit is set, a second split pattern follows and the payload is taken as the
 handshake layer and wrapped in TLS records of those sizes, else the payload is the byte
 stream itself.  Both twins get the same pieces, one feed() each, and must agree on
@@ -15,7 +15,7 @@ piece decides the same way.
 
 from __future__ import annotations
 
-from harness import cut, main, printable, split_pattern, twins
+from fuzzing import cut, main, printable, split_pattern, twins
 
 pure, compiled = twins("fastsni.tls", "fastsni._tls", __name__ == "__main__")
 DOCUMENTED_ALERTS = {pure.UNEXPECTED_MESSAGE, pure.RECORD_OVERFLOW, pure.DECODE_ERROR, pure.UNRECOGNIZED_NAME}

@@ -2,7 +2,7 @@
 engine (fasthttpdir.proxy on fastsni.engine, fasthttpdir._http on fastsni._engine),
 between a loopback TCP client and a Unix-socket backend that sends the fuzz input.
 
-Input: a split pattern for the backend's writes (see harness.py), then one flags byte,
+Input: a split pattern for the backend's writes (see fuzzing.py), then one flags byte,
 then the payload: the backend's answer bytes.  Flags bits 0-2 choose the client's
 request (REQUESTS), bit 3 makes the backend close after its last write.  Each twin runs
 the same exchange; step by step the harness writes a piece, lets the reactor dispatch
@@ -21,13 +21,15 @@ what is ready, and collects what reached the client and the backend.  Checked:
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import socket
 import tempfile
 
 import httptools
-from harness import cut, main, printable, split_pattern, twins
+from fuzzing import cut, main, printable, split_pattern, twins
 
 pure_http, compiled_http = twins("fasthttpdir.proxy", "fasthttpdir._http", __name__ == "__main__")
 pure_engine, compiled_engine = twins("fastsni.engine", "fastsni._engine", False)
@@ -217,7 +219,8 @@ class Answers:
             self.finals += 1
 
 
-hosts = tempfile.mkdtemp(prefix="fuzz-response-")
+hosts = tempfile.mkdtemp(prefix="fuzz-response-")  # one backend, a.example, for every exchange
+atexit.register(shutil.rmtree, hosts, True)
 os.mkdir(os.path.join(hosts, HOST.decode()))
 backend_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 backend_listener.bind(os.path.join(hosts, HOST.decode(), "http-socket"))

@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from harness import pattern
+from fuzzing import pattern
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parent / "fixtures" / "hellos"
