@@ -3,6 +3,7 @@
     python3 tests/fuzz/run.py                      # 1,000,000 executions of each harness
     python3 tests/fuzz/run.py --runs 5000000 hello # one harness, longer
     python3 tests/fuzz/run.py --seconds 3600       # an hour each
+    python3 tests/fuzz/run.py --runs 0 --coverage  # what the corpora reach (coverage.py)
 
 Each harness grows its corpus in WORK/<harness>/ (default .fuzz/, kept between runs, so
 a long run goes on from where the last one stopped), starting from the committed seeds
@@ -25,6 +26,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HARNESSES = ("hello", "request", "response")
 DICTIONARIES = {"request": "http.dict", "response": "http.dict"}
+ROOT = HERE.parent.parent
+# The pure twin's code each harness drives (coverage.py's report, with --coverage).
+COVERS = {
+    "hello": ["fastsni/tls.py"],
+    "request": ["fasthttpdir/proxy.py"],
+    "response": ["fasthttpdir/proxy.py", "fastsni/engine.py"],
+}
 
 
 @dataclass
@@ -88,6 +96,18 @@ def run(
     )
 
 
+def coverage(harness: str, work: Path) -> str:
+    """coverage.py's line and branch report of the pure twin, over the corpus and the seeds."""
+    data = work / f".coverage-{harness}"
+    include = ",".join(str(ROOT / path) for path in COVERS[harness])
+    replay = [sys.executable, "-m", "coverage", "run", f"--data-file={data}", "--branch"]
+    replay += [f"--include={include}", str(HERE / "replay.py"), harness]
+    replay += [str(work / harness), str(HERE / "corpus" / harness)]
+    subprocess.run(replay, check=True, capture_output=True, cwd=HERE)
+    report = [sys.executable, "-m", "coverage", "report", f"--data-file={data}", "--show-missing"]
+    return subprocess.run(report, check=True, capture_output=True, text=True).stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("harnesses", nargs="*", help=f"some of {', '.join(HARNESSES)} (default: all)")
@@ -95,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, help="seconds of each harness, instead of a count")
     parser.add_argument("--work", type=Path, default=Path(".fuzz"), help="corpus and crash directory")
     parser.add_argument("--seed", type=int, default=0, help="libFuzzer's seed (0: a new one each run)")
+    parser.add_argument("--coverage", action="store_true", help="then the pure twin's coverage (coverage.py)")
     options = parser.parse_args(argv)
     unknown = set(options.harnesses) - set(HARNESSES)
     if unknown:
         parser.error(f"no harness {', '.join(sorted(unknown))}: choose from {', '.join(HARNESSES)}")
-    runs = options.runs if options.runs or options.seconds else 1_000_000
+    runs = options.runs if options.runs is not None or options.seconds else 1_000_000
     failed = 0
     for harness in options.harnesses or HARNESSES:
         result = run(harness, options.work.resolve(), runs, options.seconds, options.seed)
@@ -107,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             sys.stdout.write(result.output[-4000:])
         print(result.summary(), flush=True)
+        if options.coverage:
+            print(coverage(harness, options.work.resolve()), flush=True)
     return 1 if failed else 0
 
 
