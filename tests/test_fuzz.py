@@ -105,3 +105,48 @@ def test_upgrade_request_with_a_body_reaches_a_backend_that_ignores_upgrade(host
     finally:
         backend.close()
     assert (done.returncode, done.stdout) == (0, b"hello"), done.stderr
+
+
+SPOOFING_TRAILERS = (
+    b"X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nx-forwarded-host: evil.example\r\n"
+    b"X-Forwarded-Proto: https\r\nChecksum: 1\r\n\r\n"
+)
+CHUNKED = b"POST /u HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+CHUNKED_FORWARDED = (
+    b"POST /u HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nChecksum: 1\r\n\r\n"
+)
+
+
+def test_trailers_cannot_carry_forwarded_headers(twin):
+    """fuzz_request found it (regressions/request/trailer-x-forwarded): the client's
+    X-Forwarded-*/Forwarded fields reached the backend in a chunked body's trailer section,
+    where a backend that merges trailers into the head (RFC 9110 §6.5.1 lets a field's
+    definition allow it) would take them for the proxy's."""
+    proxy = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    [(name, status, data, complete, _, _)] = proxy.frame(CHUNKED + SPOOFING_TRAILERS, "192.0.2.1")
+    assert (name, status, complete) == ("a.example", 0, True)
+    assert data == CHUNKED_FORWARDED
+
+
+def test_trailers_cannot_carry_forwarded_headers_end_to_end(hosts, twin, proxies):
+    got = bytearray()
+
+    def handle(conn: socket.socket) -> None:
+        while not got.endswith(b"Checksum: 1\r\n\r\n") and (data := conn.recv(65536)):
+            got.extend(data)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    backend = UnixBackend(hosts / "a.example" / "http-socket", handle)
+    try:
+        proxy = proxies("fasthttpdir", hosts, twin)
+        with proxy.connect() as sock:
+            sock.sendall(CHUNKED + SPOOFING_TRAILERS)
+            answer = b""
+            while not answer.endswith(b"ok"):
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+    finally:
+        backend.close()
+    assert bytes(got) == CHUNKED_FORWARDED.replace(b"192.0.2.1", b"127.0.0.1")

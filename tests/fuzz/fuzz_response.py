@@ -3,8 +3,8 @@ engine (fasthttpdir.proxy on fastsni.engine, fasthttpdir._http on fastsni._engin
 between a loopback TCP client and a Unix-socket backend that sends the fuzz input.
 
 Input: a split pattern for the backend's writes (see fuzzing.py), then one flags byte,
-then the payload: the backend's answer bytes.  Flags bits 0-2 choose the client's
-request (REQUESTS), bit 3 makes the backend close after its last write.  Each twin runs
+then the payload: the backend's answer bytes.  Flags bits 0-3 choose the client's
+request (REQUESTS), bit 4 makes the backend close after its last write.  Each twin runs
 the same exchange; step by step the harness writes a piece, lets the reactor dispatch
 what is ready, and collects what reached the client and the backend.  Checked:
 
@@ -38,16 +38,33 @@ from fastsni.logs import failures  # noqa: E402  (after the instrumented import 
 HOST = b"a.example"
 GET = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
 HEAD = b"HEAD / HTTP/1.1\r\nHost: a.example\r\n\r\n"
-# (the client's bytes, the methods of its requests, whether they are all sent)
+# (the client's bytes, the methods of its requests), chosen by the input's flags
 REQUESTS = (
     (GET, (b"GET",)),
     (HEAD, (b"HEAD",)),
     (b"POST /p HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\n\r\nhello", (b"POST",)),
     (b"GET /ws HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", (b"GET",)),
     (b"GET / HTTP/1.0\r\nHost: a.example\r\n\r\n", (b"GET",)),
-    (b"POST /p HTTP/1.1\r\nHost: a.example\r\nContent-Length: 10\r\n\r\nhello", (b"POST",)),  # body half sent
+    (b"POST /p HTTP/1.1\r\nHost: a.example\r\nContent-Length: 10\r\n\r\nhello", (b"POST",)),  # half a body
     (GET + GET, (b"GET", b"GET")),
     (HEAD + GET, (b"HEAD", b"GET")),
+    (b"PUT /u HTTP/1.1\r\nHost: a.example\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n", (b"PUT",)),
+    (
+        b"POST /c HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        (b"POST",),
+    ),
+    (b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n", (b"GET",)),
+    (
+        b"GET /ws HTTP/1.1\r\nHost: a.example\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n" + GET,
+        (b"GET", b"GET"),
+    ),  # the GET is held until the upgrade is answered
+    (
+        b"POST /p HTTP/1.1\r\nHost: a.example\r\nContent-Length: 2\r\n\r\nok" + GET,
+        (b"POST", b"GET"),
+    ),
+    (b"GET http://a.example/abs HTTP/1.1\r\nHost: a.example\r\n\r\n", (b"GET",)),
+    (b"HEAD / HTTP/1.0\r\nHost: a.example\r\n\r\n", (b"HEAD",)),
+    (HEAD + HEAD, (b"HEAD", b"HEAD")),
 )
 BAD_GATEWAY = pure_http.error_response(502, True)
 LOG_LINE = re.compile(r"fasthttpdir: 127\.0\.0\.1:\d+ (-|a\.example): (.*)\n\Z")
@@ -233,8 +250,8 @@ compiled = Twin(compiled_engine, compiled_http, hosts)
 def test_one_input(data: bytes) -> None:
     sizes, rest = split_pattern(data)
     flags, payload = (rest[0], rest[1:]) if rest else (0, b"")
-    request, methods = REQUESTS[flags & 7]
-    eof = bool(flags & 8)
+    request, methods = REQUESTS[flags & 15]
+    eof = bool(flags & 16)
     pieces = cut(payload, sizes) if payload else []
     expected = pure.exchange(backend_listener, request, pieces, eof)
     got = compiled.exchange(backend_listener, request, pieces, eof)

@@ -105,9 +105,13 @@ def request_seeds() -> list[bytes]:
 def response_seeds() -> list[bytes]:
     seeds = []
     for answer in ANSWERS:
-        for kind in range(8):
+        for kind in range(16):
             seeds.append(pattern([]) + bytes([kind]) + answer)
-        seeds += [pattern([1]) + b"\x00" + answer, pattern([17, 3]) + b"\x09" + answer]
+        seeds += [
+            pattern([1]) + b"\x00" + answer,
+            pattern([17, 3]) + b"\x11" + answer,
+            pattern([2]) + b"\x17" + answer,
+        ]
     return seeds
 
 
