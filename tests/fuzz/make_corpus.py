@@ -98,6 +98,8 @@ def request_seeds() -> list[bytes]:
             pattern([]) + b"\x00" + request,
             pattern([1]) + b"\x01" + request,
             pattern([9, 40]) + b"\x00" + request,
+            pattern([]) + b"\x20" + request,  # padded past 64 KiB
+            pattern([128, 128 * 256]) + b"\x20" + request,
         ]
     return seeds + [pattern([]) + b"\x40" + lines for lines in HOST_LINES]
 
