@@ -22,9 +22,12 @@ from conftest import REQUIRE_COMPILED
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
 HARNESSES = ("hello", "request", "response")
-# Executions per harness in the default run: about 70 s for all three on a loaded 2-core
-# machine (the hello harness feeds both twins byte by byte, so it is the slow one).
-RUNS = {"hello": 12000, "request": 100000, "response": 20000}
+# Executions per harness in the default run, about a minute for all three on a loaded
+# 2-core machine (hello feeds both twins byte by byte, request pads heads past 64 KiB,
+# response runs real connections); each run is also capped in time, so a slower machine
+# runs fewer rather than hitting the test timeout.
+RUNS = {"hello": 12000, "request": 20000, "response": 8000}
+SECONDS_AT_MOST = 75
 
 
 def need_compiled() -> None:
@@ -63,10 +66,10 @@ def test_bounded_fuzz_run(name, tmp_path):
     spec = importlib.util.spec_from_file_location("fuzz_runner", FUZZ / "run.py")
     runner = sys.modules["fuzz_runner"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
-    result = runner.run(name, tmp_path, runs=RUNS[name], seed=1)
+    result = runner.run(name, tmp_path, runs=RUNS[name], seconds=SECONDS_AT_MOST, seed=1)
     print(result.summary())
     assert result.returncode == 0, result.output[-4000:]
-    assert result.executions >= RUNS[name], result.summary()
+    assert result.executions >= RUNS[name] // 10, result.summary()
     assert result.cov > 0 and result.corpus > 0, result.summary()
 
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the ClientHello reader: fastsni.tls (pure) against fastsni._tls (compiled).
 
 Input: a split pattern for the TCP segments (see fuzzing.py); then one flags byte: if

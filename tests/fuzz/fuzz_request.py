@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz fasthttpdir's request framing and host extraction: fasthttpdir.proxy (pure)
 against fasthttpdir._http (compiled).
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz fasthttpdir's answer side: the real HttpConnection of each twin, on its own real
 engine (fasthttpdir.proxy on fastsni.engine, fasthttpdir._http on fastsni._engine),
 between a loopback TCP client and a Unix-socket backend that sends the fuzz input.

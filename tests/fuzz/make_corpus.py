@@ -13,7 +13,6 @@ fuzz_response.REQUESTS, whole and in small writes, with and without the backend'
 from __future__ import annotations
 
 import hashlib
-import shutil
 import sys
 from pathlib import Path
 
@@ -118,9 +117,8 @@ def response_seeds() -> list[bytes]:
 
 
 def write(name: str, seeds: list[bytes]) -> None:
-    directory = CORPUS / name
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+    directory = CORPUS / name  # beside the inputs fuzzing found and merged in (run.py --merge)
+    directory.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         (directory / hashlib.sha1(seed).hexdigest()[:16]).write_bytes(seed)
     print(f"{directory}: {len(list(directory.iterdir()))} seeds")

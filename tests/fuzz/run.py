@@ -4,6 +4,7 @@
     python3 tests/fuzz/run.py --runs 5000000 hello # one harness, longer
     python3 tests/fuzz/run.py --seconds 3600       # an hour each
     python3 tests/fuzz/run.py --runs 0 --coverage  # what the corpora reach (coverage.py)
+    python3 tests/fuzz/run.py --merge              # then keep what is new in the seeds
 
 Each harness grows its corpus in WORK/<harness>/ (default .fuzz/, kept between runs, so
 a long run goes on from where the last one stopped), starting from the committed seeds
@@ -96,6 +97,20 @@ def run(
     )
 
 
+def merge(harness: str, work: Path) -> str:
+    """Add to the committed seeds the inputs of WORK/<harness> that reach something new."""
+    command = [
+        str(HERE / f"fuzz_{harness}.py"),
+        "-merge=1",
+        str(HERE / "corpus" / harness),
+        str(work / harness),
+    ]
+    if harness in DICTIONARIES:
+        command.insert(1, f"-dict={HERE / DICTIONARIES[harness]}")
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", check=True)
+    return re.findall(r"MERGE-OUTER: \d+ new files.*", done.stderr)[-1]
+
+
 def coverage(harness: str, work: Path) -> str:
     """coverage.py's line and branch report of the pure twin, over the corpus and the seeds."""
     data = work / f".coverage-{harness}"
@@ -116,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(".fuzz"), help="corpus and crash directory")
     parser.add_argument("--seed", type=int, default=0, help="libFuzzer's seed (0: a new one each run)")
     parser.add_argument("--coverage", action="store_true", help="then the pure twin's coverage (coverage.py)")
+    parser.add_argument("--merge", action="store_true", help="then merge what is new into tests/fuzz/corpus")
     options = parser.parse_args(argv)
     unknown = set(options.harnesses) - set(HARNESSES)
     if unknown:
@@ -128,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             sys.stdout.write(result.output[-4000:])
         print(result.summary(), flush=True)
+        if options.merge and not result.returncode:
+            print(merge(harness, options.work.resolve()), flush=True)
         if options.coverage:
             print(coverage(harness, options.work.resolve()), flush=True)
     return 1 if failed else 0
