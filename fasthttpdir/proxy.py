@@ -273,8 +273,9 @@ class RequestReader:
         self.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            self.trailers.append(b"%s: %s\r\n" % (name, value))
+        if not self.in_head:  # a trailer field (RFC 9112 §7.1.2): the client's X-Forwarded-*
+            if name.lower() not in DROPPED:  # go here too, lest a backend merge them in
+                self.trailers.append(b"%s: %s\r\n" % (name, value))
             return
         self.headers.append((name, value))
         if name.lower() == b"host":

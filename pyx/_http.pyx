@@ -224,8 +224,9 @@ cdef class RequestReader:
         self.target += url
 
     def on_header(self, name, value):
-        if not self.in_head:
-            self.trailers.append(b"%s: %s\r\n" % (name, value))
+        if not self.in_head:  # a trailer field: the client's X-Forwarded-* go here too
+            if name.lower() not in DROPPED:
+                self.trailers.append(b"%s: %s\r\n" % (name, value))
             return
         self.headers.append((name, value))
         if name.lower() == b"host":
