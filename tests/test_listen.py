@@ -233,14 +233,12 @@ AS_NOBODY = {"user": NOBODY, "group": NOBODY, "extra_groups": []}  # subprocess 
 SOURCE_TREE = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 
-def python_for_nobody() -> str:
-    """An interpreter uid 65534 can run and import fastsni with (sys.executable may live
-    under an unreadable /root)."""
+def python_for_nobody(env: dict[str, str] = SOURCE_TREE) -> str:
+    """An interpreter uid 65534 can run and import fastsni with, in ``env`` (sys.executable
+    may live under an unreadable /root; an installed wheel is only in its own venv)."""
     for python in (sys.executable, "/usr/bin/python3"):
         try:
-            check = subprocess.run(
-                [python, "-c", "import fastsni.proxy"], env=SOURCE_TREE, cwd="/", **AS_NOBODY
-            )
+            check = subprocess.run([python, "-c", "import fastsni.proxy"], env=env, cwd="/", **AS_NOBODY)
         except OSError:
             continue
         if check.returncode == 0:
@@ -324,7 +322,7 @@ def free_low_port() -> int:
 def test_user_binds_as_root_then_serves_as_that_user_with_its_groups(
     twin, open_hosts, listens, backends, mode
 ):
-    python = python_for_nobody()
+    python = python_for_nobody(twin.env)
     hello = client_hello(NAME)
     peers: list = []
     backend = backends(open_hosts / NAME / "tls-socket", echo_backend(len(hello), peers))
