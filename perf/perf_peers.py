@@ -30,6 +30,7 @@ PEERS = [
     Peer("sniproxy", "sniproxy", "sniproxy"),
     Peer("direct", "direct", None, ("A", "B", "C", "F")),  # F: the TLS backend's TCP port
     Peer("uvloop-relay", "uvloop", None, ("D", "A", "B", "C")),  # the design card's shape
+    Peer("asyncio-relay", "uvloop", None, ("D", "A", "B", "C"), "asyncio"),  # the same on stock asyncio
     Peer("nginx-buf256k", "nginx", "nginx", ("C",), "buf256k"),
     Peer("haproxy-splice", "haproxy", "haproxy", ("C",), "splice"),
     Peer("fasthttpdir", "fasthttpdir", None, ("E",)),
@@ -59,7 +60,8 @@ def peer_command(peer: Peer, workdir: Path, port: int, hosts: Path) -> tuple[lis
     if peer.kind == "uvloop":
         relay = str(Path(__file__).resolve().parent / "uvloop_relay.py")
         python = sys.executable
-        return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, relay], {}, hosts
+        loop = [peer.variant] if peer.variant else []
+        return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, relay, *loop], {}, hosts
     if peer.kind == "nginx":
         return ["nginx", "-p", f"{workdir}/", "-c", conf, "-e", str(workdir / "error.log")], {}, workdir
     if peer.kind == "haproxy":
