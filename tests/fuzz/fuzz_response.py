@@ -68,6 +68,7 @@ REQUESTS = (
     (HEAD + HEAD, (b"HEAD", b"HEAD")),
 )
 BAD_GATEWAY = pure_http.error_response(502, True)
+BAD_GATEWAY_HEAD = BAD_GATEWAY[: BAD_GATEWAY.index(b"\r\n\r\n") + 4]  # the answer to HEAD has no body
 LOG_LINE = re.compile(r"fasthttpdir: 127\.0\.0\.1:\d+ (-|a\.example): (.*)\n\Z")
 ROUNDS = 3  # reactor dispatches per step: each step is a few events (edge-triggered, all read at once)
 
@@ -263,8 +264,9 @@ def test_one_input(data: bytes) -> None:
         assert re.fullmatch(r"(-|a\.example): .*", line) and printable(line), line
     cut_at = len(to_client)
     if not payload.startswith(to_client):
-        cut_at = to_client.rfind(BAD_GATEWAY)
-        assert cut_at >= 0 and to_client[cut_at:] == BAD_GATEWAY, to_client
+        bad_gateway = BAD_GATEWAY if to_client.endswith(BAD_GATEWAY) else BAD_GATEWAY_HEAD
+        cut_at = to_client.rfind(bad_gateway)
+        assert cut_at >= 0 and to_client[cut_at:] == bad_gateway, to_client
         assert payload.startswith(to_client[:cut_at]), to_client
     idle = not (state[6] or state[7] or state[8] or state[9]) and state[10]
     if idle and b"HEAD" not in methods:
