@@ -139,7 +139,9 @@ class Proxy:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(4096)
         self.port = self.listener.getsockname()[1]
-        self.env = dict(os.environ, PYTHONPATH=str(REPO), FASTSNI_ALLOW_ROOT="1")
+        self.env = dict(os.environ, FASTSNI_ALLOW_ROOT="1")
+        if os.environ.get("FASTSNI_TEST_INSTALLED", "") in ("", "0"):  # else: the installed wheel
+            self.env["PYTHONPATH"] = str(REPO)
         self.env.pop("FASTSNI_NO_EXTENSIONS", None)
         if twin == "pure":
             self.env["FASTSNI_NO_EXTENSIONS"] = "1"
