@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from backends import http_backend, run_as, tls_http_backend
-from conftest import ROOT
+from conftest import ROOT, TEST_INSTALLED
 
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+ENV = dict(os.environ)  # the commands as installed, or from the source tree:
+if not TEST_INSTALLED:
+    ENV["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 NOBODY, OTHER = 65534, 65533  # the proxy's user for --user, and another owner
 
 

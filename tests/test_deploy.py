@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 from backends import http_backend, recv_exactly, recv_until_eof, run_as, tls_http_backend
-from conftest import ROOT
+from conftest import ROOT, TEST_INSTALLED
 
 from fastsni import deploy
 
 NAME = "app.example"
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+ENV = dict(os.environ)  # the commands as installed, or from the source tree:
+if not TEST_INSTALLED:
+    ENV["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture
