@@ -10,12 +10,24 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+
+def reap(process: subprocess.Popen, timeout: float = 10) -> int:
+    """Stop ``process`` if it still runs (SIGTERM, then SIGKILL after ``timeout`` s) and reap it."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def client_hello(name: str | None, alpn: tuple[str, ...] = ()) -> bytes:

@@ -145,14 +145,9 @@ class Proxy:
         return socket.create_connection((self.address, self.port), timeout=timeout)
 
     def stop(self, process: subprocess.Popen | None = None) -> int:
-        process = process or self.process
-        if process.poll() is None:
-            process.terminate()
-        try:
-            return process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        from backends import reap
+
+        return reap(process or self.process, 15)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from backends import reap
 
 READY_TIMEOUT = 10.0  # seconds for a server to accept on its socket
 NGINX_ANSWER = (
@@ -120,13 +121,7 @@ frontend proxied
 
     def stop(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            reap(process)
             process.stderr.close()
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from backends import http_backend, recv_exactly, recv_until_eof, run_as, tls_http_backend
+from backends import http_backend, reap, recv_exactly, recv_until_eof, run_as, tls_http_backend
 from conftest import ROOT, TEST_INSTALLED
 
 from fastsni import deploy
@@ -355,12 +355,7 @@ def processes():
 
     yield start
     for process in started:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        reap(process)
 
 
 def test_probes_real_servers_openssl_and_uvicorn(hosts, backends, ca, cafile, tmp_path, processes):

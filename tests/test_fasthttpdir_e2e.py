@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httptools
 import pytest
-from backends import UnixBackend
+from backends import UnixBackend, reap
 from test_fasthttpdir import read_request
 
 APP = """
@@ -68,12 +68,7 @@ def uvicorn_backend(hosts, tmp_path):
             time.sleep(0.05)
         yield path
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        reap(process)
 
 
 def test_curl_and_httpx_through_uvicorn(hosts, twin, proxies, uvicorn_backend):

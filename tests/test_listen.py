@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from backends import UnixBackend, client_hello, recv_exactly, recv_until_eof, tls_http_backend
+from backends import UnixBackend, client_hello, reap, recv_exactly, recv_until_eof, tls_http_backend
 from test_fasthttpdir import echo, exchange, get
 from test_fasthttpdir_e2e import uvicorn_backend  # noqa: F401  (a fixture)
 
@@ -75,13 +75,7 @@ class Listen:
             return [int(pid) for pid in children.read().split()]
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return reap(self.process, 30)
 
 
 @pytest.fixture
