@@ -196,7 +196,7 @@ def test_reload_and_restart_mean_what_the_units_say(name):
 # -- the restrictions themselves, seen from inside ---------------------------------------
 
 INSIDE = r"""
-import errno, json, mmap, os, socket, sys
+import errno, json, mmap, os, socket, sys, tempfile
 port, outside = int(sys.argv[1]), sys.argv[2]
 seen = {}
 def attempt(name, call):
@@ -211,7 +211,8 @@ attempt("packet_socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW
 attempt("outside_socket", lambda: socket.socket(socket.AF_UNIX).connect(outside))
 attempt("chroot", lambda: os.chroot("/"))
 attempt("writable_executable_memory", lambda: mmap.mmap(-1, 4096, prot=7))
-attempt("write_tmp", lambda: open("/tmp/x", "w").close())
+# A fresh name: the source tree, bound in, may itself live under /tmp (a clone in /tmp/x).
+attempt("write_tmp", lambda: open(tempfile.mktemp(dir="/tmp"), "x").close())
 seen["top"] = sorted(os.listdir("/"))
 seen["interfaces"] = sorted(os.listdir("/sys/class/net"))  # netlink is refused
 status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
