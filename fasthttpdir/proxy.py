@@ -234,6 +234,7 @@ class RequestReader:
         self.trailers: list[bytes] = []
         self.held = b""  # bytes after an upgrade request, parsed later (or relayed)
         self.rejected: Rejected | None = None
+        self.reparse = False  # the upgrade request being parsed has a body: see parse_again
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
@@ -242,7 +243,11 @@ class RequestReader:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self.held = data[int(exc.args[0]) :]
+            rest = data[int(exc.args[0]) :]
+            if self.reparse:
+                self.parse_again(rest)
+            else:
+                self.held = rest
             return
         except httptools.HttpParserError as exc:
             self.reject(self.rejected or Rejected(400, f"bad request: {exc}"))
@@ -262,6 +267,19 @@ class RequestReader:
         request.complete = True
         request.keep_alive = False
         self.requests.append(request)
+
+    def parse_again(self, rest: bytes) -> None:
+        """httptools switches protocols right at the head of an upgrade request, so the
+        body of one that has a body would be held back, unparsed, until its answer, which
+        a backend gives only once it has the body (RFC 9110 §7.8: the switch comes after
+        the whole request).  Such a request is parsed again without its Upgrade field
+        (a server may ignore it, and an intermediary may drop it: it is hop-by-hop), so
+        its body and what follows it are framed as usual."""
+        self.reparse = False
+        request = self.requests.pop()  # the newest: parsing stopped right after its head
+        self.parser = httptools.HttpRequestParser(self)
+        self.head_size = 0
+        self.feed(request.replay + rest)
 
     def on_message_begin(self) -> None:
         self.target = b""
@@ -305,10 +323,13 @@ class RequestReader:
         request.target = self.target
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
+        if request.upgrade and self.declares_body():
+            request.upgrade = False  # dropped, see parse_again
+            self.reparse = True
         lines = [method, b" ", self.target, b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/1.0\r\n"]
         for field, value in self.headers:
             lowered = field.lower()
-            if lowered in DROPPED:
+            if lowered in DROPPED or (self.reparse and lowered == b"upgrade"):
                 continue
             if lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp accepts only "chunked" last in a request
@@ -320,6 +341,17 @@ class RequestReader:
         request.replay = head
         self.current = request
         self.requests.append(request)
+
+    def declares_body(self) -> bool:
+        """Whether the head being parsed announces a body (RFC 9112 §6.3): chunked, or a
+        Content-Length other than 0 (llhttp has checked that it is digits)."""
+        for field, value in self.headers:
+            lowered = field.lower()
+            if lowered == b"transfer-encoding":
+                return True
+            if lowered == b"content-length" and value.strip(b" \t").lstrip(b"0"):
+                return True
+        return False
 
     def fail(self, rejection: Rejected) -> Rejected:
         self.rejected = rejection

@@ -171,6 +171,7 @@ cdef class RequestReader:
     cdef public list trailers
     cdef public bytes held
     cdef public object rejected
+    cdef public bint reparse
 
     def __init__(self, ip):
         self.forwarded_for = b"X-Forwarded-For: %s\r\n" % ip.encode()  # the client's, for every request
@@ -185,6 +186,7 @@ cdef class RequestReader:
         self.trailers = []
         self.held = b""  # bytes after an upgrade request, parsed later (or relayed)
         self.rejected = None
+        self.reparse = False  # the upgrade request being parsed has a body: see parse_again
 
     cpdef feed(self, data):
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
@@ -193,7 +195,11 @@ cdef class RequestReader:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self.held = data[int(exc.args[0]) :]
+            rest = data[int(exc.args[0]) :]
+            if self.reparse:
+                self.parse_again(rest)
+            else:
+                self.held = rest
             return
         except httptools.HttpParserError as exc:
             self.reject(self.rejected or Rejected(400, f"bad request: {exc}"))
@@ -213,6 +219,19 @@ cdef class RequestReader:
         request.complete = True
         request.keep_alive = False
         self.requests.append(request)
+
+    cdef parse_again(self, bytes rest):
+        """httptools switches protocols right at the head of an upgrade request, so the
+        body of one that has a body would be held back, unparsed, until its answer, which
+        a backend gives only once it has the body (RFC 9110 §7.8: the switch comes after
+        the whole request).  Such a request is parsed again without its Upgrade field
+        (a server may ignore it, and an intermediary may drop it: it is hop-by-hop), so
+        its body and what follows it are framed as usual."""
+        self.reparse = False
+        request = self.requests.pop()  # the newest: parsing stopped right after its head
+        self.parser = httptools.HttpRequestParser(self)
+        self.head_size = 0
+        self.feed(request.replay + rest)
 
     def on_message_begin(self):
         self.target = b""
@@ -256,10 +275,13 @@ cdef class RequestReader:
         request.target = self.target
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
+        if request.upgrade and self.declares_body():
+            request.upgrade = False  # dropped, see parse_again
+            self.reparse = True
         lines = [method, b" ", self.target, b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/1.0\r\n"]
         for field, value in self.headers:
             lowered = field.lower()
-            if lowered in DROPPED:
+            if lowered in DROPPED or (self.reparse and lowered == b"upgrade"):
                 continue
             if lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp accepts only "chunked" last in a request
@@ -271,6 +293,17 @@ cdef class RequestReader:
         request.replay = head
         self.current = request
         self.requests.append(request)
+
+    cdef bint declares_body(self):
+        """Whether the head being parsed announces a body (RFC 9112 §6.3): chunked, or a
+        Content-Length other than 0 (llhttp has checked that it is digits)."""
+        for field, value in self.headers:
+            lowered = field.lower()
+            if lowered == b"transfer-encoding":
+                return True
+            if lowered == b"content-length" and value.strip(b" \t").lstrip(b"0"):
+                return True
+        return False
 
     def fail(self, rejection):
         self.rejected = rejection
