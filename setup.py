@@ -10,6 +10,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 EXTENSIONS = {
     "fastsni._tls": "pyx/_tls.pyx",
     "fastsni._engine": "pyx/_engine.pyx",
@@ -49,6 +50,7 @@ def extensions():
             built += cythonize(
                 [Extension(name, [source], extra_compile_args=["-O2"])],
                 compiler_directives={"language_level": "3"},
+                include_path=[ROOT],  # where `cimport fastsni._engine` finds fastsni/_engine.pxd
                 quiet=True,
             )
         except Exception as exc:

@@ -15,7 +15,6 @@ consecutive requests name the same host.
 from __future__ import annotations
 
 import errno
-import os
 import re
 from collections import deque
 
@@ -23,13 +22,10 @@ import httptools
 
 from fastsni.addresses import client_ip, describe, peer_of, proxy_header
 from fastsni.engine import (
-    CHUNK,
-    CLOSING,
-    READABLE,
-    RETRY,
-    WRITABLE,
+    Handler,
     Relay,
     Service,
+    Side,
     connect_backend,
     errno_name,
     exists_beside,
@@ -406,31 +402,25 @@ def log(client: tuple | None, name: str | None, reason: str) -> None:
     failures.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
 
 
-class HttpConnection:
+class HttpConnection(Handler):
     """One client connection on fastsni's engine: requests in, answers out in order.
 
     The client's descriptor and its current backend's both report to this handler
-    (edge-triggered, see fastsni.engine).  Bytes wait in ``to_client``/``to_backend``
-    only when a write fell short; while either holds more than HIGH_WATER, the side
-    that feeds it is not read.  After a 101 both descriptors go to the engine's Relay.
+    (edge-triggered, see fastsni.engine), and each is read and written through its
+    engine Side.  Bytes wait in a Side's ``queued`` only when a write fell short; while
+    either side's holds more than HIGH_WATER, the other side is not read.  After a 101
+    both sides go to the engine's Relay.
     """
 
     def __init__(self, service: Service, fd: int) -> None:
         self.service = service
         self.reactor = service.reactor
         self.fd = fd
-        self.client: tuple | None = None
+        self.client = Side(service.reactor, fd)
+        self.peer: tuple | None = None  # the client's address
         self.reader: RequestReader | None = None
-        self.backend = -1  # the backend connection's descriptor; -1: none
+        self.backend: Side | None = None  # the backend connection, while one is open
         self.backend_name: str | None = None
-        self.to_client = b""  # what a write to the client left over
-        self.to_backend = b""
-        self.client_readable = False  # edge-triggered: may hold bytes until a read says not
-        self.client_hup = False  # the client hung up or failed: read until it says which
-        self.client_writable = True
-        self.backend_readable = False
-        self.backend_hup = False
-        self.backend_writable = True
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active: Request | None = None  # the exchange in progress
         self.response = None  # the backend connection's HttpResponseParser
@@ -446,7 +436,7 @@ class HttpConnection:
         self.heads = 0  # answer heads completed in the bytes being parsed
         self.tail = b""  # the last 3 bytes of the answer so far, to find a head's end
         self.timer = None
-        self.closing = False  # close once to_client is out
+        self.closing = False  # close once what is queued for the client is out
         self.lingering = False  # read and drop what the client sends, until it closes
         self.relayed = False  # handed to fastsni's relay after a 101
         self.closed = False
@@ -454,35 +444,28 @@ class HttpConnection:
         self.kept_alive = False  # answered a request and waits for the next
         self.reactor.add(fd, self)
         try:
-            self.client = peer_of(fd, service.family)
+            self.peer = peer_of(fd, service.family)
         except OSError:  # gone already
             self.linger()
             return
-        self.reader = RequestReader(client_ip(self.client))
+        self.reader = RequestReader(client_ip(self.peer))
         self.arm()
 
     # events
 
     def ready(self, fd: int, events: int) -> None:
         if fd == self.fd:
-            if events & (READABLE | CLOSING):
-                self.client_readable = True
-                self.client_hup = self.client_hup or bool(events & CLOSING)
-            if events & (WRITABLE | CLOSING):
-                self.client_writable = True
-        elif fd == self.backend:
-            if events & (READABLE | CLOSING):
-                self.backend_readable = True
-                self.backend_hup = self.backend_hup or bool(events & CLOSING)
-            if events & (WRITABLE | CLOSING):
-                self.backend_writable = True
+            self.client.saw(events)
+        elif self.backend is not None and fd == self.backend.fd:
+            self.backend.saw(events)
         self.run()
 
     def run(self) -> None:
         """Move what can move: writes that fell short first, then what each side sends."""
-        if self.to_backend and self.backend_writable:
+        backend, client = self.backend, self.client
+        if backend is not None and backend.queued and backend.writable:
             self.flush_backend()
-        if self.to_client and self.client_writable and not self.done():
+        if client.queued and client.writable and not self.done():
             self.flush_client()
         if not self.done():
             self.read_backend()
@@ -495,21 +478,18 @@ class HttpConnection:
     # client side
 
     def read_client(self) -> None:
-        while self.client_readable and self.wants_client():
-            try:
-                data = os.read(self.fd, CHUNK)
-            except RETRY:
-                self.client_readable = False
-                return
-            except OSError:
-                self.shut()  # reset: nothing more can reach the client
+        client = self.client
+        while client.readable and self.wants_client():
+            data = client.read()
+            if data is None:
                 return
             if not data:
-                self.client_readable = False
+                if client.error:
+                    self.shut()  # reset: nothing more can reach the client
+                    return
+                client.readable = False
                 self.client_ended()
                 return
-            if len(data) < CHUNK and not self.client_hup:
-                self.client_readable = False  # drained: bytes that come later bring a new edge
             if self.lingering:
                 continue  # dropped
             self.client_data(data)
@@ -521,7 +501,9 @@ class HttpConnection:
         reader = self.reader
         if reader is None or self.done() or reader.rejected is not None:
             return False
-        if self.upgrade_wait or self.client_eof or len(self.to_backend) > HIGH_WATER:
+        if self.upgrade_wait or self.client_eof:
+            return False
+        if self.backend is not None and len(self.backend.queued) > HIGH_WATER:
             return False
         queued = 0
         for request in reader.requests:
@@ -554,27 +536,15 @@ class HttpConnection:
             self.close()
             return
         if reader.current is not None:
-            log(self.client, reader.current.name, "client closed inside a request body")
+            log(self.peer, reader.current.name, "client closed inside a request body")
             self.shut()
             return
         self.client_eof = True
 
     def send_client(self, data: bytes) -> None:
         """Write ``data`` to the client, or queue it behind what waits already."""
-        if self.to_client or not self.client_writable:
-            self.to_client += data
-            return
-        try:
-            sent = os.write(self.fd, data)
-        except RETRY:
-            sent = 0
-        except OSError:
+        if self.client.send(data) < 0:
             self.shut()  # the client is gone
-            return
-        if sent < len(data):
-            self.to_client = data[sent:]
-            self.client_writable = False
-            self.reactor.want_write(self.fd)
 
     def answer(self, status: int, close: bool, request: Request | None) -> None:
         """Answer ``request`` with fasthttpdir's own ``status``."""
@@ -582,10 +552,10 @@ class HttpConnection:
         self.send_client(response(status, request, close))
 
     def flush_client(self) -> None:
-        data = self.to_client
-        self.to_client = b""
-        self.send_client(data)
-        if self.closed or self.to_client:
+        if self.client.flush() < 0:
+            self.shut()  # the client is gone
+            return
+        if self.client.queued:
             return
         if self.closing:
             self.shut()
@@ -606,7 +576,7 @@ class HttpConnection:
         self.timer = None
         if self.active is None and self.reader is not None and not self.reader.requests:
             if self.reader.head_size:
-                log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
+                log(self.peer, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
             self.close()
 
     def close(self) -> None:
@@ -614,7 +584,7 @@ class HttpConnection:
         if self.closed:
             return
         self.end_exchanges()
-        if not self.to_client:
+        if not self.client.queued:
             self.shut()
             return
         self.closing = True
@@ -631,12 +601,12 @@ class HttpConnection:
         self.end_exchanges()
         self.lingering = True
         self.timer = self.reactor.call_later(LINGER, self.shut)
-        if not self.to_client:
+        if not self.client.queued:
             self.begin_lingering()
 
     def begin_lingering(self) -> None:
         shutdown_write(self.fd)
-        self.client_readable = True  # what came while we did not read is dropped now
+        self.client.readable = True  # what came while we did not read is dropped now
 
     def end_exchanges(self) -> None:
         self.stop_timer()
@@ -663,7 +633,7 @@ class HttpConnection:
         while self.active is None and self.reader is not None and self.reader.requests:
             request = self.reader.requests[0]
             if request.error is not None:
-                log(self.client, request.name, request.error.reason)
+                log(self.peer, request.name, request.error.reason)
                 self.answer(request.error.status, True, request)
                 self.linger()
                 return
@@ -675,15 +645,15 @@ class HttpConnection:
             self.tail = b""
             self.close_delimited = False
             self.response_keep_alive = True
-            if self.backend >= 0 and self.backend_name != request.name:
+            if self.backend is not None and self.backend_name != request.name:
                 self.drop_backend()
-            self.reused = self.backend >= 0
-            if self.backend < 0:
+            self.reused = self.backend is not None
+            if self.backend is None:
                 if not self.connect(request):
                     continue  # answered with an error; the next request may go on
             else:
                 self.pump()
-            if self.active is request and self.backend >= 0:
+            if self.active is request and self.backend is not None:
                 COUNTS["routed"] += 1
         reader = self.reader
         if self.active is None and reader is not None and not reader.requests:
@@ -701,16 +671,14 @@ class HttpConnection:
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.answer(refusal(self.client, request, exc), False, request)
+                self.answer(refusal(self.peer, request, exc), False, request)
                 return False
-            self.answer(refusal(self.client, request, exc), True, request)
+            self.answer(refusal(self.peer, request, exc), True, request)
             self.linger()
             return True
-        self.backend = fd
+        self.backend = Side(self.reactor, fd)
         self.backend_name = request.name
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
-        self.backend_readable = self.backend_hup = False
-        self.backend_writable = True
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
             request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
@@ -720,7 +688,7 @@ class HttpConnection:
     def pump(self) -> None:
         """Write what has arrived of the request in progress to its backend."""
         request = self.active
-        if request is None or self.backend < 0 or not request.data:
+        if request is None or self.backend is None or not request.data:
             return
         data = b"".join(request.data)
         request.data = []
@@ -729,50 +697,34 @@ class HttpConnection:
         self.send_backend(data)
 
     def send_backend(self, data: bytes) -> None:
-        if self.to_backend or not self.backend_writable:
-            self.to_backend += data
-            return
-        try:
-            sent = os.write(self.backend, data)
-        except RETRY:
-            sent = 0
-        except OSError:
-            self.backend_hup = self.backend_readable = True  # the next read reports it
-            return
-        if sent < len(data):
-            self.to_backend = data[sent:]
-            self.backend_writable = False
-            self.reactor.want_write(self.backend)
+        if self.backend.send(data) < 0:
+            self.backend_write_failed()
 
     def flush_backend(self) -> None:
-        data = self.to_backend
-        self.to_backend = b""
-        self.send_backend(data)
+        if self.backend.flush() < 0:
+            self.backend_write_failed()
+
+    def backend_write_failed(self) -> None:
+        """A write to the backend failed: the next read reports how (an answer may be in)."""
+        self.backend.readable = self.backend.closing = True
 
     def drop_backend(self) -> None:
-        if self.backend >= 0:
-            self.reactor.close(self.backend)
-            self.backend = -1
+        if self.backend is not None:
+            self.reactor.close(self.backend.fd)
+            self.backend = None
             self.backend_name = None
-            self.to_backend = b""
             self.response = None
 
     # backend side
 
     def read_backend(self) -> None:
-        while self.backend >= 0 and self.backend_readable and len(self.to_client) <= HIGH_WATER:
-            try:
-                data = os.read(self.backend, CHUNK)
-            except RETRY:
-                self.backend_readable = False
+        while self.backend is not None and self.backend.readable and len(self.client.queued) <= HIGH_WATER:
+            data = self.backend.read()
+            if data is None:
                 return
-            except OSError:
-                data = b""  # reset: as good as closed
-            if not data:
+            if not data:  # closed, or reset: as good as closed
                 self.backend_lost()
                 return
-            if len(data) < CHUNK and not self.backend_hup:
-                self.backend_readable = False
             self.backend_data(data)
 
     def backend_data(self, data: bytes) -> None:
@@ -887,7 +839,7 @@ class HttpConnection:
 
     def fail_answer(self, reason: str) -> None:
         """The backend failed the request in progress: 502 if nothing went out yet, else cut."""
-        log(self.client, self.active.name if self.active else None, reason)
+        log(self.peer, self.active.name if self.active else None, reason)
         self.drop_backend()
         if self.forwarded == 0:
             self.answer(502, True, self.active)
@@ -897,7 +849,7 @@ class HttpConnection:
 
     def fail_request(self, rejection: Rejected) -> None:
         """The request in progress broke mid-body: 400 if nothing of its answer went out, else cut."""
-        log(self.client, self.active.name, rejection.reason)
+        log(self.peer, self.active.name, rejection.reason)
         self.drop_backend()
         if self.forwarded == 0:
             self.answer(rejection.status, True, self.active)
@@ -912,16 +864,16 @@ class HttpConnection:
         still waiting for it; client bytes held back since the upgrade request go to
         the backend after anything still waiting for it."""
         self.stop_timer()
-        backend = self.backend
-        to_backend = self.to_backend + self.reader.held
-        to_client = self.to_client + answer
-        self.backend = -1
+        backend, client = self.backend, self.client
+        backend.queued += self.reader.held
+        client.queued += answer
+        client.readable = True  # it was not read while the upgrade waited: it may hold bytes
+        self.backend = None
         self.reader = None
         self.active = None
         self.relayed = True
-        self.reactor.remove(backend)  # the Relay adds it as its own
-        reactor, fd = self.reactor, self.fd
-        Relay(reactor, fd, backend, to_backend, to_client, self.relay_closed, True, self.backend_failed)
+        self.reactor.remove(backend.fd)  # the Relay adds it as its own
+        Relay(self.reactor, client, backend, self.relay_closed, self.backend_failed)
 
     def relay_closed(self) -> None:
         self.service.closed(self)
@@ -929,7 +881,7 @@ class HttpConnection:
     def backend_failed(self, err: int) -> None:
         """The backend reset (or failed) while relaying after a 101: one line."""
         reason = f"{BACKEND_SOCKET}: {errno.errorcode.get(err, err)} while relaying"
-        log(self.client, self.backend_name, reason)
+        log(self.peer, self.backend_name, reason)
 
     def drain(self) -> None:
         """SIGHUP: answer the requests begun, then close (see next); an idle one closes now."""

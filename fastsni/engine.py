@@ -222,7 +222,98 @@ class Timer:
             callback(*args)
 
 
-class Reactor:
+class Handler:
+    """What the Reactor hands a ready descriptor to: ``ready(fd, events)``.  Every
+    connection object derives from it, so the compiled Reactor calls it as a C method."""
+
+    __slots__ = ()
+
+    def ready(self, fd: int, events: int) -> None:
+        raise NotImplementedError
+
+
+class Side:
+    """One end of a connection: its descriptor, the bytes a short write left for later,
+    and what epoll said of it.  Edge-triggered, so ``readable`` holds from an event until
+    a read finds the kernel has no more, and ``writable`` until a write falls short.
+
+    Both proxies' connections and the Relay read and write only through it.
+    """
+
+    __slots__ = ("reactor", "fd", "queued", "readable", "closing", "writable", "error")
+
+    def __init__(self, reactor: Reactor, fd: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.queued = b""  # bytes for this side that it did not take yet
+        self.readable = False  # may have bytes to read
+        self.closing = False  # reported hang-up or error: read until it says which
+        self.writable = True  # may take bytes
+        self.error = 0  # errno of the read or write that failed
+
+    def saw(self, events: int) -> None:
+        """Note what one epoll event says of this side."""
+        if events & (READABLE | CLOSING):
+            self.readable = True
+            if events & CLOSING:
+                self.closing = True
+        if events & (WRITABLE | CLOSING):
+            self.writable = True
+
+    def read(self) -> bytes | None:
+        """Up to CHUNK bytes; b"" at EOF or on an error (its errno in ``error``); None if
+        there are none now.  A short read clears ``readable`` too, unless the side is
+        closing: bytes that come later bring a new edge."""
+        try:
+            data = os.read(self.fd, CHUNK)
+        except RETRY:
+            self.readable = False
+            return None
+        except OSError as exc:
+            self.error = exc.errno
+            return b""
+        if len(data) < CHUNK and not self.closing:
+            self.readable = False
+        return data
+
+    def send(self, data: bytes) -> int:
+        """Write ``data`` after what is queued; what the kernel does not take now is
+        queued.  Returns the bytes written now, or -1 if the write failed (see write)."""
+        if self.queued or not self.writable:
+            self.queued += data
+            return 0
+        return self.write(data)
+
+    def flush(self) -> int:
+        """Write what is queued: the bytes written, or -1 (see write)."""
+        data = self.queued
+        self.queued = b""
+        return self.write(data) if data else 0
+
+    def write(self, data: bytes) -> int:
+        """write(2) ``data`` if the side may take it; queue the rest and ask for EPOLLOUT.
+        Returns the bytes written, or -1 with the errno in ``error`` (nothing queued)."""
+        sent = 0
+        if self.writable:
+            try:
+                sent = os.write(self.fd, data)
+            except RETRY:
+                pass
+            except OSError as exc:
+                self.error = exc.errno
+                return -1
+        if sent < len(data):
+            self.queued = data[sent:]
+            self.wait_writable()
+        return sent
+
+    def wait_writable(self) -> None:
+        """It took less than it was given: go on at the next EPOLLOUT edge."""
+        self.writable = False
+        self.reactor.want_write(self.fd)
+
+
+class Reactor(Handler):
     """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``.
 
     It is the process's event loop, with the few loop methods the server uses: time,
@@ -231,7 +322,7 @@ class Reactor:
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
-        self.handlers: dict[int, object] = {}
+        self.handlers: dict[int, Handler] = {}
         self.writers: set[int] = set()  # descriptors also watched for EPOLLOUT
         self.again: list[Flow] = []  # flows that yielded to others mid-work
         self.timers: dict[float, deque[Timer]] = {}  # one FIFO per delay: each is in order
@@ -240,7 +331,7 @@ class Reactor:
         self.wakeup = -1  # read end of the pipe signal numbers arrive on
         self.stopping = False
 
-    def add(self, fd: int, handler, events: int = EDGE) -> None:
+    def add(self, fd: int, handler: Handler, events: int = EDGE) -> None:
         self.epoll.register(fd, events)
         self.handlers[fd] = handler
 
@@ -385,7 +476,7 @@ class Service:
         self.listener.descriptor_freed()
 
 
-class Listener:
+class Listener(Handler):
     """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor."""
 
     def __init__(self, reactor: Reactor, sock: socket.socket, on_accept: Callable) -> None:
@@ -455,23 +546,21 @@ class Flow:
     """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them.
 
     Bytes go by read(2) and write(2) through user space until a read fills a whole CHUNK
-    (bulk data); from then on they go by splice(2) through a pipe, never copied.
+    (bulk data); from then on they go by splice(2) through a pipe, never copied.  What
+    ``dst`` did not take waits in ``dst.queued`` (copied) or in the pipe (spliced), and
+    nothing more is read from ``src`` meanwhile.
     """
 
-    def __init__(self, relay: Relay, src: int, dst: int, upward: bool) -> None:
+    def __init__(self, relay: Relay, src: Side, dst: Side, upward: bool) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
         self.way = "up" if upward else "down"  # towards the backend or the client, for COUNTS
         self.way_spliced = self.way + "_spliced"
-        self.pending = b""  # read from src, not yet taken by dst
         self.pipe_r = -1  # the pipe, once bulk data made splicing worth it
         self.pipe_w = -1
         self.piped = 0  # bytes in the pipe, not yet taken by dst
         self.can_splice = True  # False once the kernel refused a pipe: copy instead
-        self.src_ready = False  # src may have bytes to read
-        self.src_closing = False  # src reported hang-up or error: read until it says what
-        self.dst_ready = True  # dst may take bytes
         self.eof = False  # src has sent everything
         self.done = False  # ... and all of it reached dst
 
@@ -485,7 +574,7 @@ class Flow:
                     self.done = True
                     self.relay.finished(self)
                 return
-            if not self.src_ready:
+            if not self.src.readable:
                 return
             if not (self.splice() if self.pipe_w >= 0 else self.copy()):
                 return
@@ -493,35 +582,32 @@ class Flow:
 
     def copy(self) -> bool:
         """read() a chunk from src, write() it to dst; False once one of them must wait."""
-        try:
-            data = os.read(self.src, CHUNK)
-        except RETRY:
-            self.src_ready = False
-            return False
-        except OSError as exc:
-            self.relay.fail(self.src, exc.errno)
+        data = self.src.read()
+        if data is None:
             return False
         if not data:
+            if self.src.error:
+                self.relay.fail(self.src)
+                return False
             self.eof = True
             return True
         if len(data) == CHUNK and self.can_splice:
             self.open_pipe()  # bulk data: splice from now on
-        elif not self.src_closing:
-            self.src_ready = False  # drained: bytes that come later bring a new edge
         return self.send(data)
 
     def splice(self) -> bool:
         """splice() a chunk from src into the pipe and on to dst; False once one must wait.
 
         A short splice says nothing about what is left in src (the pipe may have run
-        out of slots), so only EAGAIN clears src_ready here."""
+        out of slots), so only EAGAIN clears src.readable here."""
         try:
-            moved = os.splice(self.src, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
+            moved = os.splice(self.src.fd, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
         except RETRY:
-            self.src_ready = False
+            self.src.readable = False
             return False
         except OSError as exc:
-            self.relay.fail(self.src, exc.errno)
+            self.src.error = exc.errno
+            self.relay.fail(self.src)
             return False
         if not moved:
             self.eof = True
@@ -530,47 +616,40 @@ class Flow:
         return self.flush()
 
     def flush(self) -> bool:
-        """Write what waits (in ``pending`` or in the pipe) to dst; True once nothing does."""
-        if self.pending:
-            return self.send(self.pending)
+        """Write what waits (queued for dst, or in the pipe) to dst; True once nothing does."""
+        if self.dst.queued:
+            return self.sent(self.dst.flush())
         if not self.piped:
             return True
         moved = 0
-        if self.dst_ready:
+        if self.dst.writable:
             try:
-                moved = os.splice(self.pipe_r, self.dst, self.piped, flags=SPLICE_FLAGS)
+                moved = os.splice(self.pipe_r, self.dst.fd, self.piped, flags=SPLICE_FLAGS)
             except RETRY:
                 pass
             except OSError as exc:
-                self.relay.fail(self.dst, exc.errno)
+                self.dst.error = exc.errno
+                self.relay.fail(self.dst)
                 return False
         self.piped -= moved
         COUNTS[self.way] += moved
         COUNTS[self.way_spliced] += moved
         if not self.piped:
             return True
-        self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
-        self.relay.reactor.want_write(self.dst)
+        self.dst.wait_writable()
         return False
 
     def send(self, data: bytes) -> bool:
-        """Write ``data`` to dst; True if all of it went.  The rest waits in ``pending``."""
-        sent = 0
-        if self.dst_ready:
-            try:
-                sent = os.write(self.dst, data)
-            except RETRY:
-                pass
-            except OSError as exc:
-                self.relay.fail(self.dst, exc.errno)
-                return False
-        COUNTS[self.way] += sent
-        self.pending = data[sent:]
-        if not self.pending:
-            return True
-        self.dst_ready = False  # full: the next EPOLLOUT edge says when to go on
-        self.relay.reactor.want_write(self.dst)
-        return False
+        """Write ``data`` to dst; True if all of it went (the rest is queued for dst)."""
+        return self.sent(self.dst.send(data))
+
+    def sent(self, count: int) -> bool:
+        """After a write to dst of ``count`` bytes (-1: it failed): True if nothing waits."""
+        if count < 0:
+            self.relay.fail(self.dst)
+            return False
+        COUNTS[self.way] += count
+        return not self.dst.queued
 
     def open_pipe(self) -> None:
         """A pipe of PIPE_SIZE for splicing.  If the kernel refuses one (out of descriptors,
@@ -597,13 +676,14 @@ class Flow:
             self.pipe_r = self.pipe_w = -1
 
 
-class Relay:
-    """Join ``client`` and ``backend`` both ways; then close both and call ``on_close()``.
+class Relay(Handler):
+    """Join the ``client`` and ``backend`` sides both ways; then close both and call
+    ``on_close()``.
 
-    ``to_backend`` and ``to_client`` are bytes already read from the other side (a
-    ClientHello, a PROXY line); they go out before anything else.  The client
-    descriptor is already in the reactor (``client_ready``: it may hold unread bytes);
-    the backend's is added here.  If a read or write on the backend fails (a reset),
+    What is already queued for a side (a ClientHello and PROXY header for the backend,
+    a 101 for the client) goes out before anything else.  The client's descriptor is
+    already in the reactor (``client.readable``: it may hold unread bytes); the
+    backend's is added here.  If a read or write on the backend fails (a reset),
     ``on_backend_error(errno)`` is called before both are closed, to log it; a client's
     errors are its own business, and an EOF on either side is no error.
     """
@@ -611,12 +691,9 @@ class Relay:
     def __init__(
         self,
         reactor: Reactor,
-        client: int,
-        backend: int,
-        to_backend: bytes,
-        to_client: bytes,
+        client: Side,
+        backend: Side,
         on_close: Callable[[], None],
-        client_ready: bool = False,
         on_backend_error: Callable[[int], None] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -627,28 +704,23 @@ class Relay:
         self.closed = False
         self.upstream = Flow(self, client, backend, True)
         self.downstream = Flow(self, backend, client, False)
-        self.upstream.pending = to_backend
-        self.upstream.src_ready = client_ready
-        self.downstream.pending = to_client
-        reactor.handlers[client] = self
-        reactor.add(backend, self)
+        reactor.handlers[client.fd] = self
+        reactor.add(backend.fd, self)
         self.upstream.pump()
         if not self.closed:
             self.downstream.pump()
 
     def ready(self, fd: int, events: int) -> None:
-        from_fd, to_fd = self.upstream, self.downstream
-        if fd != self.client:
-            from_fd, to_fd = to_fd, from_fd
-        if events & (READABLE | CLOSING):
-            from_fd.src_ready = True
-            if events & CLOSING:
-                from_fd.src_closing = True
-        if events & (WRITABLE | CLOSING):
-            to_fd.dst_ready = True
-        from_fd.pump()
+        """Events on one side: first move what it sends, then what it may now take."""
+        if fd == self.client.fd:
+            self.client.saw(events)
+            first, second = self.upstream, self.downstream
+        else:
+            self.backend.saw(events)
+            first, second = self.downstream, self.upstream
+        first.pump()
         if not self.closed:
-            to_fd.pump()
+            second.pump()
 
     def finished(self, flow: Flow) -> None:
         """``flow``'s source sent EOF and all of it is out: shut its destination's
@@ -659,20 +731,20 @@ class Relay:
         if other.done:
             self.close()
         else:
-            shutdown_write(flow.dst)
+            shutdown_write(flow.dst.fd)
 
-    def fail(self, fd: int, err: int) -> None:
-        """A read or write on ``fd`` failed with ``err``: close both sides."""
-        if fd == self.backend and self.on_backend_error is not None and not self.closed:
-            self.on_backend_error(err)
+    def fail(self, side: Side) -> None:
+        """A read or write on ``side`` failed (its errno in ``side.error``): close both."""
+        if side is self.backend and self.on_backend_error is not None and not self.closed:
+            self.on_backend_error(side.error)
         self.close()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.reactor.close(self.client)
-        self.reactor.close(self.backend)
+        self.reactor.close(self.client.fd)
+        self.reactor.close(self.backend.fd)
         self.upstream.release()
         self.downstream.release()
         self.upstream = self.downstream = None  # each refers back to the relay: unlink them,

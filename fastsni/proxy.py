@@ -9,7 +9,7 @@ import errno
 import os
 
 from fastsni.addresses import describe, of_descriptor, proxy_header
-from fastsni.engine import CHUNK, CLOSING, RETRY, Relay, Service, connect_backend, errno_name
+from fastsni.engine import Handler, Relay, Service, Side, connect_backend, errno_name
 from fastsni.logs import failures
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
 
@@ -37,12 +37,13 @@ def log(fd: int, name: str | None, reason: str) -> None:
     failures.write(f"fastsni: {client} {name or '-'}: {reason}\n")
 
 
-class TlsConnection:
+class TlsConnection(Handler):
     """An accepted client connection until its ClientHello names a backend; then a Relay."""
 
     def __init__(self, service: Service, fd: int) -> None:
         self.service = service
         self.fd = fd
+        self.client = Side(service.reactor, fd)
         self.reader: HelloReader | None = HelloReader()
         self.name: str | None = None  # once routed
         service.reactor.add(fd, self)
@@ -50,18 +51,15 @@ class TlsConnection:
 
     def ready(self, fd: int, events: int) -> None:
         """Read what the client sent (edge-triggered: until the kernel has no more)."""
-        while True:
-            try:
-                data = os.read(fd, CHUNK)
-            except RETRY:
+        client = self.client
+        client.saw(events)
+        while client.readable:
+            data = client.read()
+            if data is None:
                 return
-            except OSError:
+            if not data:  # closed (or reset) before the hello was complete: nothing to answer
                 COUNTS["closed_early"] += 1
-                self.close()  # reset before the hello was complete: nothing to answer
-                return
-            if not data:
-                COUNTS["closed_early"] += 1
-                self.close()  # a client that closes before its hello is complete is simply closed
+                self.close()
                 return
             try:
                 name = self.reader.feed(data)
@@ -69,28 +67,27 @@ class TlsConnection:
                 self.fail(exc.alert, None, exc.reason)
                 return
             if name is not None:
-                self.route(name, len(data) == CHUNK or bool(events & CLOSING))
-                return
-            if len(data) < CHUNK and not events & CLOSING:
+                self.route(name)
                 return
 
-    def route(self, name: str, more: bool) -> None:
-        """Connect to the backend for ``name``; ``more``: the client may have sent more already."""
+    def route(self, name: str) -> None:
+        """Connect to the backend for ``name``; the client may have sent more already
+        (``client.readable``), which the Relay reads."""
         self.timer.cancel()
         try:
-            backend, proxy = connect_backend(name, BACKEND_SOCKET)
+            fd, proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             return
-        hello = bytes(self.reader.received)
+        backend = Side(self.service.reactor, fd)
+        backend.queued = bytes(self.reader.received)  # the hello goes first, untouched
         self.reader = None
-        if proxy:
-            hello = proxy_header(proxy, self.fd, self.service.family, name) + hello  # one write
+        if proxy:  # in one write with the hello
+            backend.queued = proxy_header(proxy, self.fd, self.service.family, name) + backend.queued
         COUNTS["routed"] += 1
         self.name = name
-        reactor = self.service.reactor
-        Relay(reactor, self.fd, backend, hello, b"", self.relay_closed, more, self.backend_failed)
+        Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
 
     def expire(self) -> None:
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")

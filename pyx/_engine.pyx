@@ -3,7 +3,8 @@
 
 Function for function the pure module, with the system calls made directly: no
 socket objects, and no Python object per relayed chunk unless the other side is
-slow (then the unsent rest waits as bytes).
+slow (then the unsent rest waits as bytes).  The classes other compiled twins cimport
+(Handler, Reactor, Side) have their attributes declared in fastsni/_engine.pxd.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -90,11 +91,6 @@ cdef extern from "<fcntl.h>":
         AT_SYMLINK_NOFOLLOW
 
 cdef extern from "<sys/epoll.h>":
-    ctypedef union epoll_data_t:
-        int fd
-    struct epoll_event:
-        unsigned int events
-        epoll_data_t data
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
     int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout) nogil
@@ -137,7 +133,6 @@ cdef extern from *:
 cdef enum:
     C_CHUNK = 128 * 1024
     C_PIPE_SIZE = 512 * 1024
-    C_MAX_EVENTS = 256
     C_MARKER_PATH = 128  # <directory>/send-proxy-vN, for paths that fit sun_path
 
 assert CHUNK == C_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
@@ -296,19 +291,103 @@ cdef class Timer:
             callback(*args)
 
 
-cdef class Reactor:
-    """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
+cdef class Handler:
+    """What the Reactor hands a ready descriptor to: ``ready(fd, events)``, called as a
+    C method (a Python subclass's own ``ready`` is found and called too)."""
 
-    cdef public int epoll
-    cdef public dict handlers
-    cdef public set writers
-    cdef public list again
-    cdef public dict timers
-    cdef public double earliest
-    cdef public dict signals
-    cdef public int wakeup
-    cdef public bint stopping
-    cdef epoll_event events[C_MAX_EVENTS]
+    cpdef ready(self, int fd, unsigned int events):
+        raise NotImplementedError
+
+
+cdef class Side:
+    """One end of a connection: its descriptor, the bytes a short write left for later,
+    and what epoll said of it (attributes in fastsni/_engine.pxd)."""
+
+    def __init__(self, Reactor reactor, int fd):
+        self.reactor = reactor
+        self.fd = fd
+        self.queued = b""
+        self.readable = False
+        self.closing = False
+        self.writable = True
+        self.error = 0
+
+    cpdef saw(self, unsigned int events):
+        """Note what one epoll event says of this side."""
+        if events & (C_READABLE | C_CLOSING):
+            self.readable = True
+            if events & C_CLOSING:
+                self.closing = True
+        if events & (C_WRITABLE | C_CLOSING):
+            self.writable = True
+
+    cdef Py_ssize_t recv(self) noexcept:
+        """read() as read() below does it, into the engine's buffer: the count; 0 at EOF
+        or on an error (its errno in ``error``); -1 if there are none now."""
+        cdef ssize_t got = read(self.fd, _buffer, C_CHUNK)
+        if got < 0:
+            if _retry(errno):
+                self.readable = False
+                return -1
+            self.error = errno
+            return 0
+        if got < C_CHUNK and not self.closing:
+            self.readable = False
+        return got
+
+    cpdef read(self):
+        """Up to CHUNK bytes; b"" at EOF or on an error (its errno in ``error``); None if
+        there are none now.  A short read clears ``readable`` too, unless the side is
+        closing: bytes that come later bring a new edge."""
+        cdef Py_ssize_t got = self.recv()
+        if got < 0:
+            return None
+        return PyBytes_FromStringAndSize(_buffer, got)
+
+    cpdef Py_ssize_t send(self, bytes data) except -2:
+        """Write ``data`` after what is queued; what the kernel does not take now is
+        queued.  Returns the bytes written now, or -1 if the write failed (see write)."""
+        if self.queued or not self.writable:
+            self.queued += data
+            return 0
+        return self.write_from(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+    cpdef Py_ssize_t flush(self) except -2:
+        """Write what is queued: the bytes written, or -1 (see write)."""
+        cdef bytes data = self.queued
+        self.queued = b""
+        if not data:
+            return 0
+        return self.write_from(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+    cpdef Py_ssize_t write(self, bytes data) except -2:
+        """write(2) ``data`` if the side may take it; queue the rest and ask for EPOLLOUT.
+        Returns the bytes written, or -1 with the errno in ``error`` (nothing queued)."""
+        return self.write_from(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+    cdef Py_ssize_t write_from(self, const char* data, Py_ssize_t size) except -2:
+        """write() from a C buffer (the engine's, when a relay copies)."""
+        cdef ssize_t sent = 0
+        if self.writable:
+            sent = write(self.fd, data, size)
+            if sent < 0:
+                if not _retry(errno):
+                    self.error = errno
+                    return -1
+                sent = 0
+        if sent < size:
+            self.queued = PyBytes_FromStringAndSize(data + sent, size - sent)
+            self.wait_writable()
+        return sent
+
+    cpdef wait_writable(self):
+        """It took less than it was given: go on at the next EPOLLOUT edge."""
+        self.writable = False
+        self.reactor.want_write(self.fd)
+
+
+cdef class Reactor(Handler):
+    """Edge-triggered readiness for connection descriptors: ``handler.ready(fd, events)``."""
 
     def __init__(self):
         self.epoll = epoll_create1(EPOLL_CLOEXEC)
@@ -323,7 +402,7 @@ cdef class Reactor:
         self.wakeup = -1
         self.stopping = False
 
-    cpdef add(self, int fd, handler, unsigned int events=C_EDGE):
+    cpdef add(self, int fd, Handler handler, unsigned int events=C_EDGE):
         cdef epoll_event event
         event.events = events
         event.data.fd = fd
@@ -371,14 +450,14 @@ cdef class Reactor:
             PyErr_CheckSignals()  # run Python's signal handlers now (the pure twin's poll does)
             return
         for i in range(count):
-            handler = handlers.get(self.events[i].data.fd)
+            handler = handlers.get(events[i].data.fd)
             if handler is not None:
                 try:
-                    handler.ready(self.events[i].data.fd, self.events[i].events)
+                    (<Handler?>handler).ready(events[i].data.fd, events[i].events)  # a C call
                 except Exception as exc:
                     abandon(handler, exc)
 
-    cdef later(self, Flow flow):
+    cdef later(self, flow):
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
         self.again.append(flow)
 
@@ -447,7 +526,7 @@ cdef class Reactor:
         self.signals[signum] = (callback, args)
         signal.signal(signum, ignore_signal)
 
-    def ready(self, int fd, unsigned int events):
+    cpdef ready(self, int fd, unsigned int events):
         """The wakeup pipe: run the handler of each signal that arrived."""
         cdef unsigned char numbers[256]
         cdef ssize_t i, got = read(fd, numbers, 256)  # -1 (EAGAIN): nothing to do
@@ -497,7 +576,7 @@ cdef class Service:
         self.listener.descriptor_freed()
 
 
-cdef class Listener:
+cdef class Listener(Handler):
     """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor."""
 
     cdef public Reactor reactor
@@ -524,7 +603,7 @@ cdef class Listener:
             self.accepting = True
             self.reactor.add(self.fd, self, C_LISTENING)  # level-triggered, exclusive: see LISTENING
 
-    def ready(self, int fd, unsigned int events):
+    cpdef ready(self, int fd, unsigned int events):
         self.accept()
 
     def accept(self):
@@ -575,37 +654,31 @@ cdef class Flow:
     """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them.
 
     Bytes go by read(2) and write(2) through user space until a read fills a whole CHUNK
-    (bulk data); from then on they go by splice(2) through a pipe, never copied.
+    (bulk data); from then on they go by splice(2) through a pipe, never copied.  What
+    ``dst`` did not take waits in ``dst.queued`` (copied) or in the pipe (spliced), and
+    nothing more is read from ``src`` meanwhile.
     """
 
     cdef public Relay relay
-    cdef public int src
-    cdef public int dst
-    cdef public bytes pending
+    cdef public Side src
+    cdef public Side dst
     cdef public int pipe_r
     cdef public int pipe_w
     cdef public Py_ssize_t piped
     cdef public bint can_splice
-    cdef public bint src_ready
-    cdef public bint src_closing
-    cdef public bint dst_ready
     cdef public bint eof
     cdef public bint done
     cdef public int way  # UP or DOWN: towards the backend or the client, for _counts
 
-    def __init__(self, Relay relay, int src, int dst, bint upward):
+    def __init__(self, Relay relay, Side src, Side dst, bint upward):
         self.relay = relay
         self.src = src
         self.dst = dst
         self.way = UP if upward else DOWN
-        self.pending = b""
         self.pipe_r = -1
         self.pipe_w = -1
         self.piped = 0
         self.can_splice = True  # False once the kernel refused a pipe: copy instead
-        self.src_ready = False
-        self.src_closing = False
-        self.dst_ready = True
         self.eof = False
         self.done = False
 
@@ -620,38 +693,37 @@ cdef class Flow:
                     self.done = True
                     self.relay.finished(self)
                 return
-            if not self.src_ready:
+            if not self.src.readable:
                 return
             if not (self.splice() if self.pipe_w >= 0 else self.copy()):
                 return
         self.relay.reactor.later(self)
 
-    cdef bint copy(self):
+    cdef bint copy(self) except -1:
         """read() a chunk from src, write() it to dst; False once one of them must wait."""
-        cdef ssize_t got = read(self.src, _buffer, C_CHUNK)
+        cdef Py_ssize_t got = self.src.recv()
         if got < 0:
-            if _retry(errno):
-                self.src_ready = False
-            else:
-                self.relay.fail(self.src, errno)
             return False
         if got == 0:
+            if self.src.error:
+                self.relay.fail(self.src)
+                return False
             self.eof = True
             return True
         if got == C_CHUNK and self.can_splice:
             self.open_pipe()
-        elif not self.src_closing:
-            self.src_ready = False
-        return self._send(_buffer, got)
+        # send(), without a bytes object: nothing waits for dst here (flush saw to it)
+        return self.sent(self.dst.write_from(_buffer, got))
 
-    cdef bint splice(self):
+    cdef bint splice(self) except -1:
         """splice() a chunk from src into the pipe and on to dst; False once one must wait."""
-        cdef ssize_t moved = splice(self.src, NULL, self.pipe_w, NULL, C_PIPE_SIZE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        cdef ssize_t moved = splice(self.src.fd, NULL, self.pipe_w, NULL, C_PIPE_SIZE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         if moved < 0:
             if _retry(errno):
-                self.src_ready = False
+                self.src.readable = False
             else:
-                self.relay.fail(self.src, errno)
+                self.src.error = errno
+                self.relay.fail(self.src)
             return False
         if moved == 0:
             self.eof = True
@@ -659,18 +731,19 @@ cdef class Flow:
         self.piped = moved
         return self.flush()
 
-    cdef bint flush(self):
-        """Write what waits (in ``pending`` or in the pipe) to dst; True once nothing does."""
+    cdef bint flush(self) except -1:
+        """Write what waits (queued for dst, or in the pipe) to dst; True once nothing does."""
         cdef ssize_t moved = 0
-        if self.pending:
-            return self.send(self.pending)
+        if self.dst.queued:
+            return self.sent(self.dst.flush())
         if not self.piped:
             return True
-        if self.dst_ready:
-            moved = splice(self.pipe_r, NULL, self.dst, NULL, self.piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        if self.dst.writable:
+            moved = splice(self.pipe_r, NULL, self.dst.fd, NULL, self.piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if moved < 0:
                 if not _retry(errno):
-                    self.relay.fail(self.dst, errno)
+                    self.dst.error = errno
+                    self.relay.fail(self.dst)
                     return False
                 moved = 0
         self.piped -= moved
@@ -678,31 +751,20 @@ cdef class Flow:
         _counts[self.way + 2] += moved  # UP_SPLICED or DOWN_SPLICED
         if not self.piped:
             return True
-        self.dst_ready = False
-        self.relay.reactor.want_write(self.dst)
+        self.dst.wait_writable()
         return False
 
-    cpdef bint send(self, bytes data):
-        """Write ``data`` to dst; True if all of it went.  The rest waits in ``pending``."""
-        return self._send(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+    cpdef bint send(self, bytes data) except -1:
+        """Write ``data`` to dst; True if all of it went (the rest is queued for dst)."""
+        return self.sent(self.dst.send(data))
 
-    cdef bint _send(self, const char* data, Py_ssize_t size):
-        cdef ssize_t sent = 0
-        if self.dst_ready:
-            sent = write(self.dst, data, size)
-            if sent < 0:
-                if not _retry(errno):
-                    self.relay.fail(self.dst, errno)
-                    return False
-                sent = 0
-        _counts[self.way] += sent
-        if sent == size:
-            self.pending = b""
-            return True
-        self.pending = PyBytes_FromStringAndSize(data + sent, size - sent)
-        self.dst_ready = False
-        self.relay.reactor.want_write(self.dst)
-        return False
+    cdef bint sent(self, Py_ssize_t count) except -1:
+        """After a write to dst of ``count`` bytes (-1: it failed): True if nothing waits."""
+        if count < 0:
+            self.relay.fail(self.dst)
+            return False
+        _counts[self.way] += count
+        return not self.dst.queued
 
     cdef open_pipe(self):
         """A pipe of PIPE_SIZE for splicing; if the kernel refuses one, copy instead, for good."""
@@ -725,20 +787,19 @@ cdef class Flow:
             self.pipe_r = self.pipe_w = -1
 
 
-cdef class Relay:
-    """Join ``client`` and ``backend`` both ways; then close both and call ``on_close()``."""
+cdef class Relay(Handler):
+    """Join the ``client`` and ``backend`` sides both ways; then close both and call ``on_close()``."""
 
     cdef public Reactor reactor
-    cdef public int client
-    cdef public int backend
+    cdef public Side client
+    cdef public Side backend
     cdef public object on_close
     cdef public object on_backend_error
     cdef public bint closed
     cdef public Flow upstream
     cdef public Flow downstream
 
-    def __init__(self, Reactor reactor, int client, int backend, bytes to_backend, bytes to_client,
-                 on_close, bint client_ready=False, on_backend_error=None):
+    def __init__(self, Reactor reactor, Side client, Side backend, on_close, on_backend_error=None):
         self.reactor = reactor
         self.client = client
         self.backend = backend
@@ -747,28 +808,24 @@ cdef class Relay:
         self.closed = False
         self.upstream = Flow(self, client, backend, True)
         self.downstream = Flow(self, backend, client, False)
-        self.upstream.pending = to_backend
-        self.upstream.src_ready = client_ready
-        self.downstream.pending = to_client
-        reactor.handlers[client] = self
-        reactor.add(backend, self)
+        reactor.handlers[client.fd] = self
+        reactor.add(backend.fd, self)
         self.upstream.pump()
         if not self.closed:
             self.downstream.pump()
 
-    def ready(self, int fd, unsigned int events):
-        cdef Flow from_fd = self.upstream, to_fd = self.downstream
-        if fd != self.client:
-            from_fd, to_fd = to_fd, from_fd
-        if events & (C_READABLE | C_CLOSING):
-            from_fd.src_ready = True
-            if events & C_CLOSING:
-                from_fd.src_closing = True
-        if events & (C_WRITABLE | C_CLOSING):
-            to_fd.dst_ready = True
-        from_fd.pump()
+    cpdef ready(self, int fd, unsigned int events):
+        """Events on one side: first move what it sends, then what it may now take."""
+        cdef Flow first, second
+        if fd == self.client.fd:
+            self.client.saw(events)
+            first, second = self.upstream, self.downstream
+        else:
+            self.backend.saw(events)
+            first, second = self.downstream, self.upstream
+        first.pump()
         if not self.closed:
-            to_fd.pump()
+            second.pump()
 
     cpdef finished(self, Flow flow):
         """``flow``'s source sent EOF and all of it is out: shut its destination's
@@ -779,20 +836,20 @@ cdef class Relay:
         if other.done:
             self.close()
         else:
-            shutdown(flow.dst, SHUT_WR)
+            shutdown(flow.dst.fd, SHUT_WR)
 
-    cdef fail(self, int fd, int err):
-        """A read or write on ``fd`` failed with ``err``: close both sides."""
-        if fd == self.backend and self.on_backend_error is not None and not self.closed:
-            self.on_backend_error(err)
+    cdef fail(self, Side side):
+        """A read or write on ``side`` failed (its errno in ``side.error``): close both."""
+        if side is self.backend and self.on_backend_error is not None and not self.closed:
+            self.on_backend_error(side.error)
         self.close()
 
     cpdef close(self):
         if self.closed:
             return
         self.closed = True
-        self.reactor.close(self.client)
-        self.reactor.close(self.backend)
+        self.reactor.close(self.client.fd)
+        self.reactor.close(self.backend.fd)
         self.upstream.release()
         self.downstream.release()
         self.upstream = self.downstream = None  # each refers back to the relay: unlink them,

@@ -11,11 +11,8 @@ reach the client in request order; the backend connection is reused while
 consecutive requests name the same host.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport errno
-from posix.unistd cimport read, write
+from fastsni._engine cimport Handler, Reactor, Side
 
-import os
 import sys
 from collections import deque
 from errno import errorcode
@@ -25,7 +22,6 @@ import httptools
 from fastsni._engine import Relay, connect_backend, shutdown_write
 from fastsni._tls import check_hostname
 from fastsni.addresses import client_ip, describe, peer_of, proxy_header
-from fastsni.engine import CHUNK, CLOSING, READABLE, RETRY, WRITABLE
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
     DROPPED,
@@ -44,12 +40,6 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
 
-cdef enum:
-    C_CHUNK = 128 * 1024
-
-assert CHUNK == C_CHUNK
-cdef char _buffer[C_CHUNK]  # every connection reads into this one buffer: the loop is single-threaded
-
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED.
 cdef unsigned long long _routed = 0, _up = 0, _down = 0
@@ -58,22 +48,6 @@ cdef dict _answered = {}
 
 def counts():
     return {"routed": _routed, "up": _up, "down": _down, "answered": dict(_answered)}
-
-
-cdef bytes _read(int fd):
-    """os.read(fd, CHUNK) without the Python call (nor its GIL release around read(2))."""
-    cdef ssize_t got = read(fd, _buffer, C_CHUNK)
-    if got < 0:
-        raise OSError(errno, os.strerror(errno))  # BlockingIOError for EAGAIN, as os.read
-    return PyBytes_FromStringAndSize(_buffer, got)
-
-
-cdef Py_ssize_t _write(int fd, bytes data) except -1:
-    """os.write(fd, data) without the Python call (nor its GIL release around write(2))."""
-    cdef ssize_t sent = write(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-    if sent < 0:
-        raise OSError(errno, os.strerror(errno))
-    return sent
 
 
 def _authority_name(authority):
@@ -342,30 +316,24 @@ def frame(data, ip="192.0.2.1"):
     ]
 
 
-cdef class HttpConnection:
+cdef class HttpConnection(Handler):
     """One client connection on fastsni's engine: requests in, answers out in order.
 
     The client's descriptor and its current backend's both report to this handler
-    (edge-triggered, see fastsni.engine).  Bytes wait in ``to_client``/``to_backend``
-    only when a write fell short; while either holds more than HIGH_WATER, the side
-    that feeds it is not read.  After a 101 both descriptors go to the engine's Relay.
+    (edge-triggered, see fastsni.engine), and each is read and written through its
+    engine Side.  Bytes wait in a Side's ``queued`` only when a write fell short; while
+    either side's holds more than HIGH_WATER, the other side is not read.  After a 101
+    both sides go to the engine's Relay.
     """
 
     cdef public object service
-    cdef public object reactor
+    cdef public Reactor reactor
     cdef public int fd
-    cdef public object client
+    cdef public Side client
+    cdef public object peer
     cdef public RequestReader reader
-    cdef public int backend
+    cdef public Side backend
     cdef public object backend_name
-    cdef public bytes to_client
-    cdef public bytes to_backend
-    cdef public bint client_readable
-    cdef public bint client_hup
-    cdef public bint client_writable
-    cdef public bint backend_readable
-    cdef public bint backend_hup
-    cdef public bint backend_writable
     cdef public bint client_eof
     cdef public Request active
     cdef public object response
@@ -392,18 +360,11 @@ cdef class HttpConnection:
         self.service = service
         self.reactor = service.reactor
         self.fd = fd
-        self.client = None
+        self.client = Side(service.reactor, fd)
+        self.peer = None  # the client's address
         self.reader = None
-        self.backend = -1  # the backend connection's descriptor; -1: none
+        self.backend = None  # the backend connection, while one is open
         self.backend_name = None
-        self.to_client = b""  # what a write to the client left over
-        self.to_backend = b""
-        self.client_readable = False  # edge-triggered: may hold bytes until a read says not
-        self.client_hup = False  # the client hung up or failed: read until it says which
-        self.client_writable = True
-        self.backend_readable = False
-        self.backend_hup = False
-        self.backend_writable = True
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active = None  # the exchange in progress
         self.response = None  # its HttpResponseParser
@@ -419,7 +380,7 @@ cdef class HttpConnection:
         self.heads = 0  # answer heads completed in the bytes being parsed
         self.tail = b""  # the last 3 bytes of the answer so far, to find a head's end
         self.timer = None
-        self.closing = False  # close once to_client is out
+        self.closing = False  # close once what is queued for the client is out
         self.lingering = False  # read and drop what the client sends, until it closes
         self.relayed = False  # handed to fastsni's relay after a 101
         self.closed = False
@@ -427,35 +388,28 @@ cdef class HttpConnection:
         self.kept_alive = False
         self.reactor.add(fd, self)
         try:
-            self.client = peer_of(fd, service.family)
+            self.peer = peer_of(fd, service.family)
         except OSError:  # gone already
             self.linger()
             return
-        self.reader = RequestReader(client_ip(self.client))
+        self.reader = RequestReader(client_ip(self.peer))
         self.arm()
 
     # events
 
-    def ready(self, fd, events):
+    cpdef ready(self, int fd, unsigned int events):
         if fd == self.fd:
-            if events & (READABLE | CLOSING):
-                self.client_readable = True
-                self.client_hup = self.client_hup or bool(events & CLOSING)
-            if events & (WRITABLE | CLOSING):
-                self.client_writable = True
-        elif fd == self.backend:
-            if events & (READABLE | CLOSING):
-                self.backend_readable = True
-                self.backend_hup = self.backend_hup or bool(events & CLOSING)
-            if events & (WRITABLE | CLOSING):
-                self.backend_writable = True
+            self.client.saw(events)
+        elif self.backend is not None and fd == self.backend.fd:
+            self.backend.saw(events)
         self.run()
 
     cdef run(self):
         """Move what can move: writes that fell short first, then what each side sends."""
-        if self.to_backend and self.backend_writable:
+        cdef Side backend = self.backend, client = self.client
+        if backend is not None and backend.queued and backend.writable:
             self.flush_backend()
-        if self.to_client and self.client_writable and not self.done():
+        if client.queued and client.writable and not self.done():
             self.flush_client()
         if not self.done():
             self.read_backend()
@@ -468,21 +422,18 @@ cdef class HttpConnection:
     # client side
 
     cdef read_client(self):
-        while self.client_readable and self.wants_client():
-            try:
-                data = _read(self.fd)
-            except RETRY:
-                self.client_readable = False
-                return
-            except OSError:
-                self.shut()  # reset: nothing more can reach the client
+        cdef Side client = self.client
+        while client.readable and self.wants_client():
+            data = client.read()
+            if data is None:
                 return
             if not data:
-                self.client_readable = False
+                if client.error:
+                    self.shut()  # reset: nothing more can reach the client
+                    return
+                client.readable = False
                 self.client_ended()
                 return
-            if len(data) < CHUNK and not self.client_hup:
-                self.client_readable = False  # drained: bytes that come later bring a new edge
             if self.lingering:
                 continue  # dropped
             self.client_data(data)
@@ -496,7 +447,9 @@ cdef class HttpConnection:
         reader = self.reader
         if reader is None or self.done() or reader.rejected is not None:
             return False
-        if self.upgrade_wait or self.client_eof or len(self.to_backend) > HIGH_WATER:
+        if self.upgrade_wait or self.client_eof:
+            return False
+        if self.backend is not None and len(self.backend.queued) > HIGH_WATER:
             return False
         queued = 0
         for request in reader.requests:
@@ -529,27 +482,15 @@ cdef class HttpConnection:
             self.close()
             return
         if reader.current is not None:
-            log(self.client, reader.current.name, "client closed inside a request body")
+            log(self.peer, reader.current.name, "client closed inside a request body")
             self.shut()
             return
         self.client_eof = True
 
     cdef send_client(self, bytes data):
         """Write ``data`` to the client, or queue it behind what waits already."""
-        if self.to_client or not self.client_writable:
-            self.to_client += data
-            return
-        try:
-            sent = _write(self.fd, data)
-        except RETRY:
-            sent = 0
-        except OSError:
+        if self.client.send(data) < 0:
             self.shut()  # the client is gone
-            return
-        if sent < len(data):
-            self.to_client = data[sent:]
-            self.client_writable = False
-            self.reactor.want_write(self.fd)
 
     cdef answer(self, int status, bint close, request):
         """Answer ``request`` with fasthttpdir's own ``status``."""
@@ -557,10 +498,10 @@ cdef class HttpConnection:
         self.send_client(response(status, request, close))
 
     cdef flush_client(self):
-        data = self.to_client
-        self.to_client = b""
-        self.send_client(data)
-        if self.closed or self.to_client:
+        if self.client.flush() < 0:
+            self.shut()  # the client is gone
+            return
+        if self.client.queued:
             return
         if self.closing:
             self.shut()
@@ -581,7 +522,7 @@ cdef class HttpConnection:
         self.timer = None
         if self.active is None and self.reader is not None and not self.reader.requests:
             if self.reader.head_size:
-                log(self.client, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
+                log(self.peer, None, f"no complete request head within {HEAD_TIMEOUT:g} s")
             self.close()
 
     cdef close(self):
@@ -589,7 +530,7 @@ cdef class HttpConnection:
         if self.closed:
             return
         self.end_exchanges()
-        if not self.to_client:
+        if not self.client.queued:
             self.shut()
             return
         self.closing = True
@@ -606,12 +547,12 @@ cdef class HttpConnection:
         self.end_exchanges()
         self.lingering = True
         self.timer = self.reactor.call_later(LINGER, self.shut)
-        if not self.to_client:
+        if not self.client.queued:
             self.begin_lingering()
 
     cdef begin_lingering(self):
         shutdown_write(self.fd)
-        self.client_readable = True  # what came while we did not read is dropped now
+        self.client.readable = True  # what came while we did not read is dropped now
 
     cdef end_exchanges(self):
         self.stop_timer()
@@ -639,7 +580,7 @@ cdef class HttpConnection:
         while self.active is None and self.reader is not None and self.reader.requests:
             request = self.reader.requests[0]
             if request.error is not None:
-                log(self.client, request.name, request.error.reason)
+                log(self.peer, request.name, request.error.reason)
                 self.answer(request.error.status, True, request)
                 self.linger()
                 return
@@ -651,15 +592,15 @@ cdef class HttpConnection:
             self.tail = b""
             self.close_delimited = False
             self.response_keep_alive = True
-            if self.backend >= 0 and self.backend_name != request.name:
+            if self.backend is not None and self.backend_name != request.name:
                 self.drop_backend()
-            self.reused = self.backend >= 0
-            if self.backend < 0:
+            self.reused = self.backend is not None
+            if self.backend is None:
                 if not self.connect(request):
                     continue  # answered with an error; the next request may go on
             else:
                 self.pump()
-            if self.active is request and self.backend >= 0:
+            if self.active is request and self.backend is not None:
                 _routed += 1
         reader = self.reader
         if self.active is None and reader is not None and not reader.requests:
@@ -677,16 +618,14 @@ cdef class HttpConnection:
             self.active = None
             if request.complete and request.keep_alive:
                 self.reader.requests.popleft()
-                self.answer(refusal(self.client, request, exc), False, request)
+                self.answer(refusal(self.peer, request, exc), False, request)
                 return False
-            self.answer(refusal(self.client, request, exc), True, request)
+            self.answer(refusal(self.peer, request, exc), True, request)
             self.linger()
             return True
-        self.backend = fd
+        self.backend = Side(self.reactor, fd)
         self.backend_name = request.name
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
-        self.backend_readable = self.backend_hup = False
-        self.backend_writable = True
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
             request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
@@ -697,7 +636,7 @@ cdef class HttpConnection:
         """Write what has arrived of the request in progress to its backend."""
         global _up
         request = self.active
-        if request is None or self.backend < 0 or not request.data:
+        if request is None or self.backend is None or not request.data:
             return
         data = b"".join(request.data)
         request.data = []
@@ -706,50 +645,34 @@ cdef class HttpConnection:
         self.send_backend(data)
 
     cdef send_backend(self, bytes data):
-        if self.to_backend or not self.backend_writable:
-            self.to_backend += data
-            return
-        try:
-            sent = _write(self.backend, data)
-        except RETRY:
-            sent = 0
-        except OSError:
-            self.backend_hup = self.backend_readable = True  # the next read reports it
-            return
-        if sent < len(data):
-            self.to_backend = data[sent:]
-            self.backend_writable = False
-            self.reactor.want_write(self.backend)
+        if self.backend.send(data) < 0:
+            self.backend_write_failed()
 
     cdef flush_backend(self):
-        data = self.to_backend
-        self.to_backend = b""
-        self.send_backend(data)
+        if self.backend.flush() < 0:
+            self.backend_write_failed()
+
+    cdef backend_write_failed(self):
+        """A write to the backend failed: the next read reports how (an answer may be in)."""
+        self.backend.readable = self.backend.closing = True
 
     cdef drop_backend(self):
-        if self.backend >= 0:
-            self.reactor.close(self.backend)
-            self.backend = -1
+        if self.backend is not None:
+            self.reactor.close(self.backend.fd)
+            self.backend = None
             self.backend_name = None
-            self.to_backend = b""
             self.response = None
 
     # backend side
 
     cdef read_backend(self):
-        while self.backend >= 0 and self.backend_readable and len(self.to_client) <= HIGH_WATER:
-            try:
-                data = _read(self.backend)
-            except RETRY:
-                self.backend_readable = False
+        while self.backend is not None and self.backend.readable and len(self.client.queued) <= HIGH_WATER:
+            data = self.backend.read()
+            if data is None:
                 return
-            except OSError:
-                data = b""  # reset: as good as closed
-            if not data:
+            if not data:  # closed, or reset: as good as closed
                 self.backend_lost()
                 return
-            if len(data) < CHUNK and not self.backend_hup:
-                self.backend_readable = False
             self.backend_data(data)
 
     cdef backend_data(self, bytes data):
@@ -866,7 +789,7 @@ cdef class HttpConnection:
 
     cdef fail_answer(self, str reason):
         """The backend failed the request in progress: 502 if nothing went out yet, else cut."""
-        log(self.client, self.active.name if self.active else None, reason)
+        log(self.peer, self.active.name if self.active else None, reason)
         self.drop_backend()
         if self.forwarded == 0:
             self.answer(502, True, self.active)
@@ -876,7 +799,7 @@ cdef class HttpConnection:
 
     cdef fail_request(self, rejection):
         """The request in progress broke mid-body: 400 if nothing of its answer went out, else cut."""
-        log(self.client, self.active.name, rejection.reason)
+        log(self.peer, self.active.name, rejection.reason)
         self.drop_backend()
         if self.forwarded == 0:
             self.answer(rejection.status, True, self.active)
@@ -891,16 +814,16 @@ cdef class HttpConnection:
         still waiting for it; client bytes held back since the upgrade request go to
         the backend after anything still waiting for it."""
         self.stop_timer()
-        backend = self.backend
-        to_backend = self.to_backend + self.reader.held
-        to_client = self.to_client + answer
-        self.backend = -1
+        cdef Side backend = self.backend, client = self.client
+        backend.queued += self.reader.held
+        client.queued += answer
+        client.readable = True  # it was not read while the upgrade waited: it may hold bytes
+        self.backend = None
         self.reader = None
         self.active = None
         self.relayed = True
-        self.reactor.remove(backend)  # the Relay adds it as its own
-        reactor, fd = self.reactor, self.fd
-        Relay(reactor, fd, backend, to_backend, to_client, self.relay_closed, True, self.backend_failed)
+        self.reactor.remove(backend.fd)  # the Relay adds it as its own
+        Relay(self.reactor, client, backend, self.relay_closed, self.backend_failed)
 
     def relay_closed(self):
         self.service.closed(self)
@@ -908,7 +831,7 @@ cdef class HttpConnection:
     def backend_failed(self, int err):
         """The backend reset (or failed) while relaying after a 101: one line."""
         reason = f"{BACKEND_SOCKET}: {errorcode.get(err, err)} while relaying"
-        log(self.client, self.backend_name, reason)
+        log(self.peer, self.backend_name, reason)
 
     def drain(self):
         """SIGHUP: answer the requests begun, then close (see next); an idle one closes now."""

@@ -1,24 +1,18 @@
 # cython: language_level=3
 """Compiled twin of fastsni/proxy.py: read the ClientHello, route by SNI, relay."""
 
-from libc.errno cimport EAGAIN, EINTR, errno
-from posix.unistd cimport read, write
+from posix.unistd cimport write
+
+from fastsni._engine cimport Handler, Side
 
 from errno import errorcode
 
 from fastsni._engine import Relay, connect_backend
 from fastsni.addresses import proxy_header
-from fastsni.engine import CHUNK, CLOSING, errno_name
+from fastsni.engine import errno_name
 from fastsni._tls import HelloReader
 from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, log
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, alert
-
-cdef enum:
-    C_CHUNK = 128 * 1024
-
-assert CHUNK == C_CHUNK
-cdef char _buffer[C_CHUNK]
-cdef unsigned int C_CLOSING = CLOSING
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ALERTS.
 cdef unsigned long long _routed = 0, _closed_early = 0
@@ -29,11 +23,12 @@ def counts():
     return {"routed": _routed, "closed_early": _closed_early, "alerts": dict(_alerts)}
 
 
-cdef class TlsConnection:
+cdef class TlsConnection(Handler):
     """An accepted client connection until its ClientHello names a backend; then a Relay."""
 
     cdef public object service
     cdef public int fd
+    cdef public Side client
     cdef public object reader
     cdef public object timer
     cdef public object name
@@ -41,56 +36,54 @@ cdef class TlsConnection:
     def __init__(self, service, int fd):
         self.service = service
         self.fd = fd
+        self.client = Side(service.reactor, fd)
         self.reader = HelloReader()
         self.name = None
         service.reactor.add(fd, self)
         self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
-    def ready(self, int fd, unsigned int events):
+    cpdef ready(self, int fd, unsigned int events):
         """Read what the client sent (edge-triggered: until the kernel has no more)."""
         global _closed_early
-        cdef ssize_t got
-        while True:
-            got = read(fd, _buffer, C_CHUNK)
-            if got < 0:
-                if errno == EAGAIN or errno == EINTR:
-                    return
-                _closed_early += 1
-                self.close()
+        cdef Side client = self.client
+        client.saw(events)
+        while client.readable:
+            data = client.read()
+            if data is None:
                 return
-            if got == 0:
+            if not data:  # closed (or reset) before the hello was complete: nothing to answer
                 _closed_early += 1
                 self.close()
                 return
             try:
-                name = self.reader.feed(_buffer[:got])
+                name = self.reader.feed(data)
             except HelloError as exc:
                 self.fail(exc.alert, None, exc.reason)
                 return
             if name is not None:
-                self.route(name, got == C_CHUNK or (events & C_CLOSING) != 0)
-                return
-            if got < C_CHUNK and not events & C_CLOSING:
+                self.route(name)
                 return
 
-    cdef route(self, str name, bint more):
-        """Connect to the backend for ``name``; ``more``: the client may have sent more already."""
+    cdef route(self, str name):
+        """Connect to the backend for ``name``; the client may have sent more already
+        (``client.readable``), which the Relay reads."""
         global _routed
+        cdef Side backend
         self.timer.cancel()
         try:
-            backend, proxy = connect_backend(name, BACKEND_SOCKET)
+            fd, proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
             return
-        cdef bytes hello = bytes(self.reader.received)
+        backend = Side(self.service.reactor, fd)
+        backend.queued = bytes(self.reader.received)  # the hello goes first, untouched
         self.reader = None
-        if proxy:
-            hello = proxy_header(proxy, self.fd, self.service.family, name) + hello  # one write
+        if proxy:  # in one write with the hello
+            backend.queued = proxy_header(proxy, self.fd, self.service.family, name) + backend.queued
         _routed += 1
         self.name = name
-        reactor = self.service.reactor
-        Relay(reactor, self.fd, backend, hello, b"", self.relay_closed, more, self.backend_failed)
+        Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
 
     def expire(self):
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")

@@ -16,19 +16,24 @@ def engine(twin):
     return twin.module("fastsni.engine", "fastsni._engine")
 
 
-class Recorder:
-    def __init__(self, fail: bool = False) -> None:
-        self.events: list[int] = []
-        self.fail = fail
-        self.closed = False
+def recorder(engine):
+    """A Handler of that twin's engine that notes the events it gets."""
 
-    def ready(self, fd: int, events: int) -> None:
-        self.events.append(events)
-        if self.fail:
-            raise MemoryError("injected")
+    class Recorder(engine.Handler):
+        def __init__(self, fail: bool = False) -> None:
+            self.events: list[int] = []
+            self.fail = fail
+            self.closed = False
 
-    def close(self) -> None:
-        self.closed = True
+        def ready(self, fd: int, events: int) -> None:
+            self.events.append(events)
+            if self.fail:
+                raise MemoryError("injected")
+
+        def close(self) -> None:
+            self.closed = True
+
+    return Recorder
 
 
 def test_a_failing_handler_does_not_strand_the_batch(engine, capfd):
@@ -36,6 +41,7 @@ def test_a_failing_handler_does_not_strand_the_batch(engine, capfd):
     pairs = [socket.socketpair() for _ in range(3)]
     try:
         reactor = engine.Reactor()
+        Recorder = recorder(engine)
         handlers = [Recorder(fail=True), Recorder(), Recorder()]
         for (ours, theirs), handler in zip(pairs, handlers, strict=True):
             ours.setblocking(False)
@@ -60,7 +66,7 @@ def test_reactor_close_forgets_and_closes(engine):
     try:
         reactor = engine.Reactor()
         fd = os.dup(ours.fileno())
-        reactor.add(fd, Recorder())
+        reactor.add(fd, recorder(engine)())
         reactor.want_write(fd)
         reactor.close(fd)
         assert fd not in reactor.handlers and fd not in reactor.writers
@@ -77,7 +83,7 @@ def test_standalone_reactor_dispatches_runs_timers_and_stops(engine):
     ours, theirs = socket.socketpair()
     try:
         ours.setblocking(False)
-        handler = Recorder()
+        handler = recorder(engine)()
         reactor.add(ours.fileno(), handler)
         theirs.send(b"x")
         fired: list[str] = []

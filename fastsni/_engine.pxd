@@ -1,0 +1,57 @@
+# What the other compiled twins (pyx/_proxy.pyx, pyx/_http.pyx) cimport from fastsni._engine,
+# whose code is pyx/_engine.pyx.  It lives beside the module it declares, where Cython looks
+# for ``fastsni/_engine.pxd``; the classes' attributes are declared here, not in the .pyx.
+
+cdef extern from "<sys/epoll.h>":
+    ctypedef union epoll_data_t:
+        int fd
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+
+cdef enum:
+    C_MAX_EVENTS = 256
+
+
+cdef class Handler:
+    cpdef ready(self, int fd, unsigned int events)
+
+
+cdef class Reactor(Handler):
+    cdef public int epoll
+    cdef public dict handlers
+    cdef public set writers
+    cdef public list again
+    cdef public dict timers
+    cdef public double earliest
+    cdef public dict signals
+    cdef public int wakeup
+    cdef public bint stopping
+    cdef epoll_event events[C_MAX_EVENTS]
+
+    cpdef add(self, int fd, Handler handler, unsigned int events=*)
+    cpdef remove(self, int fd)
+    cpdef want_write(self, int fd)
+    cpdef close(self, int fd)
+    cdef later(self, flow)
+    cpdef double next_timeout(self)
+    cpdef run_timers(self)
+
+
+cdef class Side:
+    cdef public Reactor reactor
+    cdef public int fd
+    cdef public bytes queued
+    cdef public bint readable
+    cdef public bint closing
+    cdef public bint writable
+    cdef public int error
+
+    cpdef saw(self, unsigned int events)
+    cdef Py_ssize_t recv(self) noexcept
+    cpdef read(self)
+    cpdef Py_ssize_t send(self, bytes data) except -2
+    cpdef Py_ssize_t flush(self) except -2
+    cpdef Py_ssize_t write(self, bytes data) except -2
+    cdef Py_ssize_t write_from(self, const char* data, Py_ssize_t size) except -2
+    cpdef wait_writable(self)
