@@ -20,7 +20,7 @@ from collections import deque
 
 import httptools
 
-from fastsni.addresses import client_ip, describe, peer_of, proxy_header
+from fastsni.addresses import client_ip, describe, proxy_header
 from fastsni.engine import (
     Handler,
     Relay,
@@ -29,6 +29,7 @@ from fastsni.engine import (
     connect_backend,
     errno_name,
     exists_beside,
+    peer_of,
     shutdown_write,
 )
 from fastsni.logs import failures
@@ -54,6 +55,12 @@ REASONS = {
 }
 
 HIGH_WATER = 64 * 1024  # bytes waiting for one side before the other side is no longer read
+# Host values that passed, with the name each gives (a pure function of the value): at
+# most REMEMBERED_NAMES of them (then forgotten all at once), none over REMEMBERED_VALUE
+# bytes (whitespace may pad a value up to the head's limit).
+REMEMBERED_NAMES = 1024
+REMEMBERED_VALUE = 300
+_names: dict[bytes, str] = {}
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
 
@@ -92,7 +99,14 @@ def host_name(hosts: list[bytes], target: bytes) -> str:
     """
     if len(hosts) != 1:
         raise Rejected(400, "no Host header" if not hosts else "several Host headers")
-    name = _authority_name(hosts[0].strip(b" \t"))  # RFC 9110 §5.5: OWS is not part of the value
+    value = hosts[0]
+    name = _names.get(value)  # the same few hosts, request after request
+    if name is None:
+        name = _authority_name(value.strip(b" \t"))  # RFC 9110 §5.5: OWS is not part of the value
+        if len(value) <= REMEMBERED_VALUE:
+            if len(_names) >= REMEMBERED_NAMES:
+                _names.clear()
+            _names[value] = name
     if target[:1] == b"/" or target == b"*":
         return name
     scheme, sep, rest = target.partition(b"://")

@@ -88,15 +88,6 @@ def _wrap(fd: int, family: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
-def peer_of(fd: int, family: int = 0) -> tuple:
-    """The peer address of a connected TCP socket descriptor (of ``family``, 0: ask)."""
-    sock = _wrap(fd, family)
-    try:
-        return sock.getpeername()
-    finally:
-        sock.detach()
-
-
 def of_descriptor(fd: int, family: int = 0) -> tuple[tuple, tuple]:
     """(peer, local) addresses of a connected TCP socket descriptor (of ``family``, 0: ask)."""
     sock = _wrap(fd, family)

@@ -160,6 +160,16 @@ def errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
+def peer_of(fd: int, family: int) -> tuple:
+    """The peer address of a connected socket descriptor of ``family``, as
+    socket.getpeername() gives it."""
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        return sock.getpeername()
+    finally:
+        sock.detach()
+
+
 def shutdown_write(fd: int) -> None:
     """shutdown(fd, SHUT_WR); errors are left for the next read or write to report."""
     sock = socket.socket(fileno=fd)

@@ -1,12 +1,14 @@
 """Per-connection cost of one proxy tree, in user instructions (callgrind) and system
 calls (strace): not a wall-clock benchmark, repeatable on a busy machine.
 
-    python3 perf/per_connection.py TREE [--tool callgrind|strace] [--case CASE ...]
+    python3 perf/per_connection.py TREE [--tool callgrind|strace] [--case CASE ...] [--keep DIR]
 
 TREE is a source tree with its extensions built in place (``setup.py build_ext
 --inplace``); the compiled twin runs.  Each case runs the proxy twice, for FEW and for
 MANY sequential connections (or keep-alive requests), and prints the difference divided
 by MANY - FEW, so start-up and shut-down cancel out.  Only loopback and Unix sockets.
+With ``--keep DIR`` the raw outputs stay in DIR (``callgrind_annotate --inclusive=yes
+DIR/callgrind-tls-600.out`` shows where the instructions go).
 """
 
 from __future__ import annotations
@@ -183,8 +185,12 @@ def main() -> None:
     parser.add_argument("tree", type=Path)
     parser.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
     parser.add_argument("--case", action="append", choices=sorted(CASES))
+    parser.add_argument("--keep", type=Path, help="an empty directory for the raw outputs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep)
         for case in args.case or CASES:
             few = run(args.tree.resolve(), args.tool, case, FEW, Path(tmp))
             many = run(args.tree.resolve(), args.tool, case, MANY, Path(tmp))

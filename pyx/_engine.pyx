@@ -35,6 +35,7 @@ from collections import deque
 
 from fastsni.engine import (  # not hot: the pure module's own
     abandon,
+    peer_of as _socket_peer_of,
     errno_name,
     exists_beside,
     ignore_signal,
@@ -66,13 +67,39 @@ cdef extern from "<sys/socket.h>":
     int socket(int domain, int type, int protocol)
     int connect(int fd, const sockaddr* addr, socklen_t length)
     int accept4(int fd, sockaddr* addr, socklen_t* length, int flags)
+    int getpeername(int fd, sockaddr* addr, socklen_t* length)
+    struct sockaddr_storage:
+        sa_family_t ss_family
     int shutdown(int fd, int how)
     enum:
         AF_UNIX
+        AF_INET
+        AF_INET6
         SOCK_STREAM
         SOCK_NONBLOCK
         SOCK_CLOEXEC
         SHUT_WR
+
+cdef extern from "<netinet/in.h>":
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        unsigned short sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        unsigned short sin6_port
+        unsigned int sin6_flowinfo
+        in6_addr sin6_addr
+        unsigned int sin6_scope_id
+    unsigned short ntohs(unsigned short value)
+    unsigned int ntohl(unsigned int value)
+    enum:
+        INET6_ADDRSTRLEN
+
+cdef extern from "<arpa/inet.h>":
+    const char* inet_ntop(int family, const void* address, char* text, socklen_t size)
 
 cdef extern from "<sys/un.h>":
     struct sockaddr_un:
@@ -248,6 +275,28 @@ cdef int _proxy_version(int dirfd, const char* prefix, Py_ssize_t length) noexce
     if fstatat(dirfd, path, &status, AT_SYMLINK_NOFOLLOW) == 0:
         return 1
     return 0
+
+
+def peer_of(int fd, int family):
+    """The peer address of a connected socket descriptor of ``family``, as
+    socket.getpeername() gives it, from one getpeername(2) (socket() adds a
+    getsockname(2)); an IPv6 address without the %scope suffix, which the proxies drop."""
+    cdef sockaddr_storage address
+    cdef socklen_t length = sizeof(address)
+    cdef char text[INET6_ADDRSTRLEN]
+    cdef sockaddr_in* ipv4
+    cdef sockaddr_in6* ipv6
+    if family != AF_INET and family != AF_INET6:
+        return _socket_peer_of(fd, family)
+    if getpeername(fd, <sockaddr*>&address, &length) < 0:
+        raise _oserror(errno)
+    if address.ss_family == AF_INET:
+        ipv4 = <sockaddr_in*>&address
+        inet_ntop(AF_INET, &ipv4.sin_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(ipv4.sin_port))
+    ipv6 = <sockaddr_in6*>&address
+    inet_ntop(AF_INET6, &ipv6.sin6_addr, text, sizeof(text))
+    return (text.decode("ascii"), ntohs(ipv6.sin6_port), ntohl(ipv6.sin6_flowinfo), ipv6.sin6_scope_id)
 
 
 def shutdown_write(int fd):

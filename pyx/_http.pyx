@@ -19,9 +19,9 @@ from errno import errorcode
 
 import httptools
 
-from fastsni._engine import Relay, connect_backend, shutdown_write
+from fastsni._engine import Relay, connect_backend, peer_of, shutdown_write
 from fastsni._tls import check_hostname
-from fastsni.addresses import client_ip, describe, peer_of, proxy_header
+from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
     DROPPED,
@@ -29,6 +29,8 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     HIGH_WATER,
     LINGER,
     MAX_HEAD,
+    REMEMBERED_NAMES,
+    REMEMBERED_VALUE,
     Rejected,
     error_response,
     https_path,  # with redirect_response: what refusal() answers for a TLS-only host
@@ -39,6 +41,9 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
 )
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
+
+
+cdef dict _names = {}  # Host values that passed, and their names: see the pure twin
 
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED.
@@ -75,7 +80,14 @@ def host_name(hosts, target):
     """
     if len(hosts) != 1:
         raise Rejected(400, "no Host header" if not hosts else "several Host headers")
-    name = _authority_name(hosts[0].strip(b" \t"))  # RFC 9110 §5.5: OWS is not part of the value
+    value = hosts[0]
+    name = _names.get(value)  # the same few hosts, request after request
+    if name is None:
+        name = _authority_name(value.strip(b" \t"))  # RFC 9110 §5.5: OWS is not part of the value
+        if len(value) <= REMEMBERED_VALUE:
+            if len(_names) >= REMEMBERED_NAMES:
+                _names.clear()
+            _names[value] = name
     if target[:1] == b"/" or target == b"*":
         return name
     scheme, sep, rest = target.partition(b"://")
@@ -226,13 +238,18 @@ cdef class RequestReader:
             self.hosts.append(value)
 
     def on_headers_complete(self):
+        cdef bytes method, field, value, lowered, head
+        cdef tuple pair
+        cdef list lines
+        cdef Py_ssize_t size
+        cdef Request request
         parser = self.parser
         self.in_head = False
         method = parser.get_method()
         version = parser.get_http_version()
         size = len(method) + len(self.target) + 12
-        for name, value in self.headers:
-            size += len(name) + len(value) + 4
+        for pair in self.headers:
+            size += len(<bytes>pair[0]) + len(<bytes>pair[1]) + 4
         if size > MAX_HEAD:
             raise self.fail(Rejected(431, "request head over 64 KiB"))
         if version != "1.1" and version != "1.0":
@@ -253,14 +270,20 @@ cdef class RequestReader:
             request.upgrade = False  # dropped, see parse_again
             self.reparse = True
         lines = [method, b" ", self.target, b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/1.0\r\n"]
-        for field, value in self.headers:
+        for pair in self.headers:
+            field = pair[0]
+            value = pair[1]
             lowered = field.lower()
             if lowered in DROPPED or (self.reparse and lowered == b"upgrade"):
                 continue
             if lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp accepts only "chunked" last in a request
-            lines += (field, b": ", value, b"\r\n")
-        lines += (self.forwarded_for, b"\r\n")
+            lines.append(field)
+            lines.append(b": ")
+            lines.append(value)
+            lines.append(b"\r\n")
+        lines.append(self.forwarded_for)
+        lines.append(b"\r\n")
         head = b"".join(lines)
         request.data.append(head)
         request.size = len(head)

@@ -5,6 +5,9 @@ Function for function the same as the pure module, which is the specification; t
 constants, alert() and HelloError are shared with it, not copied.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
+
 from fastsni.tls import (
     CONTENT_HANDSHAKE,
     DECODE_ERROR,
@@ -27,6 +30,9 @@ from fastsni.tls import (
 cdef Py_ssize_t C_MAX_HELLO = MAX_HELLO
 cdef Py_ssize_t C_MAX_FRAGMENT = MAX_FRAGMENT
 cdef Py_ssize_t C_MAX_HOSTNAME = MAX_HOSTNAME
+cdef enum:
+    C_NAME_SPACE = 253  # bytes of a name being checked: MAX_HOSTNAME
+assert C_NAME_SPACE == MAX_HOSTNAME
 
 
 cdef inline bint _host_byte(unsigned char byte) noexcept:
@@ -38,10 +44,9 @@ cdef object _check(const unsigned char* raw, Py_ssize_t length):
     cdef Py_ssize_t i
     cdef unsigned char byte
     cdef unsigned char previous = 0x2E
+    cdef unsigned char name[C_NAME_SPACE]
     if not 0 < length <= C_MAX_HOSTNAME:
         return None
-    cdef bytearray name = bytearray(length)
-    cdef unsigned char* out = name
     for i in range(length):
         byte = raw[i]
         if 0x41 <= byte <= 0x5A:
@@ -51,14 +56,23 @@ cdef object _check(const unsigned char* raw, Py_ssize_t length):
         if previous == 0x2E and (byte == 0x2E or byte == 0x2D):
             return None
         previous = byte
-        out[i] = byte
+        name[i] = byte
     if previous == 0x2E:
         return None
-    return name.decode("ascii")
+    return PyUnicode_DecodeASCII(<const char*>name, length, NULL)
 
 
-def check_hostname(const unsigned char[:] raw not None):
+def check_hostname(raw):
     """Return ``raw`` as a lowercase directory name, or None if it breaks the rules."""
+    if PyBytes_CheckExact(raw):  # the proxies' case: no buffer to acquire
+        return _check(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+    return _check_buffer(raw)
+
+
+cdef object _check_buffer(const unsigned char[:] raw):
+    """check_hostname on any other bytes-like object (a str is refused with TypeError)."""
+    if raw is None:
+        raise TypeError("a bytes-like object is required, not 'NoneType'")
     if raw.shape[0] == 0:
         return None
     return _check(&raw[0], raw.shape[0])

@@ -153,3 +153,27 @@ def test_a_failing_accept_loses_that_connection_not_the_listener(engine, capfd):
         service.listener.close()
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize(
+    "family, listen_on, connect_to",
+    [
+        (socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+        (socket.AF_INET6, "::1", "::1"),
+        (socket.AF_INET6, "::", "127.0.0.1"),  # dual-stack: the peer is IPv4-mapped
+    ],
+)
+def test_peer_of_is_what_getpeername_says(engine, family, listen_on, connect_to):
+    """The compiled twin asks getpeername(2) itself; both give socket.getpeername()'s tuple."""
+    listener = socket.socket(family)
+    try:
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind((listen_on, 0))
+        listener.listen()
+        with socket.create_connection((connect_to, listener.getsockname()[1]), timeout=5):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert engine.peer_of(accepted.fileno(), family) == accepted.getpeername()
+    finally:
+        listener.close()

@@ -89,3 +89,22 @@ def test_host_name_table(twin, hosts, target, expected):
     except module.Rejected as rejection:
         got = rejection.status
     assert got == expected
+
+
+def test_remembered_host_names_change_nothing(twin):
+    """host_name remembers what a Host value gives; the target is still checked each time,
+    a failing value is never remembered, and the memory stays bounded."""
+    module = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    for _ in range(2):
+        assert module.host_name([b"Remembered.example:80 "], b"/") == "remembered.example"
+        with pytest.raises(module.Rejected, match="disagree"):
+            module.host_name([b"Remembered.example:80 "], b"http://other.example/")
+        with pytest.raises(module.Rejected, match="invalid host name"):
+            module.host_name([b"bad..example"], b"/")
+    padded = b"padded.example" + b" " * 1000  # over REMEMBERED_VALUE: worked out every time
+    assert module.host_name([padded], b"/") == "padded.example"
+    for number in range(3 * pure.REMEMBERED_NAMES):
+        assert module.host_name([b"h%d.example" % number], b"/") == f"h{number}.example"
+    if twin.name == "pure":
+        assert len(pure._names) <= pure.REMEMBERED_NAMES
+        assert padded not in pure._names
