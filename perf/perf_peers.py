@@ -37,13 +37,17 @@ PEERS = [
     Peer("fasthttpdir-pure", "fasthttpdir", None, ("E",), "pure"),
     Peer("nginx-http", "nginx", "nginx", ("E",), "http"),
     Peer("haproxy-http", "haproxy", "haproxy", ("E",), "http"),
+    # fasthttpdir connects to the backend afresh for each client connection (each one looks
+    # its backend up anew, and may carry its own PROXY header): these two do the same.
+    Peer("nginx-http-fresh", "nginx", "nginx", ("E",), "http-fresh"),
+    Peer("haproxy-http-fresh", "haproxy", "haproxy", ("E",), "http-fresh"),
 ]
 
 
 def write_peer_config(peer: Peer, workdir: Path, port: int, sockets: dict[str, Path]) -> None:
     routes = {"echo.test": sockets["echo"], "bulk.test": sockets["source"]}
     routes.update({name: sockets[kind] for kind, name in TLS_HOSTS.items() if kind in sockets})  # F
-    if peer.variant == "http":
+    if peer.variant.startswith("http"):
         routes = {"echo.test": sockets["http"]}
     writer = {"nginx": nginx_config, "haproxy": haproxy_config, "sniproxy": sniproxy_config}.get(peer.kind)
     if writer is not None:
@@ -72,8 +76,8 @@ def peer_command(peer: Peer, workdir: Path, port: int, hosts: Path) -> tuple[lis
 
 
 def nginx_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
-    if peer.variant == "http":
-        return nginx_http_config(workdir, port, routes)
+    if peer.variant.startswith("http"):
+        return nginx_http_config(workdir, port, routes, peer.variant == "http")
     buffer = "proxy_buffer_size 256k;" if peer.variant == "buf256k" else ""
     entries = "\n".join(f"        {name} unix:{path};" for name, path in routes.items())
     return f"""load_module {NGINX_STREAM_MODULE};
@@ -100,8 +104,9 @@ stream {{
 
 def haproxy_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]) -> str:
     """mode tcp, use_backend by req.ssl_sni (variant "splice": splice-auto); variant "http":
-    mode http, use_backend by Host, default connection reuse to the backend."""
-    http = peer.variant == "http"
+    mode http, use_backend by Host, default connection reuse to the backend ("http-fresh":
+    http-reuse never, one backend connection per client connection)."""
+    http = peer.variant.startswith("http")
     match = "hdr(host)" if http else "req.ssl_sni"
     rules = "\n".join(
         f"    use_backend be_{name.split('.')[0]} if {{ {match} -i {name} }}" for name in routes
@@ -109,7 +114,9 @@ def haproxy_config(peer: Peer, workdir: Path, port: int, routes: dict[str, Path]
     backends = "\n".join(
         f"backend be_{name.split('.')[0]}\n    server s1 unix@{path}\n" for name, path in routes.items()
     )
-    splice = "    option splice-auto\n" if peer.variant == "splice" else ""
+    options = "    option splice-auto\n" if peer.variant == "splice" else ""
+    if peer.variant == "http-fresh":
+        options = "    http-reuse never\n"
     inspect = (
         ""
         if http
@@ -126,7 +133,7 @@ defaults
     timeout connect 5s
     timeout client 120s
     timeout server 120s
-{splice}
+{options}
 frontend fe
     bind 127.0.0.1:{port}
 {inspect}{rules}
@@ -155,10 +162,12 @@ table bench {{
 """
 
 
-def nginx_http_config(workdir: Path, port: int, routes: dict[str, Path]) -> str:
-    """HTTP/1.1 reverse proxy by Host, keep-alive to the backend (32 idle upstream connections)."""
+def nginx_http_config(workdir: Path, port: int, routes: dict[str, Path], pooled: bool = True) -> str:
+    """HTTP/1.1 reverse proxy by Host, keep-alive to the backend (32 idle upstream connections),
+    or (``pooled`` false) a new upstream connection for each request."""
+    keepalive = " keepalive 32;" if pooled else ""
     upstreams = "\n".join(
-        f"    upstream u_{name.split('.')[0]} {{ server unix:{path}; keepalive 32; }}"
+        f"    upstream u_{name.split('.')[0]} {{ server unix:{path};{keepalive} }}"
         for name, path in routes.items()
     )
     entries = "\n".join(f"        {name} u_{name.split('.')[0]};" for name in routes)
