@@ -2,13 +2,16 @@
 calls (strace): not a wall-clock benchmark, repeatable on a busy machine.
 
     python3 perf/per_connection.py TREE [--tool callgrind|strace] [--case CASE ...] [--keep DIR]
+    python3 perf/per_connection.py TREE --tool strace --peer PEER [--case CASE ...]
 
 TREE is a source tree with its extensions built in place (``setup.py build_ext
 --inplace``); the compiled twin runs.  Each case runs the proxy twice, for FEW and for
 MANY sequential connections (or keep-alive requests), and prints the difference divided
 by MANY - FEW, so start-up and shut-down cancel out.  Only loopback and Unix sockets.
 With ``--keep DIR`` the raw outputs stay in DIR (``callgrind_annotate --inclusive=yes
-DIR/callgrind-tls-600.out`` shows where the instructions go).
+DIR/callgrind-tls-600.out`` shows where the instructions go).  With ``--peer`` a peer of
+perf/bench.py (its perf/perf_peers.py configuration, routing echo.test) runs instead,
+under strace only, for the system calls it makes per connection side by side with ours.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backends import client_hello  # noqa: E402 (a real Python ssl ClientHello, as bench.py uses)
+from perf_peers import PEERS, peer_command, write_peer_config  # noqa: E402
 
 FEW, MANY = 100, 600
 NAME = "app.example.test"
+PEER_NAME = "echo.test"  # the name perf_peers.py's configurations route
 
 
-HELLO = client_hello(NAME)
+HELLOS = {NAME: client_hello(NAME), PEER_NAME: client_hello(PEER_NAME)}
 HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
 
 # case: (program, directory entry that serves NAME, marker files in it, what a client does)
@@ -50,7 +56,7 @@ CASES = {
 }
 
 
-def serve_backend(path: Path, program: str, markers: tuple) -> socket.socket:
+def serve_backend(path: Path, program: str, markers: tuple, hello: bytes) -> socket.socket:
     """A Unix-socket backend in this process's threads: OK after the hello, or per request."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
@@ -70,7 +76,7 @@ def serve_backend(path: Path, program: str, markers: tuple) -> socket.socket:
                     return
                 data += chunk
                 if program == "fastsni":
-                    if len(data) >= len(HELLO):
+                    if len(data) >= len(hello):
                         conn.sendall(b"OK")
                         data = b""
                     continue
@@ -100,25 +106,48 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def drive(port: int, how: str, count: int, port_is_tls: bool) -> None:
-    request = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % NAME.encode()
+def recv_answer(sock: socket.socket) -> bytes:
+    """One HTTP answer's body (peers add fields of their own to the head)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += recv_exactly(sock, 1)
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    return recv_exactly(sock, length)
+
+
+def drive(port: int, how: str, count: int, port_is_tls: bool, name: str) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % name.encode()
+    hello = HELLOS[name]
     if how == "keepalive":
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             for _ in range(count):
                 sock.sendall(request)
-                assert recv_exactly(sock, len(HTTP_ANSWER)) == HTTP_ANSWER
+                assert recv_answer(sock) == b"OK"
         return
     for _ in range(count):
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             if how == "hello":
-                sock.sendall(HELLO)
+                sock.sendall(hello)
                 assert recv_exactly(sock, 2) == b"OK"
             elif how == "refused":
-                sock.sendall(HELLO if port_is_tls else request)
+                sock.sendall(hello if port_is_tls else request)
                 assert sock.recv(65536)
             else:
                 sock.sendall(request)
-                assert recv_exactly(sock, len(HTTP_ANSWER)) == HTTP_ANSWER
+                assert recv_answer(sock) == b"OK"
+
+
+def wait_listening(port: int, process: subprocess.Popen) -> None:
+    """Until a peer accepts on ``port`` (30 s at most)."""
+    for _ in range(300):
+        if process.poll() is not None:
+            raise SystemExit(f"the peer exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            threading.Event().wait(0.1)
+    raise SystemExit("the peer did not listen within 30 s")
 
 
 def proxy_pid(process: subprocess.Popen, tool: str) -> int:
@@ -129,15 +158,20 @@ def proxy_pid(process: subprocess.Popen, tool: str) -> int:
     return int(children[0])
 
 
-def run(tree: Path, tool: str, case: str, count: int, work: Path) -> collections.Counter:
+def run(tree: Path, tool: str, case: str, count: int, work: Path, peer: str | None) -> collections.Counter:
     program, entry, markers, how = CASES[case]
+    name = NAME if peer is None else PEER_NAME
+    if peer is not None:
+        entry = PEER_NAME if entry == NAME else entry
     hosts = work / f"hosts-{case}-{count}"
     (hosts / entry).mkdir(parents=True)
     for marker in markers:
         (hosts / entry / marker).write_text("")
     leaf = "tls-socket" if program == "fastsni" else "http-socket"
-    backend = serve_backend(hosts / entry / leaf, program, markers)
+    backend = serve_backend(hosts / entry / leaf, program, markers, HELLOS[name])
     out = work / f"{tool}-{case}-{count}.out"
+    if peer is not None:
+        return run_peer(peer, hosts / entry / leaf, how, count, program == "fastsni", out, backend)
     if tool == "callgrind":
         wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={out}.log"]
     else:
@@ -162,12 +196,52 @@ def run(tree: Path, tool: str, case: str, count: int, work: Path) -> collections
                 break
         else:
             raise SystemExit(f"{program} did not start")
-        drive(listener.getsockname()[1], how, count, program == "fastsni")
+        drive(listener.getsockname()[1], how, count, program == "fastsni", name)
     finally:
         os.kill(proxy_pid(process, tool), signal.SIGTERM)
         process.wait(timeout=300)
         listener.close()
         backend.close()
+    return read_counts(out, tool)
+
+
+def run_peer(
+    name: str, socket_path: Path, how: str, count: int, tls: bool, out: Path, backend: socket.socket
+) -> collections.Counter:
+    """The same connections through a peer of perf/bench.py, under strace -f -c."""
+    [peer] = [peer for peer in PEERS if peer.name == name]
+    work = out.parent / f"{name}-{out.stem}"
+    work.mkdir()
+    for directory in (out.parent, *socket_path.parents[:2]):  # peers' workers drop root
+        directory.chmod(0o755)
+    socket_path.chmod(0o777)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    write_peer_config(peer, work, port, {"echo": socket_path, "source": socket_path, "http": socket_path})
+    argv, env, cwd = peer_command(peer, work, port, socket_path.parent.parent)
+    process = subprocess.Popen(
+        ["strace", "-f", "-c", "-o", str(out), *argv],
+        cwd=cwd,
+        env=dict(os.environ, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_listening(port, process)
+        drive(port, how, count, tls, PEER_NAME)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=300)
+        backend.close()
+    counts = read_counts(out, "strace")
+    counts["connect"] -= 1  # wait_listening's probe is the one connection more
+    return counts
+
+
+def read_counts(out: Path, tool: str) -> collections.Counter:
     text = out.read_text()
     counts: collections.Counter = collections.Counter()
     if tool == "callgrind":
@@ -186,14 +260,17 @@ def main() -> None:
     parser.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
     parser.add_argument("--case", action="append", choices=sorted(CASES))
     parser.add_argument("--keep", type=Path, help="an empty directory for the raw outputs")
+    parser.add_argument("--peer", choices=sorted(peer.name for peer in PEERS), help="strace this peer")
     args = parser.parse_args()
+    if args.peer is not None and args.tool != "strace":
+        parser.error("--peer runs under --tool strace only")
     with tempfile.TemporaryDirectory() as tmp:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
             tmp = str(args.keep)
         for case in args.case or CASES:
-            few = run(args.tree.resolve(), args.tool, case, FEW, Path(tmp))
-            many = run(args.tree.resolve(), args.tool, case, MANY, Path(tmp))
+            few = run(args.tree.resolve(), args.tool, case, FEW, Path(tmp), args.peer)
+            many = run(args.tree.resolve(), args.tool, case, MANY, Path(tmp), args.peer)
             per = {key: (many[key] - few[key]) / (MANY - FEW) for key in sorted(set(few) | set(many))}
             shown = ", ".join(f"{key} {value:.2f}" for key, value in per.items() if abs(value) >= 0.05)
             if args.tool == "callgrind":
