@@ -17,6 +17,15 @@ cdef class Handler:
     cpdef ready(self, int fd, unsigned int events)
 
 
+cdef class Timer:
+    cdef public double when
+    cdef public object callback
+    cdef public tuple args
+
+    cpdef cancel(self)
+    cpdef fire(self)
+
+
 cdef class Reactor(Handler):
     cdef public int epoll
     cdef public dict handlers
@@ -33,9 +42,35 @@ cdef class Reactor(Handler):
     cpdef remove(self, int fd)
     cpdef want_write(self, int fd)
     cpdef close(self, int fd)
+    cpdef dispatch(self, double timeout=*)
     cdef later(self, flow)
+    cpdef run_again(self)
+    cdef Timer schedule(self, double delay, callback, tuple args)
     cpdef double next_timeout(self)
     cpdef run_timers(self)
+
+
+cdef class Service:
+    cdef public object start
+    cdef public int family
+    cdef public set live
+    cdef public Reactor reactor
+    cdef public Listener listener
+
+    cpdef closed(self, connection)
+
+
+cdef class Listener(Handler):
+    cdef public Reactor reactor
+    cdef public object sock
+    cdef public int fd
+    cdef public object on_accept
+    cdef public bint accepting
+    cdef public bint closed
+    cdef public object retry
+    cdef public bint starved
+
+    cpdef descriptor_freed(self)
 
 
 cdef class Side:

@@ -319,10 +319,6 @@ cdef inline double _monotonic() noexcept:
 cdef class Timer:
     """``callback(*args)`` at ``when`` (time.monotonic()) unless cancelled first."""
 
-    cdef public double when
-    cdef public object callback
-    cdef public tuple args
-
     def __init__(self, double when, callback, tuple args):
         self.when = when
         self.callback = callback
@@ -482,7 +478,7 @@ cdef class Reactor(Handler):
         self.writers.discard(fd)
         close(fd)
 
-    def dispatch(self, double timeout=0):
+    cpdef dispatch(self, double timeout=0):
         """Wait up to ``timeout`` seconds (-1: until an event) and hand out the events."""
         cdef int i, count, epoll = self.epoll
         cdef int milliseconds = -1 if timeout < 0 else <int>ceil(timeout * 1000)
@@ -510,7 +506,7 @@ cdef class Reactor(Handler):
         """Run ``flow.pump()`` again once the other ready descriptors had their turn."""
         self.again.append(flow)
 
-    def run_again(self):
+    cpdef run_again(self):
         cdef Flow flow
         flows, self.again = self.again, []
         for flow in flows:
@@ -522,7 +518,14 @@ cdef class Reactor(Handler):
 
     def call_later(self, double delay, callback, *args):
         """``callback(*args)`` in ``delay`` seconds; ``.cancel()`` on the result stops it."""
-        timer = Timer(_monotonic() + delay, callback, args)
+        return self.schedule(delay, callback, args)
+
+    cdef Timer schedule(self, double delay, callback, tuple args):
+        """call_later for compiled callers, with the arguments as a tuple."""
+        cdef Timer timer = Timer.__new__(Timer)
+        timer.when = _monotonic() + delay
+        timer.callback = callback
+        timer.args = args
         fifo = self.timers.get(delay)
         if fifo is None:
             fifo = self.timers[delay] = deque()
@@ -603,12 +606,6 @@ cdef class Reactor(Handler):
 cdef class Service:
     """One proxy process: its listener, its reactor and the connections still open."""
 
-    cdef public object start
-    cdef public int family
-    cdef public set live
-    cdef public Reactor reactor
-    cdef public Listener listener
-
     def __init__(self, sock, start):
         self.start = start
         self.family = sock.family  # of every accepted connection too
@@ -627,15 +624,6 @@ cdef class Service:
 
 cdef class Listener(Handler):
     """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor."""
-
-    cdef public Reactor reactor
-    cdef public object sock
-    cdef public int fd
-    cdef public object on_accept
-    cdef public bint accepting
-    cdef public bint closed
-    cdef public object retry
-    cdef public bint starved  # out of descriptors since the accept queue was last emptied
 
     def __init__(self, Reactor reactor, sock, on_accept):
         self.reactor = reactor

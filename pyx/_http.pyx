@@ -11,7 +11,7 @@ reach the client in request order; the backend connection is reused while
 consecutive requests name the same host.
 """
 
-from fastsni._engine cimport Handler, Reactor, Side
+from fastsni._engine cimport Handler, Reactor, Service, Side, Timer
 
 import sys
 from collections import deque
@@ -349,7 +349,7 @@ cdef class HttpConnection(Handler):
     both sides go to the engine's Relay.
     """
 
-    cdef public object service
+    cdef public Service service
     cdef public Reactor reactor
     cdef public int fd
     cdef public Side client
@@ -371,7 +371,7 @@ cdef class HttpConnection(Handler):
     cdef public bint overrun
     cdef public int heads
     cdef public bytes tail
-    cdef public object timer
+    cdef public Timer timer
     cdef public bint closing
     cdef public bint lingering
     cdef public bint relayed
@@ -379,7 +379,7 @@ cdef class HttpConnection(Handler):
     cdef public bint kept_alive
     cdef public bint draining
 
-    def __init__(self, service, fd):
+    def __init__(self, Service service, int fd):
         self.service = service
         self.reactor = service.reactor
         self.fd = fd
@@ -534,7 +534,7 @@ cdef class HttpConnection(Handler):
     cdef arm(self):
         """The next head is due within HEAD_TIMEOUT."""
         self.stop_timer()
-        self.timer = self.reactor.call_later(HEAD_TIMEOUT, self.expire)
+        self.timer = self.reactor.schedule(HEAD_TIMEOUT, self.expire, ())
 
     cdef stop_timer(self):
         if self.timer is not None:
@@ -557,7 +557,7 @@ cdef class HttpConnection(Handler):
             self.shut()
             return
         self.closing = True
-        self.timer = self.reactor.call_later(LINGER, self.shut)
+        self.timer = self.reactor.schedule(LINGER, self.shut, ())
 
     cdef linger(self):
         """Close after the last answer without losing it (RFC 9112 §9.6): the client may
@@ -569,7 +569,7 @@ cdef class HttpConnection(Handler):
             return
         self.end_exchanges()
         self.lingering = True
-        self.timer = self.reactor.call_later(LINGER, self.shut)
+        self.timer = self.reactor.schedule(LINGER, self.shut, ())
         if not self.client.queued:
             self.begin_lingering()
 

@@ -3,7 +3,7 @@
 
 from posix.unistd cimport write
 
-from fastsni._engine cimport Handler, Side
+from fastsni._engine cimport Handler, Service, Side, Timer
 
 from errno import errorcode
 
@@ -26,21 +26,21 @@ def counts():
 cdef class TlsConnection(Handler):
     """An accepted client connection until its ClientHello names a backend; then a Relay."""
 
-    cdef public object service
+    cdef public Service service
     cdef public int fd
     cdef public Side client
     cdef public object reader
-    cdef public object timer
+    cdef public Timer timer
     cdef public object name
 
-    def __init__(self, service, int fd):
+    def __init__(self, Service service, int fd):
         self.service = service
         self.fd = fd
         self.client = Side(service.reactor, fd)
         self.reader = HelloReader()
         self.name = None
         service.reactor.add(fd, self)
-        self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
+        self.timer = service.reactor.schedule(HELLO_TIMEOUT, self.expire, ())
 
     cpdef ready(self, int fd, unsigned int events):
         """Read what the client sent (edge-triggered: until the kernel has no more)."""
