@@ -1,11 +1,12 @@
 /* A small fast backend for perf/bench.py: an epoll server on a Unix socket.
  *
- *   backend PATH MODE      MODE is echo or source
+ *   backend PATH MODE [WRITE_SIZE]     MODE is echo, source or http
  *
  * Every connection first sends one TLS record (the ClientHello); its length is read
  * from the 5-byte record header.  Then:
  *   echo    reply "OK" (2 bytes), then echo every byte back (ping-pong messages, idle)
- *   source  stream bytes to the client until it closes (bulk download)
+ *   source  stream bytes to the client until it closes (bulk download), by send()s of
+ *           WRITE_SIZE bytes (default 262144; non-blocking, so a send may take less)
  * Mode http skips the hello: it answers every request head (each "\r\n\r\n") with a
  * tiny keep-alive "200 OK" (bodiless GET requests only, as wrk sends).
  * Runs until SIGTERM/SIGINT.  Single-threaded, non-blocking, level-triggered.
@@ -40,7 +41,8 @@ static struct conn *conns;
 static int source_mode, http_mode;
 static const char http_reply[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nOK";
 static volatile sig_atomic_t stop;
-static char srcbuf[262144];
+static char *srcbuf;
+static size_t srcsize = 262144;
 
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
@@ -109,7 +111,7 @@ static int flush_pending(int ep, int fd) {
 
 static int pump_source(int fd) {
     for (int i = 0; i < 64; i++) {
-        ssize_t w = send(fd, srcbuf, sizeof srcbuf, MSG_NOSIGNAL);
+        ssize_t w = send(fd, srcbuf, srcsize, MSG_NOSIGNAL);
         if (w < 0) return errno == EAGAIN ? 0 : -1;
     }
     return 0;
@@ -173,13 +175,16 @@ static void accept_all(int ep, int ls) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 || (strcmp(argv[2], "echo") && strcmp(argv[2], "source") && strcmp(argv[2], "http"))) {
-        fprintf(stderr, "usage: backend PATH echo|source|http\n");
+    if (argc < 3 || argc > 4 || (strcmp(argv[2], "echo") && strcmp(argv[2], "source") && strcmp(argv[2], "http"))) {
+        fprintf(stderr, "usage: backend PATH echo|source|http [WRITE_SIZE]\n");
         return 2;
     }
+    if (argc == 4) srcsize = strtoul(argv[3], NULL, 10);
+    if (srcsize < 1 || srcsize > (64u << 20)) return 2;
     source_mode = !strcmp(argv[2], "source");
     http_mode = !strcmp(argv[2], "http");
-    memset(srcbuf, 'x', sizeof srcbuf);
+    srcbuf = malloc(srcsize);
+    memset(srcbuf, 'x', srcsize);
     struct rlimit rl = {MAXFD, MAXFD};
     setrlimit(RLIMIT_NOFILE, &rl);
     conns = calloc(MAXFD, sizeof *conns);

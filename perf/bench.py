@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROXY_CPU = "1"
 LOAD_CPU = "0"
-BACKENDS = {  # mode: (host name, socket name)
-    "echo": ("echo.test", "tls-socket"),
-    "source": ("bulk.test", "tls-socket"),
-    "http": ("echo.test", "http-socket"),
+BACKENDS = {  # key: (host name, socket name, perf/backend.c's mode and arguments)
+    "echo": ("echo.test", "tls-socket", ["echo"]),
+    "source": ("bulk.test", "tls-socket", ["source", "262144"]),
+    "source-1m": ("bulk1m.test", "tls-socket", ["source", "1048576"]),
+    "http": ("echo.test", "http-socket", ["http"]),
+}
+BULK_SHAPES = {  # workload: (backend key, the load generator's recv() size)
+    "C": ("source", 256 * 1024),  # the backend's send()s of 256 KiB
+    "Cb": ("source-1m", 256 * 1024),  # send()s of 1 MiB
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APT_PACKAGES = {
@@ -116,8 +121,11 @@ class Procs:
             self.stop(proc)
 
 
+PINNING = {"on": (os.cpu_count() or 1) >= 2}  # off with --no-pin
+
+
 def pinned(cpu: str, cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", cpu, *cmd] if (os.cpu_count() or 1) >= 2 else cmd
+    return ["taskset", "-c", cpu, *cmd] if PINNING["on"] else cmd
 
 
 # ---------------------------------------------------------------- setup
@@ -165,9 +173,9 @@ def write_hellos(tmp: Path) -> dict[str, Path]:
     from backends import client_hello
 
     files = {}
-    for mode, (name, _) in BACKENDS.items():
-        files[mode] = tmp / f"hello-{name}"
-        files[mode].write_bytes(client_hello(name))
+    for key, (name, _, _) in BACKENDS.items():
+        files[key] = tmp / f"hello-{name}"
+        files[key].write_bytes(client_hello(name))
     return files
 
 
@@ -307,9 +315,10 @@ class Bench:
             **cpu_shares(r),
         }
 
-    def bulk(self, target: str, pids: list[int]) -> dict[str, Any]:
+    def bulk(self, target: str, pids: list[int], workload: str = "C") -> dict[str, Any]:
         s = self.settings
-        cmd = self.loadgen("bulk", target, "source", 1, 1, s.bulk_seconds, s.bulk_bytes)
+        backend, read_size = BULK_SHAPES[workload]
+        cmd = self.loadgen("bulk", target, backend, 1, 1, s.bulk_seconds, s.bulk_bytes, read_size)
         r = self.measured(pids, cmd)
         gb = max(r["bytes"], 1) / 1e9
         return {
@@ -475,7 +484,7 @@ def run_peer(peer: Peer, bench: Bench, procs: Procs, tmp: Path) -> dict[str, Any
             return {"broken": f"did not listen: {tail(workdir / 'stderr.log')}"}
         time.sleep(0.2)
         target = f"tcp:127.0.0.1:{port}"
-        targets = {"echo": target, "source": target, "tls": f"127.0.0.1:{port}"}
+        targets = {"echo": target, "source": target, "source-1m": target, "tls": f"127.0.0.1:{port}"}
         return run_workloads(peer, bench, procs, targets, [proc.pid], workdir)
     finally:
         procs.stop(proc)
@@ -504,8 +513,8 @@ def run_workloads(
             results["A"] = bench.connections(target, tree)
         elif workload == "B":
             results["B"] = bench.messages(target, tree)
-        elif workload == "C":
-            results["C"] = bench.bulk(targets["source"], tree)
+        elif workload in BULK_SHAPES:
+            results[workload] = bench.bulk(targets[BULK_SHAPES[workload][0]], tree, workload)
         elif workload == "F" and bench.tls_port:
             results.update(bench.tls(targets["tls"], process_tree(pids[0]) if pids else [], procs, workdir))
     return results
@@ -529,13 +538,13 @@ def tail(path: Path, lines: int = 3) -> str:
 
 def start_backends(tmp: Path, tools: dict[str, Path], procs: Procs) -> tuple[dict[str, Path], list[int]]:
     sockets, pids = {}, []
-    for mode, (name, socket_name) in BACKENDS.items():
+    for key, (name, socket_name, args) in BACKENDS.items():
         path = tmp / "hosts" / name / socket_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        proc = procs.spawn(pinned(LOAD_CPU, [str(tools["backend"]), str(path), mode]))
+        proc = procs.spawn(pinned(LOAD_CPU, [str(tools["backend"]), str(path), *args]))
         if not wait_path(path):
-            raise RuntimeError(f"backend {mode} did not start")
-        sockets[mode], pids = path, [*pids, proc.pid]
+            raise RuntimeError(f"backend {key} did not start")
+        sockets[key], pids = path, [*pids, proc.pid]
     return sockets, pids
 
 
@@ -571,13 +580,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-baseline", action="store_true", help="write perf/baseline.json")
     parser.add_argument("--smoke", action="store_true", help="0.5 s per workload: checks the harness only")
     parser.add_argument("--peers", help="comma-separated subset of: " + ",".join(p.name for p in PEERS))
+    parser.add_argument("--workloads", help="comma-separated subset of: A,B,C,Cb,D,E,F (default: all)")
+    parser.add_argument("--no-pin", action="store_true", help="no taskset: the scheduler places everything")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     notes = ensure_installed()
     raise_nofile()
-    if (os.cpu_count() or 1) >= 2:
+    if args.no_pin:
+        PINNING["on"] = False
+    if PINNING["on"]:
         os.sched_setaffinity(0, {int(LOAD_CPU)})
     chosen = [p for p in PEERS if not args.peers or p.name in args.peers.split(",")]
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        chosen = [replace(p, workloads=tuple(w for w in p.workloads if w in wanted)) for p in chosen]
+        chosen = [p for p in chosen if p.workloads]
     settings = Settings.for_run(args.quick, args.smoke)
     procs = Procs()
     started = time.time()

@@ -1,6 +1,6 @@
 /* A small fast load generator for perf/bench.py (single-threaded, epoll).
  *
- *   loadgen MODE TARGET HELLO_FILE CONCURRENCY COUNT SECONDS [SIZE]
+ *   loadgen MODE TARGET HELLO_FILE CONCURRENCY COUNT SECONDS [SIZE [READ_SIZE]]
  *
  * TARGET is tcp:127.0.0.1:PORT or unix:/path.  Every connection first sends the bytes
  * of HELLO_FILE (a real ClientHello) and waits for a 2-byte reply.  Then, by MODE:
@@ -8,7 +8,8 @@
  *   msg    CONCURRENCY connections exchange SIZE-byte ping-pong messages, COUNT in all
  *   idle   open COUNT connections and hold them; print a "ready" line, then wait for
  *          stdin to close (or SECONDS), close them all
- *   bulk   one connection reads SIZE bytes (or for SECONDS) from a source backend
+ *   bulk   one connection reads SIZE bytes (or for SECONDS) from a source backend, by
+ *          blocking recv()s of READ_SIZE bytes (default 262144)
  * Prints one JSON line of results, including this process's own CPU seconds.
  * Every loop is bounded by COUNT and SECONDS.
  */
@@ -40,7 +41,7 @@ static struct sockaddr_storage addr;
 static socklen_t addrlen;
 static char *hello;
 static int hello_len;
-static long count, size;
+static long count, size, read_size = 262144;
 static double seconds, deadline, t_begin;
 static struct slot *slots;
 static int nslots, ep;
@@ -205,20 +206,21 @@ static void hold_until_stdin_closes(void) {
 
 static long run_bulk(void) {
     int fd = socket(addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    static char buf[262144];
+    char *buf = malloc(read_size);
     long total = 0;
     if (fd < 0 || connect(fd, (struct sockaddr *)&addr, addrlen) < 0 ||
-        send(fd, hello, hello_len, MSG_NOSIGNAL) != hello_len) { errors++; return 0; }
+        send(fd, hello, hello_len, MSG_NOSIGNAL) != hello_len) { errors++; free(buf); return 0; }
     struct timeval tv = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    ssize_t n = recv(fd, buf, sizeof buf, 0); /* the first bytes start the clock */
+    ssize_t n = recv(fd, buf, read_size, 0); /* the first bytes start the clock */
     t_begin = now();
     while (n > 0 && total < size && now() <= deadline) {
         total += n;
-        n = recv(fd, buf, sizeof buf, 0);
+        n = recv(fd, buf, read_size, 0);
     }
     if (n < 0) errors++;
     close(fd);
+    free(buf);
     return total;
 }
 
@@ -235,14 +237,16 @@ int main(int argc, char **argv) {
     for (int m = 0; argc >= 7 && m < 4; m++) if (!strcmp(argv[1], modes[m])) mode = m;
     if (mode < 0 || parse_target(argv[2]) < 0 || read_file(argv[3]) < 0) {
         fprintf(stderr, "usage: loadgen conn|msg|idle|bulk tcp:IP:PORT|unix:PATH HELLO_FILE "
-                        "CONCURRENCY COUNT SECONDS [SIZE]\n");
+                        "CONCURRENCY COUNT SECONDS [SIZE [READ_SIZE]]\n");
         return 2;
     }
     nslots = atoi(argv[4]);
     count = atol(argv[5]);
     seconds = atof(argv[6]);
     size = argc > 7 ? atol(argv[7]) : 64;
-    if (nslots < 1 || count < 1 || seconds <= 0 || size < 1 || (mode == M_MSG && size > 65536)) return 2;
+    if (argc > 8) read_size = atol(argv[8]);
+    if (nslots < 1 || count < 1 || seconds <= 0 || size < 1 || (mode == M_MSG && size > 65536) ||
+        read_size < 1 || read_size > (64L << 20)) return 2;
     if (mode == M_IDLE && nslots > count) nslots = count;
     struct rlimit rl = {262144, 262144};
     if (setrlimit(RLIMIT_NOFILE, &rl) < 0) { rl.rlim_cur = rl.rlim_max = 65536; setrlimit(RLIMIT_NOFILE, &rl); }

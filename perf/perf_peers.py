@@ -18,7 +18,7 @@ class Peer:
     name: str
     kind: str  # fastsni, nginx, haproxy, sniproxy, uvloop (perf/uvloop_relay.py) or direct (no proxy)
     binary: str | None
-    workloads: tuple[str, ...] = ("D", "A", "B", "C", "F")
+    workloads: tuple[str, ...] = ("D", "A", "B", "C", "Cb", "F")
     variant: str = ""
 
 
@@ -28,11 +28,11 @@ PEERS = [
     Peer("nginx", "nginx", "nginx"),
     Peer("haproxy", "haproxy", "haproxy"),
     Peer("sniproxy", "sniproxy", "sniproxy"),
-    Peer("direct", "direct", None, ("A", "B", "C", "F")),  # F: the TLS backend's TCP port
-    Peer("uvloop-relay", "uvloop", None, ("D", "A", "B", "C")),  # the design card's shape
-    Peer("asyncio-relay", "uvloop", None, ("D", "A", "B", "C"), "asyncio"),  # the same on stock asyncio
-    Peer("nginx-buf256k", "nginx", "nginx", ("C",), "buf256k"),
-    Peer("haproxy-splice", "haproxy", "haproxy", ("C",), "splice"),
+    Peer("direct", "direct", None, ("A", "B", "C", "Cb", "F")),  # F: the TLS backend's TCP port
+    Peer("uvloop-relay", "uvloop", None, ("D", "A", "B", "C", "Cb")),  # the design card's shape
+    Peer("asyncio-relay", "uvloop", None, ("D", "A", "B", "C", "Cb"), "asyncio"),  # the same on stock asyncio
+    Peer("nginx-buf256k", "nginx", "nginx", ("C", "Cb"), "buf256k"),
+    Peer("haproxy-splice", "haproxy", "haproxy", ("C", "Cb"), "splice"),
     Peer("fasthttpdir", "fasthttpdir", None, ("E",)),
     Peer("fasthttpdir-pure", "fasthttpdir", None, ("E",), "pure"),
     Peer("nginx-http", "nginx", "nginx", ("E",), "http"),
@@ -45,7 +45,11 @@ PEERS = [
 
 
 def write_peer_config(peer: Peer, workdir: Path, port: int, sockets: dict[str, Path]) -> None:
-    routes = {"echo.test": sockets["echo"], "bulk.test": sockets["source"]}
+    routes = {
+        "echo.test": sockets["echo"],
+        "bulk.test": sockets["source"],
+        "bulk1m.test": sockets["source-1m"],
+    }
     routes.update({name: sockets[kind] for kind, name in TLS_HOSTS.items() if kind in sockets})  # F
     if peer.variant.startswith("http"):
         routes = {"echo.test": sockets["http"]}
