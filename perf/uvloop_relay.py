@@ -28,6 +28,7 @@ class Side(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Side | None = None
+        self.eof = False  # our transport received EOF (passed on as the other's write_eof)
 
     def other(self) -> asyncio.Transport | None:
         """The other side's transport while it is open."""
@@ -45,10 +46,14 @@ class Side(asyncio.Protocol):
             other.write(data)
 
     def eof_received(self) -> bool:
+        self.eof = True
         other = self.other()
         if other is None:
             return False
         other.write_eof()
+        if self.peer.eof:  # both directions ended: close both, or nothing ever would
+            other.close()
+            return False
         return True  # keep our side open until the other direction ends
 
     def connection_lost(self, exc) -> None:
@@ -114,8 +119,7 @@ async def serve() -> None:
 
 def main() -> None:
     """``uvloop_relay.py [asyncio]``: on uvloop, or with ``asyncio`` on the stock loop (the
-    same protocols: under perf/bench.py's load uvloop 0.21 and 0.23 abort with "double
-    free or corruption" within seconds, see perf/README.md, so both rows are kept)."""
+    same protocols, for comparison)."""
     if sys.argv[1:] == ["asyncio"]:
         asyncio.run(serve())
     else:
