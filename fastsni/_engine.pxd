@@ -83,8 +83,8 @@ cdef class Side:
     cdef public int error
 
     cpdef saw(self, unsigned int events)
-    cdef Py_ssize_t recv(self) noexcept
-    cpdef read(self)
+    cdef Py_ssize_t recv(self, Py_ssize_t size) noexcept
+    cpdef read(self, Py_ssize_t size=*)
     cpdef Py_ssize_t send(self, bytes data) except -2
     cpdef Py_ssize_t flush(self) except -2
     cpdef Py_ssize_t write(self, bytes data) except -2

@@ -14,9 +14,10 @@ of an strace has one obvious cause:
   only poller: one epoll_wait per wakeup for the listening socket, every connection,
   the timers and the signals.
 - Relay: both directions at once, each reading only while the other side keeps up
-  (at most a CHUNK per direction in user space, or a PIPE_SIZE in a pipe); bulk data goes
-  by splice(2), uncopied; EOF becomes shutdown(SHUT_WR) on the other side once
-  everything before it is out; an error on either side closes both.
+  (at most a RELAY_CHUNK per direction in user space, or a PIPE_SIZE in a pipe); bulk data
+  towards the backend goes by splice(2), uncopied, bulk data from it by read/write
+  (SPLICE_DOWN); EOF becomes shutdown(SHUT_WR) on the other side once everything before
+  it is out; an error on either side closes both.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from collections.abc import Callable
 
 from fastsni.logs import failures
 
-CHUNK = 128 * 1024  # bytes per read(); also the most that waits unsent per direction
+CHUNK = 128 * 1024  # bytes per read() of a hello or request head
+RELAY_CHUNK = 256 * 1024  # bytes per read() of a relay; also the most that waits unsent per direction
 PIPE_SIZE = 512 * 1024  # a splicing pipe's capacity and the most one splice moves (pipe-max-size: 1 MiB)
 ACCEPT_BATCH = 64  # accepts per wakeup, so established connections keep flowing
 PUMP_ROUNDS = 8  # chunks one direction moves before letting others run
@@ -45,6 +47,13 @@ OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno
 RETRY = (BlockingIOError, InterruptedError)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
+# Splice nothing from the backend to the client.  The backend is a Unix socket: splice
+# from AF_UNIX copies each skb's linear head into the pipe anyway, and splice on into TCP
+# turns every pipe buffer into one skb fragment, so loopback TCP carries more, smaller
+# skbs (17 fragments each) than a plain write of the same bytes builds.  perf/bench.py's
+# C and Cb rows: copying through RELAY_CHUNK (256 KiB) costs 0.7-0.8 x the splice's proxy
+# CPU per GB, through 128 KiB 0.9 x (perf/README.md).  Towards the backend, splicing stays.
+SPLICE_DOWN = False
 
 READABLE = select.EPOLLIN
 WRITABLE = select.EPOLLOUT
@@ -270,19 +279,19 @@ class Side:
         if events & (WRITABLE | CLOSING):
             self.writable = True
 
-    def read(self) -> bytes | None:
-        """Up to CHUNK bytes; b"" at EOF or on an error (its errno in ``error``); None if
-        there are none now.  A short read clears ``readable`` too, unless the side is
+    def read(self, size: int = CHUNK) -> bytes | None:
+        """Up to ``size`` bytes; b"" at EOF or on an error (its errno in ``error``); None
+        if there are none now.  A short read clears ``readable`` too, unless the side is
         closing: bytes that come later bring a new edge."""
         try:
-            data = os.read(self.fd, CHUNK)
+            data = os.read(self.fd, size)
         except RETRY:
             self.readable = False
             return None
         except OSError as exc:
             self.error = exc.errno
             return b""
-        if len(data) < CHUNK and not self.closing:
+        if len(data) < size and not self.closing:
             self.readable = False
         return data
 
@@ -555,10 +564,11 @@ class Listener(Handler):
 class Flow:
     """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them.
 
-    Bytes go by read(2) and write(2) through user space until a read fills a whole CHUNK
-    (bulk data); from then on they go by splice(2) through a pipe, never copied.  What
-    ``dst`` did not take waits in ``dst.queued`` (copied) or in the pipe (spliced), and
-    nothing more is read from ``src`` meanwhile.
+    Bytes go by read(2) and write(2) through user space.  Towards the backend, once a
+    read fills a whole RELAY_CHUNK (bulk data), they go by splice(2) through a pipe
+    instead, never copied; from the backend (a Unix socket) they are always copied
+    (SPLICE_DOWN).  What ``dst`` did not take waits in ``dst.queued`` (copied) or in the
+    pipe (spliced), and nothing more is read from ``src`` meanwhile.
     """
 
     def __init__(self, relay: Relay, src: Side, dst: Side, upward: bool) -> None:
@@ -570,7 +580,7 @@ class Flow:
         self.pipe_r = -1  # the pipe, once bulk data made splicing worth it
         self.pipe_w = -1
         self.piped = 0  # bytes in the pipe, not yet taken by dst
-        self.can_splice = True  # False once the kernel refused a pipe: copy instead
+        self.can_splice = upward or SPLICE_DOWN  # False once the kernel refused a pipe, too
         self.eof = False  # src has sent everything
         self.done = False  # ... and all of it reached dst
 
@@ -592,7 +602,7 @@ class Flow:
 
     def copy(self) -> bool:
         """read() a chunk from src, write() it to dst; False once one of them must wait."""
-        data = self.src.read()
+        data = self.src.read(RELAY_CHUNK)
         if data is None:
             return False
         if not data:
@@ -601,7 +611,7 @@ class Flow:
                 return False
             self.eof = True
             return True
-        if len(data) == CHUNK and self.can_splice:
+        if len(data) == RELAY_CHUNK and self.can_splice:
             self.open_pipe()  # bulk data: splice from now on
         return self.send(data)
 

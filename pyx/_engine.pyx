@@ -46,6 +46,8 @@ from fastsni.engine import (  # not hot: the pure module's own
 from fastsni.engine import (
     ACCEPT_BATCH,
     CHUNK,
+    RELAY_CHUNK,
+    SPLICE_DOWN,
     CLOSING,
     PIPE_SIZE,
     EDGE,
@@ -159,17 +161,19 @@ cdef extern from *:
 
 cdef enum:
     C_CHUNK = 128 * 1024
+    C_RELAY_CHUNK = 256 * 1024
     C_PIPE_SIZE = 512 * 1024
     C_MARKER_PATH = 128  # <directory>/send-proxy-vN, for paths that fit sun_path
 
-assert CHUNK == C_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
+assert CHUNK == C_CHUNK and RELAY_CHUNK == C_RELAY_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
 assert C_MARKER_PATH > SUN_PATH_MAX + len("send-proxy-v2")  # the longest prefix and a marker, NUL
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
 cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOSING, C_EDGE = EDGE
 cdef unsigned int C_LISTENING = LISTENING
 cdef Py_ssize_t C_SUN_PATH_MAX = SUN_PATH_MAX
-cdef char _buffer[C_CHUNK]  # every relay reads into this one buffer: the loop is single-threaded
+cdef bint C_SPLICE_DOWN = SPLICE_DOWN
+cdef char _buffer[C_RELAY_CHUNK]  # every relay reads into this one buffer: the loop is single-threaded
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS (indexes into _counts).
 cdef enum:
@@ -366,25 +370,25 @@ cdef class Side:
         if events & (C_WRITABLE | C_CLOSING):
             self.writable = True
 
-    cdef Py_ssize_t recv(self) noexcept:
+    cdef Py_ssize_t recv(self, Py_ssize_t size) noexcept:
         """read() as read() below does it, into the engine's buffer: the count; 0 at EOF
         or on an error (its errno in ``error``); -1 if there are none now."""
-        cdef ssize_t got = read(self.fd, _buffer, C_CHUNK)
+        cdef ssize_t got = read(self.fd, _buffer, size)
         if got < 0:
             if _retry(errno):
                 self.readable = False
                 return -1
             self.error = errno
             return 0
-        if got < C_CHUNK and not self.closing:
+        if got < size and not self.closing:
             self.readable = False
         return got
 
-    cpdef read(self):
-        """Up to CHUNK bytes; b"" at EOF or on an error (its errno in ``error``); None if
-        there are none now.  A short read clears ``readable`` too, unless the side is
+    cpdef read(self, Py_ssize_t size=C_CHUNK):
+        """Up to ``size`` bytes; b"" at EOF or on an error (its errno in ``error``); None
+        if there are none now.  A short read clears ``readable`` too, unless the side is
         closing: bytes that come later bring a new edge."""
-        cdef Py_ssize_t got = self.recv()
+        cdef Py_ssize_t got = self.recv(min(size, C_RELAY_CHUNK))
         if got < 0:
             return None
         return PyBytes_FromStringAndSize(_buffer, got)
@@ -690,10 +694,11 @@ cdef class Listener(Handler):
 cdef class Flow:
     """One direction of a relay: read ``src`` while it has bytes, write ``dst`` while it takes them.
 
-    Bytes go by read(2) and write(2) through user space until a read fills a whole CHUNK
-    (bulk data); from then on they go by splice(2) through a pipe, never copied.  What
-    ``dst`` did not take waits in ``dst.queued`` (copied) or in the pipe (spliced), and
-    nothing more is read from ``src`` meanwhile.
+    Bytes go by read(2) and write(2) through user space.  Towards the backend, once a
+    read fills a whole RELAY_CHUNK (bulk data), they go by splice(2) through a pipe
+    instead, never copied; from the backend (a Unix socket) they are always copied
+    (SPLICE_DOWN).  What ``dst`` did not take waits in ``dst.queued`` (copied) or in the
+    pipe (spliced), and nothing more is read from ``src`` meanwhile.
     """
 
     cdef public Relay relay
@@ -715,7 +720,7 @@ cdef class Flow:
         self.pipe_r = -1
         self.pipe_w = -1
         self.piped = 0
-        self.can_splice = True  # False once the kernel refused a pipe: copy instead
+        self.can_splice = upward or C_SPLICE_DOWN  # False once the kernel refused a pipe, too
         self.eof = False
         self.done = False
 
@@ -738,7 +743,7 @@ cdef class Flow:
 
     cdef bint copy(self) except -1:
         """read() a chunk from src, write() it to dst; False once one of them must wait."""
-        cdef Py_ssize_t got = self.src.recv()
+        cdef Py_ssize_t got = self.src.recv(C_RELAY_CHUNK)
         if got < 0:
             return False
         if got == 0:
@@ -747,7 +752,7 @@ cdef class Flow:
                 return False
             self.eof = True
             return True
-        if got == C_CHUNK and self.can_splice:
+        if got == C_RELAY_CHUNK and self.can_splice:
             self.open_pipe()
         # send(), without a bytes object: nothing waits for dst here (flush saw to it)
         return self.sent(self.dst.write_from(_buffer, got))

@@ -315,7 +315,7 @@ cdef class RequestReader:
         request.size += len(body)
 
     def on_message_complete(self):
-        request = self.current
+        cdef Request request = self.current
         if request.chunked:
             end = b"0\r\n" + b"".join(self.trailers) + b"\r\n"
             request.data.append(end)
@@ -600,6 +600,7 @@ cdef class HttpConnection(Handler):
     cdef next(self):
         """Start the next queued request if none is in progress."""
         global _routed
+        cdef Request request
         while self.active is None and self.reader is not None and self.reader.requests:
             request = self.reader.requests[0]
             if request.error is not None:
@@ -658,7 +659,7 @@ cdef class HttpConnection(Handler):
     cdef pump(self):
         """Write what has arrived of the request in progress to its backend."""
         global _up
-        request = self.active
+        cdef Request request = self.active
         if request is None or self.backend is None or not request.data:
             return
         data = b"".join(request.data)
@@ -768,7 +769,7 @@ cdef class HttpConnection(Handler):
 
     cdef answered(self):
         """The final answer went out: the exchange ends once the request is all sent."""
-        request = self.active
+        cdef Request request = self.active
         if not (self.response_keep_alive and request.keep_alive) or not request.complete:
             # the request is not all here (an early answer) or either side closes
             self.linger()
@@ -777,7 +778,7 @@ cdef class HttpConnection(Handler):
         self.finish()
 
     cdef finish(self):
-        request = self.active
+        cdef Request request = self.active
         self.active = None
         if request.method == b"HEAD":  # its answer left the parser expecting a body
             self.response = httptools.HttpResponseParser(self)

@@ -287,7 +287,7 @@ def outside_socket(tmp_path: Path) -> OutsideSocket:
 
 # -- the proxies under their units -------------------------------------------------------
 
-BULK = 3 * 1024 * 1024  # past 128 KiB: the relay splices
+BULK = 3 * 1024 * 1024  # past 256 KiB: the relay splices the upload (it copies downloads)
 
 
 def bulk_backend(conn: socket.socket) -> None:
