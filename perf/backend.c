@@ -8,7 +8,9 @@
  *   source  stream bytes to the client until it closes (bulk download), by send()s of
  *           WRITE_SIZE bytes (default 262144; non-blocking, so a send may take less)
  * Mode http skips the hello: it answers every request head (each "\r\n\r\n") with a
- * tiny keep-alive "200 OK" (bodiless GET requests only, as wrk sends).
+ * tiny keep-alive "200 OK" (bodiless GET requests only, as wrk sends); a head that says
+ * "Connection: close" gets the answer with "Connection: close", then the backend shuts
+ * its side, as HTTP servers do (RFC 9112 section 9.6).
  * Runs until SIGTERM/SIGINT.  Single-threaded, non-blocking, level-triggered.
  */
 #define _GNU_SOURCE
@@ -35,11 +37,16 @@ struct conn {
     int hello_done;
     char *pending;           /* unsent echo bytes */
     int pending_len, pending_off;
+    int close_have;          /* http: bytes of "connection: close" matched in this head */
+    int close_after;         /* http: shut our side once the pending answer is out */
 };
 
 static struct conn *conns;
 static int source_mode, http_mode;
 static const char http_reply[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nOK";
+static const char http_close_reply[] =
+    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nOK";
+static const char close_field[] = "connection: close";
 static volatile sig_atomic_t stop;
 static char *srcbuf;
 static size_t srcsize = 262144;
@@ -106,6 +113,7 @@ static int flush_pending(int ep, int fd) {
     c->pending = NULL;
     c->pending_len = c->pending_off = 0;
     watch(ep, fd, EPOLLIN, EPOLL_CTL_MOD);
+    if (c->close_after) shutdown(fd, SHUT_WR);
     return 0;
 }
 
@@ -122,10 +130,21 @@ static int answer_requests(int ep, int fd, const unsigned char *buf, int n) {
     static const char end[] = "\r\n\r\n";
     struct conn *c = &conns[fd];
     for (int i = 0; i < n; i++) {
+        unsigned char lower = buf[i] >= 'A' && buf[i] <= 'Z' ? buf[i] + 32 : buf[i];
+        if (c->close_have < (int)sizeof close_field - 1)
+            c->close_have = lower == (unsigned char)close_field[c->close_have] ? c->close_have + 1 : (lower == 'c');
         c->hdr_have = buf[i] == (unsigned char)end[c->hdr_have] ? c->hdr_have + 1 : (buf[i] == '\r');
         if (c->hdr_have == 4) {
-            c->hdr_have = 0;
-            if (send_or_keep(ep, fd, http_reply, sizeof http_reply - 1) < 0) return -1;
+            int closing = c->close_have == (int)sizeof close_field - 1;
+            c->hdr_have = c->close_have = 0;
+            if (!closing) {
+                if (send_or_keep(ep, fd, http_reply, sizeof http_reply - 1) < 0) return -1;
+                continue;
+            }
+            c->close_after = 1;
+            if (send_or_keep(ep, fd, http_close_reply, sizeof http_close_reply - 1) < 0) return -1;
+            if (!c->pending) shutdown(fd, SHUT_WR);
+            return 0;  /* nothing more is answered on this connection */
         }
     }
     return 0;
