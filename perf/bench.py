@@ -232,14 +232,16 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], user_only: bool = False) -> float:
+    """utime + stime (or utime alone) of ``pids``; softirq work done while one of them ran
+    (the loopback TCP receive of what it sent, say) is in its stime."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        total += int(fields[11]) + (0 if user_only else int(fields[12]))  # utime, stime
     return total / CLK_TCK
 
 
@@ -282,12 +284,13 @@ class Bench:
     def measured(self, proxy_pids: list[int], cmd: list[str]) -> dict[str, Any]:
         """Run one bounded load generator; add proxy/backend CPU seconds it caused."""
         limit = self.settings.conn_seconds + self.settings.msg_seconds + 60
-        before = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids)
+        before = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids), cpu_seconds(proxy_pids, True)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        after = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids)
+        after = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids), cpu_seconds(proxy_pids, True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result["proxy_cpu_s"] = after[0] - before[0]
         result["backend_cpu_s"] = after[1] - before[1]
+        result["proxy_user_s"] = after[2] - before[2]
         return result
 
     def connections(self, target: str, pids: list[int]) -> dict[str, Any]:
@@ -300,6 +303,7 @@ class Bench:
             "p50_us": r["p50_us"],
             "p99_us": r["p99_us"],
             "proxy_cpu_us_per_conn": r["proxy_cpu_s"] / ops * 1e6 if pids else None,
+            "proxy_user_us_per_conn": r["proxy_user_s"] / ops * 1e6 if pids else None,
             **cpu_shares(r),
         }
 
@@ -312,6 +316,7 @@ class Bench:
             "msg_per_s": r["ops"] / r["seconds"],
             "msg_p99_us": r["p99_us"],
             "proxy_cpu_us_per_msg": r["proxy_cpu_s"] / ops * 1e6 if pids else None,
+            "proxy_user_us_per_msg": r["proxy_user_s"] / ops * 1e6 if pids else None,
             **cpu_shares(r),
         }
 
@@ -345,13 +350,13 @@ class Bench:
             url,
         ]
         wall = max(1, round(s.msg_seconds))
-        before = cpu_seconds(pids), cpu_seconds(self.backend_pids)
+        before = cpu_seconds(pids), cpu_seconds(self.backend_pids), cpu_seconds(pids, True)
         children = children_cpu()
         out = subprocess.run(
             pinned(LOAD_CPU, cmd), capture_output=True, text=True, timeout=s.msg_seconds + 30
         )
         wrk_cpu = children_cpu() - children
-        after = cpu_seconds(pids), cpu_seconds(self.backend_pids)
+        after = cpu_seconds(pids), cpu_seconds(self.backend_pids), cpu_seconds(pids, True)
         figures = parse_wrk(out.stdout)
         if "req_per_s" not in figures:
             return {"broken": f"wrk: {(out.stdout + out.stderr).strip()[-300:]}"}
@@ -359,6 +364,7 @@ class Bench:
         return {
             **figures,
             "proxy_cpu_us_per_req": (after[0] - before[0]) / requests * 1e6,
+            "proxy_user_us_per_req": (after[2] - before[2]) / requests * 1e6,
             "cpu_pct": {
                 "proxy": round(100 * (after[0] - before[0]) / wall),
                 "loadgen": round(100 * wrk_cpu / wall),

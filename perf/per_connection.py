@@ -2,7 +2,7 @@
 calls (strace): not a wall-clock benchmark, repeatable on a busy machine.
 
     python3 perf/per_connection.py TREE [--tool callgrind|strace] [--case CASE ...] [--keep DIR]
-    python3 perf/per_connection.py TREE --tool strace --peer PEER [--case CASE ...]
+    python3 perf/per_connection.py TREE --peer PEER [--tool callgrind|strace] [--case CASE ...]
 
 TREE is a source tree with its extensions built in place (``setup.py build_ext
 --inplace``); the compiled twin runs.  Each case runs the proxy twice, for FEW and for
@@ -10,8 +10,8 @@ MANY sequential connections (or keep-alive requests), and prints the difference 
 by MANY - FEW, so start-up and shut-down cancel out.  Only loopback and Unix sockets.
 With ``--keep DIR`` the raw outputs stay in DIR (``callgrind_annotate --inclusive=yes
 DIR/callgrind-tls-600.out`` shows where the instructions go).  With ``--peer`` a peer of
-perf/bench.py (its perf/perf_peers.py configuration, routing echo.test) runs instead,
-under strace only, for the system calls it makes per connection side by side with ours.
+perf/bench.py (its perf/perf_peers.py configuration, routing echo.test) runs instead, for
+its system calls and user instructions per connection side by side with ours.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def run(tree: Path, tool: str, case: str, count: int, work: Path, peer: str | No
     backend = serve_backend(hosts / entry / leaf, program, markers, HELLOS[name])
     out = work / f"{tool}-{case}-{count}.out"
     if peer is not None:
-        return run_peer(peer, hosts / entry / leaf, how, count, program == "fastsni", out, backend)
+        return run_peer(peer, tool, hosts / entry / leaf, how, count, program == "fastsni", out, backend)
     if tool == "callgrind":
         wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={out}.log"]
     else:
@@ -206,23 +206,28 @@ def run(tree: Path, tool: str, case: str, count: int, work: Path, peer: str | No
 
 
 def run_peer(
-    name: str, socket_path: Path, how: str, count: int, tls: bool, out: Path, backend: socket.socket
+    name: str, tool: str, path: Path, how: str, count: int, tls: bool, out: Path, backend: socket.socket
 ) -> collections.Counter:
-    """The same connections through a peer of perf/bench.py, under strace -f -c."""
+    """The same connections through a peer of perf/bench.py, under strace -f -c, or
+    callgrind (every process it forks counted: nginx's worker, for one)."""
     [peer] = [peer for peer in PEERS if peer.name == name]
     work = out.parent / f"{name}-{out.stem}"
     work.mkdir()
-    for directory in (out.parent, *socket_path.parents[:2]):  # peers' workers drop root
+    for directory in (out.parent, *path.parents[:2]):  # peers' workers drop root
         directory.chmod(0o755)
-    socket_path.chmod(0o777)
+    path.chmod(0o777)
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    write_peer_config(peer, work, port, {"echo": socket_path, "source": socket_path, "http": socket_path})
-    argv, env, cwd = peer_command(peer, work, port, socket_path.parent.parent)
+    write_peer_config(peer, work, port, {"echo": path, "source": path, "http": path})
+    argv, env, cwd = peer_command(peer, work, port, path.parent.parent)
+    if tool == "callgrind":
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", f"--log-file={out}.log"]
+    else:
+        wrapper = ["strace", "-f", "-c", "-o", str(out)]
     process = subprocess.Popen(
-        ["strace", "-f", "-c", "-o", str(out), *argv],
+        [*wrapper, *argv],
         cwd=cwd,
         env=dict(os.environ, **env),
         stdout=subprocess.DEVNULL,
@@ -236,6 +241,11 @@ def run_peer(
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=300)
         backend.close()
+    if tool == "callgrind":
+        counts: collections.Counter = collections.Counter()
+        for each in out.parent.glob(f"{out.name}.*[0-9]"):
+            counts += read_counts(each, tool)
+        return counts  # wait_listening's probe: one connection more in FEW and MANY alike
     counts = read_counts(out, "strace")
     counts["connect"] -= 1  # wait_listening's probe is the one connection more
     return counts
@@ -260,10 +270,8 @@ def main() -> None:
     parser.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
     parser.add_argument("--case", action="append", choices=sorted(CASES))
     parser.add_argument("--keep", type=Path, help="an empty directory for the raw outputs")
-    parser.add_argument("--peer", choices=sorted(peer.name for peer in PEERS), help="strace this peer")
+    parser.add_argument("--peer", choices=sorted(peer.name for peer in PEERS), help="run this peer instead")
     args = parser.parse_args()
-    if args.peer is not None and args.tool != "strace":
-        parser.error("--peer runs under --tool strace only")
     with tempfile.TemporaryDirectory() as tmp:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)

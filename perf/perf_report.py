@@ -13,9 +13,11 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("A", "p50_us", "conn p50 µs", False),
     ("A", "p99_us", "conn p99 µs", False),
     ("A", "proxy_cpu_us_per_conn", "proxy CPU µs/conn", False),
+    ("A", "proxy_user_us_per_conn", "proxy user µs/conn", False),  # of it, in user mode
     ("B", "msg_per_s", "64 B msg/s", True),
     ("B", "msg_p99_us", "msg p99 µs", False),
     ("B", "proxy_cpu_us_per_msg", "proxy CPU µs/msg", False),
+    ("B", "proxy_user_us_per_msg", "proxy user µs/msg", False),  # of it, in user mode
     ("C", "mb_per_s", "bulk MB/s", True),
     ("C", "proxy_cpu_s_per_gb", "proxy CPU s/GB", False),
     ("Cb", "mb_per_s", "bulk MB/s", True),
@@ -24,9 +26,11 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("E", "req_per_s", "HTTP req/s", True),
     ("E", "http_p99_us", "HTTP p99 µs", False),
     ("E", "proxy_cpu_us_per_req", "proxy CPU µs/req", False),
+    ("E", "proxy_user_us_per_req", "proxy user µs/req", False),  # of it, in user mode
     ("En", "req_per_s", "HTTP req/s", True),
     ("En", "http_p99_us", "HTTP p99 µs", False),
     ("En", "proxy_cpu_us_per_req", "proxy CPU µs/req", False),
+    ("En", "proxy_user_us_per_req", "proxy user µs/req", False),  # of it, in user mode
     ("Fa", "conn_per_s", "TLS conn/s", True),
     ("Fa", "p99_us", "req p99 µs", False),
     ("Fa", "proxy_cpu_us_per_conn", "proxy CPU µs/conn", False),

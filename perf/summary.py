@@ -16,7 +16,9 @@ import sys
 # (workload, figure, ours, peers, lower is better)
 ROWS = [
     ("A", "proxy_cpu_us_per_conn", "fastsni", ("nginx", "haproxy", "sniproxy"), True),
+    ("A", "proxy_user_us_per_conn", "fastsni", ("nginx", "haproxy", "sniproxy"), True),
     ("B", "proxy_cpu_us_per_msg", "fastsni", ("nginx", "haproxy", "sniproxy"), True),
+    ("B", "proxy_user_us_per_msg", "fastsni", ("nginx", "haproxy", "sniproxy"), True),
     ("C", "mb_per_s", "fastsni", ("nginx", "haproxy", "nginx-buf256k", "haproxy-splice"), False),
     ("C", "proxy_cpu_s_per_gb", "fastsni", ("nginx", "haproxy", "nginx-buf256k", "haproxy-splice"), True),
     ("Cb", "mb_per_s", "fastsni", ("nginx", "haproxy", "nginx-buf256k", "haproxy-splice"), False),
@@ -26,6 +28,8 @@ ROWS = [
     ("E", "proxy_cpu_us_per_req", "fasthttpdir", ("nginx-http-fresh", "haproxy-http-fresh"), True),
     ("En", "proxy_cpu_us_per_req", "fasthttpdir", ("nginx-http", "haproxy-http"), True),
     ("En", "proxy_cpu_us_per_req", "fasthttpdir", ("nginx-http-fresh", "haproxy-http-fresh"), True),
+    ("E", "proxy_user_us_per_req", "fasthttpdir", ("nginx-http", "haproxy-http"), True),
+    ("En", "proxy_user_us_per_req", "fasthttpdir", ("nginx-http", "haproxy-http"), True),
     ("Fa", "proxy_cpu_us_per_conn", "fastsni", ("nginx", "haproxy", "sniproxy"), True),
     ("Fb", "proxy_cpu_us_per_req", "fastsni", ("nginx", "haproxy", "sniproxy"), True),
 ]
@@ -66,7 +70,7 @@ def main() -> None:
             f"{workload:3} {name:24} {ours} {spread(mine)}  best peer ({names}) {spread(best_values)}"
             f"  ratio {spread(ratios)}"
         )
-        for other in OTHERS.get(workload, ()) if name.startswith("proxy_cpu") else ():
+        for other in OTHERS.get(workload, ()) if name.startswith("proxy_") else ():
             values = [v for run in runs if (v := figure(run, other, workload, name)) is not None]
             if values:
                 print(f"    {other}: {spread(values)}")
