@@ -139,6 +139,20 @@ def _mode_errno(path: str, user: User) -> int:
     return _connect_errno(path)  # the modes allow it: whether anyone listens
 
 
+PROTECTED_SYMLINKS = "/proc/sys/fs/protected_symlinks"
+
+
+def symlinks_protected() -> bool:
+    """Whether fs.protected_symlinks is 1 (the default of Debian and most distributions):
+    then a symlink in a sticky world-writable directory is followed only by its owner,
+    or when the directory's owner owns it (proc(5), protected_symlinks)."""
+    try:
+        with open(PROTECTED_SYMLINKS) as sysctl:
+            return sysctl.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def who_can_write(mode: int) -> str | None:
     if mode & 0o002:
         return "everyone"
@@ -166,12 +180,17 @@ class Checker:
         self.options = options
         self.findings: list[Finding] = []
         self.sockets: list[tuple[str, str]] = []  # (entry, socket path): connected to once, at the end
+        self.owner = -1  # of the hosts directory
+        self.protected = False  # its symlinks fall under fs.protected_symlinks (see check_tree)
 
     def add(self, severity: str, entry: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity, entry, code, message))
 
     def check_tree(self) -> None:
         info = os.stat(self.hosts)
+        self.owner = info.st_uid
+        sticky_for_all = info.st_mode & stat.S_ISVTX and info.st_mode & stat.S_IWOTH
+        self.protected = bool(sticky_for_all) and symlinks_protected()
         writers = who_can_write(info.st_mode)
         if writers and not info.st_mode & stat.S_ISVTX:
             self.add(
@@ -267,6 +286,18 @@ class Checker:
         info = os.lstat(path)
         if stat.S_ISLNK(info.st_mode):
             text = os.readlink(path)
+            if self.protected and info.st_uid not in (self.user.uid, self.owner):
+                self.add(
+                    ERROR,
+                    entry,
+                    "link-protected",
+                    f"the proxies ({self.user.name}) may not follow the symlink -> {text}: "
+                    f"fs.protected_symlinks is 1 and {self.root} is sticky and writable by everyone, "
+                    "where only a symlink owned by its follower or by the directory's owner is followed "
+                    f"(they get EACCES: alert 112 / 503); use chmod 1775 {self.root} with a group of "
+                    "site owners",
+                )
+                return None
             try:
                 os.stat(path)
             except OSError as exc:

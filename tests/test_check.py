@@ -278,3 +278,29 @@ def test_another_users_access_from_mode_bits_when_not_root(base, backends):
         ("nobodys.example", "no-access", "error"),
         ("shut.example", "cannot-inspect", "warning"),
     ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own symlinks as other users")
+def test_protected_symlinks_in_a_world_writable_sticky_tree(base, backends, monkeypatch):
+    """With fs.protected_symlinks=1 (stubbed: whatever this machine's setting), a site
+    owner's symlink in a 1777 hosts directory is one the proxies may not follow; one owned
+    by the directory's owner or by the proxy's user is fine, and 1775 lifts it."""
+    from fastsni import check
+
+    hosts = clean_tree(base, backends)
+    os.lchown(hosts / "app.example", OTHER, OTHER)  # a site owner's link -> _rel/v1
+    os.symlink("good.example", hosts / "mine.example")
+    os.lchown(hosts / "mine.example", NOBODY, NOBODY)  # the proxy's own
+    hosts.chmod(0o1777)
+    monkeypatch.setattr(check, "symlinks_protected", lambda: True)
+
+    def findings() -> list[tuple[str, str, str]]:
+        args = check.parse(["--hosts", str(hosts), "--user", str(NOBODY)])
+        return codes([check.asdict(finding) for finding in check.check(args)])
+
+    assert findings() == [("app.example", "link-protected", "error")]
+    hosts.chmod(0o1775)
+    assert findings() == []
+    monkeypatch.setattr(check, "symlinks_protected", lambda: False)
+    hosts.chmod(0o1777)
+    assert findings() == []
