@@ -232,17 +232,23 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int], user_only: bool = False) -> float:
-    """utime + stime (or utime alone) of ``pids``; softirq work done while one of them ran
-    (the loopback TCP receive of what it sent, say) is in its stime."""
-    total = 0
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """(utime + stime, utime) of ``pids`` from one read of each /proc/PID/stat; softirq
+    work done while one of them ran (the loopback TCP receive of what it sent, say) is
+    in its stime."""
+    total = user = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + (0 if user_only else int(fields[12]))  # utime, stime
-    return total / CLK_TCK
+        user += int(fields[11])
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK, user / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return cpu_times(pids)[0]
 
 
 def children_cpu() -> float:
@@ -284,13 +290,13 @@ class Bench:
     def measured(self, proxy_pids: list[int], cmd: list[str]) -> dict[str, Any]:
         """Run one bounded load generator; add proxy/backend CPU seconds it caused."""
         limit = self.settings.conn_seconds + self.settings.msg_seconds + 60
-        before = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids), cpu_seconds(proxy_pids, True)
+        before = cpu_times(proxy_pids), cpu_seconds(self.backend_pids)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        after = cpu_seconds(proxy_pids), cpu_seconds(self.backend_pids), cpu_seconds(proxy_pids, True)
+        after = cpu_times(proxy_pids), cpu_seconds(self.backend_pids)
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        result["proxy_cpu_s"] = after[0] - before[0]
+        result["proxy_cpu_s"] = after[0][0] - before[0][0]
         result["backend_cpu_s"] = after[1] - before[1]
-        result["proxy_user_s"] = after[2] - before[2]
+        result["proxy_user_s"] = after[0][1] - before[0][1]
         return result
 
     def connections(self, target: str, pids: list[int]) -> dict[str, Any]:
@@ -350,23 +356,23 @@ class Bench:
             url,
         ]
         wall = max(1, round(s.msg_seconds))
-        before = cpu_seconds(pids), cpu_seconds(self.backend_pids), cpu_seconds(pids, True)
+        before = cpu_times(pids), cpu_seconds(self.backend_pids)
         children = children_cpu()
         out = subprocess.run(
             pinned(LOAD_CPU, cmd), capture_output=True, text=True, timeout=s.msg_seconds + 30
         )
         wrk_cpu = children_cpu() - children
-        after = cpu_seconds(pids), cpu_seconds(self.backend_pids), cpu_seconds(pids, True)
+        after = cpu_times(pids), cpu_seconds(self.backend_pids)
         figures = parse_wrk(out.stdout)
         if "req_per_s" not in figures:
             return {"broken": f"wrk: {(out.stdout + out.stderr).strip()[-300:]}"}
         requests = max(figures.get("requests", 0), 1)
         return {
             **figures,
-            "proxy_cpu_us_per_req": (after[0] - before[0]) / requests * 1e6,
-            "proxy_user_us_per_req": (after[2] - before[2]) / requests * 1e6,
+            "proxy_cpu_us_per_req": (after[0][0] - before[0][0]) / requests * 1e6,
+            "proxy_user_us_per_req": (after[0][1] - before[0][1]) / requests * 1e6,
             "cpu_pct": {
-                "proxy": round(100 * (after[0] - before[0]) / wall),
+                "proxy": round(100 * (after[0][0] - before[0][0]) / wall),
                 "loadgen": round(100 * wrk_cpu / wall),
                 "backend": round(100 * (after[1] - before[1]) / wall),
             },
