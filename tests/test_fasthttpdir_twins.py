@@ -17,6 +17,9 @@ SEEDS = [
     b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nT: 1\r\n\r\n",
     b"GET /ws HTTP/1.1\r\nHost: w\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nframes",
     b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    # an upgrade request with a body is parsed again without its Upgrade field (parse_again)
+    b"POST / HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 3\r\n\r\nabc"
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
 ]
 
 
