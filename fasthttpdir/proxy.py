@@ -22,13 +22,14 @@ import httptools
 
 from fastsni.addresses import client_ip, describe, proxy_header
 from fastsni.engine import (
+    NO_BACKEND,
     Handler,
     Relay,
     Service,
     Side,
     connect_backend,
-    errno_name,
     exists_beside,
+    failure,
     peer_of,
     shutdown_write,
 )
@@ -41,7 +42,8 @@ MAX_HEAD = 64 * 1024  # bytes of request head before 431
 BACKEND_SOCKET = "http-socket"
 TLS_SOCKET = "tls-socket"  # fastsni's: a host with only this one is redirected to https
 DROPPED = frozenset((b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"))
-NOT_FOUND = frozenset((errno.ENOENT, errno.ENOTDIR))
+ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR))  # nothing there: 308 if only a tls-socket is
+NOT_FOUND = NO_BACKEND  # also a path out of the tree, another owner's socket: 404
 UNAVAILABLE = frozenset((errno.EACCES, errno.ECONNREFUSED))
 NOT_URI_SAFE = re.compile(rb"[^\x21-\x7e]")  # controls, space, DEL, non-ASCII: percent-encoded
 REASONS = {
@@ -182,7 +184,7 @@ def refusal(client: tuple | None, request, exc: OSError) -> int:
     """The status to answer when connect_backend failed for ``request``: 308 to https if
     only fastsni serves the name (no http-socket, a tls-socket), else 404, 503 or 502
     (logged)."""
-    if exc.errno in NOT_FOUND and exists_beside(exc, TLS_SOCKET):
+    if exc.errno in ABSENT and exists_beside(exc, TLS_SOCKET):
         return 308
     if exc.errno in NOT_FOUND:
         status = 404
@@ -190,7 +192,7 @@ def refusal(client: tuple | None, request, exc: OSError) -> int:
         status = 503
     else:
         status = 502
-    log(client, request.name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
+    log(client, request.name, failure(exc, BACKEND_SOCKET))
     return status
 
 

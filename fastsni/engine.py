@@ -46,7 +46,6 @@ RESUME_ACCEPT_AFTER = 1.0  # seconds out of descriptors before trying again anyw
 OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 RETRY = (BlockingIOError, InterruptedError)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
 # Splice nothing from the backend to the client.  The backend is a Unix socket: splice
 # from AF_UNIX copies each skb's linear head into the pipe anyway, and splice on into TCP
 # turns every pipe buffer into one skb fragment, so loopback TCP carries more, smaller
@@ -77,31 +76,103 @@ def counts() -> dict[str, int]:
     return dict(COUNTS)
 
 
-ABSENT_ENTRY = frozenset((errno.ENOENT, errno.ENOTDIR))  # nothing at that path: try the wildcard
 PROXY_MARKERS = ((2, "send-proxy-v2"), (1, "send-proxy-v1"))  # in this order: v2 wins over v1
+
+# The hosts tree is the working directory at start, held as an O_PATH descriptor
+# (open_hosts); every path a connection names is resolved beneath it with openat2(2)
+# (Linux 5.6), so no symlink and no ".." leads a connection out of the tree, however
+# the proxy was started.
+SYS_OPENAT2 = 437  # one number on every architecture (asm-generic/unistd.h)
+RESOLVE_NO_MAGICLINKS = 0x02  # linux/openat2.h
+RESOLVE_BENEATH = 0x08
+BENEATH = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+OPENAT2_RETRIES = 8  # EAGAIN: a rename raced a ".." in the walk (openat2(2)); try again
+# Why connect_backend found no backend: nothing there, a path that leads out of the tree
+# (EXDEV: RESOLVE_BENEATH; ELOOP: too many links, or a magic link), a foreign socket (EPERM).
+NO_BACKEND = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EXDEV, errno.ELOOP, errno.EPERM))
+HOSTS = -1  # the O_PATH descriptor of the hosts directory, once open_hosts() ran
+
+
+class ForeignSocket(PermissionError):
+    """The socket an entry leads to belongs neither to the entry's owner nor to root."""
+
+    def __init__(self, entry_uid: int, socket_uid: int, filename: str) -> None:
+        super().__init__(errno.EPERM, "socket owned by another user", filename)
+        self.entry_uid = entry_uid
+        self.socket_uid = socket_uid
+
+
+def open_hosts() -> int:
+    """Hold the working directory as the hosts tree; check that openat2(2) and
+    /proc/self/fd work.  Returns the descriptor; OSError says what is missing."""
+    global HOSTS
+    fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.close(openat2(fd, ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, BENEATH))
+        except OSError as exc:
+            exc.filename = "openat2(2)"  # the kernel's answer, not the directory's
+            raise
+        os.stat(f"/proc/self/fd/{fd}")
+    except BaseException:
+        os.close(fd)
+        raise
+    HOSTS = fd
+    return fd
+
+
+_libc = None  # ctypes' handle on the C library, once the pure twin first needs openat2
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2) with ``struct open_how {flags, mode 0, resolve}``; the descriptor, or OSError."""
+    global _libc
+    if _libc is None:
+        import ctypes  # not at import: the compiled twin makes the call itself
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+        long, text = ctypes.c_long, ctypes.c_char_p
+        _libc.syscall.argtypes = (long, long, text, text, ctypes.c_size_t)
+        _libc.get_errno = ctypes.get_errno
+    how = flags.to_bytes(8, "little") + bytes(8) + resolve.to_bytes(8, "little")
+    encoded = path.encode("ascii")
+    for _ in range(OPENAT2_RETRIES):
+        fd = _libc.syscall(SYS_OPENAT2, dirfd, encoded, how, len(how))
+        if fd >= 0:
+            return fd
+        err = _libc.get_errno()
+        if err not in (errno.EAGAIN, errno.EINTR):
+            break
+    raise OSError(err, os.strerror(err), path)
 
 
 def connect_backend(name: str, leaf: str) -> tuple[int, int]:
-    """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh;
-    if that path is absent and no entry ``<name>`` exists, to ``*.<rest>/<leaf>``.
+    """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
+    ``<name>`` exists, to ``*.<rest>/<leaf>``, the one-label wildcard entry.
 
-    Returns the connected non-blocking descriptor and the PROXY protocol version the
-    backend's directory asks for (see _proxy_version).  Raises OSError from open(),
-    connect() or socket(), its ``filename`` the ``<directory>/<leaf>`` tried last; the
-    caller maps its errno to an answer.
+    Only the entry owner's socket is connected to: the socket file must belong to the
+    owner of the entry (its lstat, a symlink's own owner) or to root, and an entry of
+    root's may use any socket.  Returns the connected non-blocking descriptor and the
+    PROXY protocol version the entry asks for (see _proxy_version).  Raises OSError, its
+    ``filename`` ``<entry>/<leaf>``: from lstat, openat2 (EXDEV: the path leads out of
+    the tree), connect() or socket(), or ForeignSocket; the caller maps its errno to an
+    answer.
     """
+    entry, owner = _entry(name, leaf)
+    target = f"{entry}/{leaf}"
+    path = openat2(HOSTS, target, os.O_PATH | os.O_CLOEXEC, BENEATH)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         try:
-            proxy = _connect_in(sock, name, leaf)
+            _check_owner(path, owner, target)
+            sock.connect(f"/proc/self/fd/{path}")  # the very inode checked
         except OSError as exc:
-            if exc.errno not in ABSENT_ENTRY:
-                raise
-            wildcard = _fallback_directory(name)
-            if wildcard is None:
-                raise
-            proxy = _connect_in(sock, wildcard, leaf)  # a failed connect leaves it unconnected
-        return sock.detach(), proxy
+            exc.filename = target
+            raise
+        finally:
+            os.close(path)
+        return sock.detach(), _proxy_version(entry)
     finally:
         sock.close()  # a no-op once detached
 
@@ -113,55 +184,71 @@ def wildcard_of(name: str) -> str | None:
     return None if dot < 0 else "*" + name[dot:]
 
 
-def _fallback_directory(name: str) -> str | None:
-    """Once ``<name>/<leaf>`` was absent: the wildcard directory to try instead, or None.
-
-    An entry ``<name>`` of any kind (even one without that leaf, or a dangling symlink)
-    wins over the wildcard, so a specific name is never served by ``*.`` by accident.
-    """
-    wildcard = wildcard_of(name)
-    if wildcard is None or os.path.lexists(name):
-        return None
-    return wildcard
-
-
-def exists_beside(failed: OSError, leaf: str) -> bool:
-    """Whether ``leaf`` exists (following symlinks) in the directory where
-    connect_backend failed: the exact entry, or the wildcard that stood in for it."""
-    directory = os.path.dirname(failed.filename or "")
-    return bool(directory) and os.path.exists(f"{directory}/{leaf}")
-
-
-def _connect_in(sock: socket.socket, directory: str, leaf: str) -> int:
-    """Connect ``sock`` to ``<directory>/<leaf>``; the directory's PROXY version.  A path
-    too long for sun_path is reached through the directory's descriptor in /proc, so
-    every valid hostname works."""
-    path = f"{directory}/{leaf}"
+def _entry(name: str, leaf: str) -> tuple[str, int]:
+    """The entry that serves ``name`` and its owner: ``<name>`` if the hosts directory
+    lists it (any kind, even a dangling symlink: a specific name is never served by
+    ``*.`` by accident), else its wildcard entry."""
     try:
-        if len(path) <= SUN_PATH_MAX:
-            sock.connect(path)
-            return _proxy_version(f"{directory}/")
-        dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            sock.connect(f"/proc/self/fd/{dirfd}/{leaf}")
-            return _proxy_version("", dirfd)
-        finally:
-            os.close(dirfd)
+        return name, os.stat(name, dir_fd=HOSTS, follow_symlinks=False).st_uid
     except OSError as exc:
-        exc.filename = path
+        wildcard = wildcard_of(name)
+        if exc.errno != errno.ENOENT or wildcard is None:
+            exc.filename = f"{name}/{leaf}"
+            raise
+    try:
+        return wildcard, os.stat(wildcard, dir_fd=HOSTS, follow_symlinks=False).st_uid
+    except OSError as exc:
+        exc.filename = f"{wildcard}/{leaf}"
         raise
 
 
-def _proxy_version(prefix: str, dir_fd: int | None = None) -> int:
-    """2 if ``<prefix>send-proxy-v2`` exists (any file type, a dangling symlink too),
-    else 1 if ``send-proxy-v1`` does, else 0: one lstat for a v2 host, two otherwise."""
+def _check_owner(path: int, owner: int, target: str) -> None:
+    """ForeignSocket unless the socket file ``path`` is the entry owner's or root's, or
+    the entry is root's."""
+    socket_owner = os.fstat(path).st_uid
+    if owner != 0 and socket_owner != 0 and socket_owner != owner:
+        raise ForeignSocket(owner, socket_owner, target)
+
+
+def exists_beside(failed: OSError, leaf: str) -> bool:
+    """Whether ``leaf`` exists beneath the tree in the entry where connect_backend
+    failed: the exact entry, or the wildcard that stood in for it."""
+    directory = os.path.dirname(failed.filename or "")
+    if not directory:
+        return False
+    try:
+        os.close(openat2(HOSTS, f"{directory}/{leaf}", os.O_PATH | os.O_CLOEXEC, BENEATH))
+    except OSError:
+        return False
+    return True
+
+
+def _proxy_version(entry: str) -> int:
+    """2 if ``<entry>/send-proxy-v2`` exists beneath the tree (any file type, a dangling
+    symlink too), else 1 if ``send-proxy-v1`` does, else 0: one openat2 for an absent
+    marker, one and a close for a present one."""
     for version, marker in PROXY_MARKERS:
         try:
-            os.stat(prefix + marker, dir_fd=dir_fd, follow_symlinks=False)
+            os.close(openat2(HOSTS, f"{entry}/{marker}", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, BENEATH))
             return version
         except OSError:
             pass
     return 0
+
+
+def failure(exc: OSError, leaf: str) -> str:
+    """How connect_backend failed, for a log line: ``tls-socket: ECONNREFUSED``, or what
+    the isolation refused and why."""
+    if isinstance(exc, ForeignSocket):
+        return (
+            f"{exc.filename}: socket owned by uid {exc.socket_uid}, not by the entry's owner "
+            f"uid {exc.entry_uid}: not served"
+        )
+    if exc.errno == errno.EXDEV:
+        return f"{exc.filename}: leads out of the hosts tree (EXDEV): not followed"
+    if exc.errno == errno.ELOOP:
+        return f"{exc.filename}: too many symbolic links, or one into /proc (ELOOP): not followed"
+    return f"{leaf}: {errno_name(exc)}"
 
 
 def errno_name(exc: OSError) -> str:

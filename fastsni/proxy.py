@@ -9,14 +9,15 @@ import errno
 import os
 
 from fastsni.addresses import describe, of_descriptor, proxy_header
-from fastsni.engine import Handler, Relay, Service, Side, connect_backend, errno_name
+from fastsni.engine import NO_BACKEND, Handler, Relay, Service, Side, connect_backend, failure
 from fastsni.logs import failures
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
 
 HELLO_TIMEOUT = 10.0  # seconds from accept to a complete ClientHello
 BACKEND_SOCKET = "tls-socket"
-# connect() errors that mean "nobody serves this name here" (RFC 6066 §3 unrecognized_name).
-ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ECONNREFUSED))
+# Failures that mean "nobody serves this name here" (RFC 6066 §3 unrecognized_name): no
+# backend (absent, leading out of the tree, another owner's socket), or none listening.
+ABSENT = NO_BACKEND | {errno.EACCES, errno.ECONNREFUSED}
 
 
 # The counters of the SIGUSR1 line (fastsni.server): connections routed to a backend,
@@ -78,7 +79,7 @@ class TlsConnection(Handler):
             fd, proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
-            self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
+            self.fail(code, name, failure(exc, BACKEND_SOCKET))
             return
         backend = Side(self.service.reactor, fd)
         backend.queued = bytes(self.reader.received)  # the hello goes first, untouched

@@ -5,6 +5,7 @@ SIGTERM/SIGINT stop.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -126,6 +127,28 @@ def refuse_root(program: str) -> None:
     )
 
 
+def hold_hosts(program: str, engine: ModuleType) -> None:
+    """Hold the working directory as the hosts tree, or exit 1 with one line saying what
+    the kernel lacks: without openat2(2) and /proc/self/fd no connection could be kept
+    inside the tree, and there is no weaker mode."""
+    try:
+        engine.open_hosts()
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        if exc.filename == "openat2(2)":
+            why = (
+                f"openat2(2) with RESOLVE_BENEATH failed ({code}): it keeps every backend path inside the "
+                "hosts directory; it needs Linux 5.6 or later, and a seccomp filter (a container runtime's, "
+                "SystemCallFilter=) must allow openat2"
+            )
+        elif str(exc.filename).startswith("/proc/"):
+            why = f"/proc/self/fd is not there ({code}): backends are connected through it; mount /proc"
+        else:
+            why = f"cannot open the working directory, the hosts directory ({code}): {exc.strerror}"
+        sys.stderr.write(f"{program}: {why}; refusing to start\n")
+        raise SystemExit(1) from None
+
+
 def raise_nofile_limit() -> None:
     """Supervisors often leave the soft limit at 1024: take what the hard limit allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -172,6 +195,7 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     raise_nofile_limit()
     engine = twins.load("fastsni.engine", "fastsni._engine")
+    hold_hosts(program, engine)
     service = engine.Service(sock, start)
     service.listener.start()
     loop, live = service.reactor, service.live

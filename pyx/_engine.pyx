@@ -9,10 +9,11 @@ slow (then the unsent rest waits as bytes).  The classes other compiled twins ci
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport EAGAIN, EINTR, ENOENT, ENOTDIR, errno
+from libc.errno cimport EAGAIN, EINTR, ENOENT, errno
 from libc.math cimport INFINITY, ceil
-from libc.string cimport memcpy, strlen
-from posix.fcntl cimport O_CLOEXEC, O_DIRECTORY, open as c_open
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+from posix.fcntl cimport O_CLOEXEC
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
@@ -34,18 +35,23 @@ import signal
 from collections import deque
 
 from fastsni.engine import (  # not hot: the pure module's own
+    ForeignSocket,
     abandon,
     peer_of as _socket_peer_of,
     errno_name,
     exists_beside,
+    failure,
     ignore_signal,
     internal_error,
+    open_hosts as _open_hosts,
     out_of_descriptors,
     wildcard_of,
 )
 from fastsni.engine import (
     ACCEPT_BATCH,
+    BENEATH,
     CHUNK,
+    NO_BACKEND,
     RELAY_CHUNK,
     SPLICE_DOWN,
     CLOSING,
@@ -57,7 +63,6 @@ from fastsni.engine import (
     PUMP_ROUNDS,
     READABLE,
     RESUME_ACCEPT_AFTER,
-    SUN_PATH_MAX,
     WRITABLE,
 )
 
@@ -116,8 +121,9 @@ cdef extern from "<fcntl.h>":
         F_SETPIPE_SZ
         O_NONBLOCK
         O_PATH
-        AT_FDCWD
+        O_NOFOLLOW
         AT_SYMLINK_NOFOLLOW
+        AT_EMPTY_PATH
 
 cdef extern from "<sys/epoll.h>":
     int epoll_create1(int flags)
@@ -131,7 +137,7 @@ cdef extern from "<sys/epoll.h>":
 
 cdef extern from "<sys/stat.h>":
     struct stat:
-        pass
+        unsigned int st_uid
 
 cdef extern from *:
     """
@@ -155,23 +161,38 @@ cdef extern from *:
     #define fastsni_fcntl(fd, command, value) fcntl(fd, command, value)
     #define fastsni_fstatat fstatat
     #endif
+    /* openat2(2), Linux 5.6: glibc has no wrapper and old kernel headers (manylinux2014)
+       no struct open_how, so both are spelled out (linux/openat2.h). EAGAIN: a rename
+       raced a ".." in the walk; EINTR: a signal; both are tried again, a few times. */
+    struct fastsni_open_how { unsigned long long flags, mode, resolve; };
+    static int fastsni_openat2(int dirfd, const char *path, unsigned long long flags, unsigned long long resolve) {
+        struct fastsni_open_how how = {flags, 0, resolve};
+        long fd;
+        int tries = 8;
+        do {
+            fd = syscall(437, dirfd, path, &how, sizeof how);
+        } while (fd < 0 && (errno == EAGAIN || errno == EINTR) && --tries);
+        return (int)fd;
+    }
     """
     int fcntl "fastsni_fcntl"(int fd, int command, int value)
     int fstatat "fastsni_fstatat"(int dirfd, const char* path, stat* buf, int flags)
+    int openat2 "fastsni_openat2"(int dirfd, const char* path, unsigned long long flags, unsigned long long resolve)
 
 cdef enum:
     C_CHUNK = 128 * 1024
     C_RELAY_CHUNK = 256 * 1024
     C_PIPE_SIZE = 512 * 1024
-    C_MARKER_PATH = 128  # <directory>/send-proxy-vN, for paths that fit sun_path
+    C_MARKER_PATH = 272  # <entry>/send-proxy-vN: an entry of up to 255 bytes, a marker, the NUL
+    C_PROC_FD_PATH = 32  # /proc/self/fd/N
 
 assert CHUNK == C_CHUNK and RELAY_CHUNK == C_RELAY_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
-assert C_MARKER_PATH > SUN_PATH_MAX + len("send-proxy-v2")  # the longest prefix and a marker, NUL
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
 cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOSING, C_EDGE = EDGE
 cdef unsigned int C_LISTENING = LISTENING
-cdef Py_ssize_t C_SUN_PATH_MAX = SUN_PATH_MAX
+cdef unsigned long long C_BENEATH = BENEATH
+cdef int C_HOSTS = -1  # the hosts directory's O_PATH descriptor, once open_hosts() ran
 cdef bint C_SPLICE_DOWN = SPLICE_DOWN
 cdef char _buffer[C_RELAY_CHUNK]  # every relay reads into this one buffer: the loop is single-threaded
 
@@ -206,77 +227,97 @@ cdef object _oserror(int err, bytes filename=None):
     return OSError(err, os.strerror(err), filename.decode("ascii"))
 
 
-cdef int _connect_path(int fd, bytes path) noexcept:
-    """connect(2) to the Unix socket at ``path``: 0, or -1 with errno set."""
+cdef int _connect_proc_fd(int fd, int path) noexcept:
+    """connect(2) to the Unix socket file held by the O_PATH descriptor ``path``, through
+    /proc/self/fd/N: 0, or -1 with errno set."""
     cdef sockaddr_un address
-    cdef Py_ssize_t length = PyBytes_GET_SIZE(path)
+    cdef int length
     address.sun_family = AF_UNIX
-    memcpy(address.sun_path, PyBytes_AS_STRING(path), length + 1)
+    length = snprintf(address.sun_path, C_PROC_FD_PATH, "/proc/self/fd/%d", path)
     return connect(fd, <sockaddr*>&address, <socklen_t>(sizeof(sa_family_t) + length + 1))
 
 
+def open_hosts():
+    """Hold the working directory as the hosts tree (the pure twin's open_hosts, which
+    checks openat2(2) and /proc/self/fd); the descriptor."""
+    global C_HOSTS
+    C_HOSTS = _open_hosts()
+    return C_HOSTS
+
+
 def connect_backend(str name, str leaf):
-    """Connect to ``<name>/<leaf>`` under the current directory, looked up afresh;
-    if that path is absent and no entry ``<name>`` exists, to ``*.<rest>/<leaf>``."""
-    cdef int proxy
-    cdef int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
+    ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket."""
+    cdef unsigned int owner
+    cdef int fd, path
+    cdef str entry = _entry(name, leaf, &owner)
+    cdef bytes encoded = entry.encode("ascii")
+    cdef bytes target = encoded + b"/" + leaf.encode("ascii")
+    path = openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
+    if path < 0:
+        raise _oserror(errno, target)
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
+        close(path)
         raise _oserror(errno)
     try:
         try:
-            proxy = _connect_in(fd, name, leaf)
-        except OSError as exc:
-            if exc.errno != ENOENT and exc.errno != ENOTDIR:
-                raise
-            wildcard = _fallback_directory(name)
-            if wildcard is None:
-                raise
-            proxy = _connect_in(fd, wildcard, leaf)  # a failed connect leaves it unconnected
-        return fd, proxy
+            _check_owner(path, owner, target)
+            if _connect_proc_fd(fd, path) < 0:  # the very inode checked
+                raise _oserror(errno, target)
+        finally:
+            close(path)
+        return fd, _proxy_version(encoded)
     except BaseException:
         close(fd)
         raise
 
 
-cdef object _fallback_directory(str name):
-    """Once ``<name>/<leaf>`` was absent: the wildcard directory to try instead, or None."""
+cdef str _entry(str name, str leaf, unsigned int* owner):
+    """The entry that serves ``name`` (``<name>`` if listed, of any kind, else its
+    wildcard entry); its owner in ``owner``."""
     cdef stat status
+    if fstatat(C_HOSTS, name.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
+        owner[0] = status.st_uid
+        return name
     wildcard = wildcard_of(name)
-    if wildcard is None or fstatat(AT_FDCWD, name.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
-        return None
-    return wildcard
+    if errno != ENOENT or wildcard is None:
+        raise _oserror(errno, f"{name}/{leaf}".encode("ascii"))
+    if fstatat(C_HOSTS, wildcard.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
+        owner[0] = status.st_uid
+        return wildcard
+    raise _oserror(errno, f"{wildcard}/{leaf}".encode("ascii"))
 
 
-cdef int _connect_in(int fd, str directory, str leaf) except -1:
-    """Connect ``fd`` to ``<directory>/<leaf>``; the directory's PROXY version."""
-    cdef int dirfd
-    cdef bytes path = f"{directory}/{leaf}".encode("ascii")
-    if PyBytes_GET_SIZE(path) <= C_SUN_PATH_MAX:
-        if _connect_path(fd, path) < 0:
-            raise _oserror(errno, path)
-        return _proxy_version(AT_FDCWD, PyBytes_AS_STRING(path), len(directory) + 1)
-    dirfd = c_open(directory.encode("ascii"), O_PATH | O_DIRECTORY | O_CLOEXEC)
-    if dirfd < 0:
-        raise _oserror(errno, path)
-    try:
-        if _connect_path(fd, f"/proc/self/fd/{dirfd}/{leaf}".encode("ascii")) < 0:
-            raise _oserror(errno, path)
-        return _proxy_version(dirfd, b"", 0)
-    finally:
-        close(dirfd)
-
-
-cdef int _proxy_version(int dirfd, const char* prefix, Py_ssize_t length) noexcept:
-    """2 if ``<prefix>send-proxy-v2`` exists (any file type), else 1 if ``send-proxy-v1``
-    does, else 0 (``prefix``: the first ``length`` bytes, the directory and its slash)."""
+cdef int _check_owner(int path, unsigned int owner, bytes target) except -1:
+    """ForeignSocket unless the socket file ``path`` is the entry owner's or root's, or
+    the entry is root's."""
     cdef stat status
+    if fstatat(path, b"", &status, AT_EMPTY_PATH) < 0:
+        raise _oserror(errno, target)
+    if owner != 0 and status.st_uid != 0 and status.st_uid != owner:
+        raise ForeignSocket(owner, status.st_uid, target.decode("ascii"))
+    return 0
+
+
+cdef int _proxy_version(bytes entry) except -1:
+    """2 if ``<entry>/send-proxy-v2`` exists beneath the tree (any file type), else 1 if
+    ``send-proxy-v1`` does, else 0."""
+    cdef int fd
     cdef char path[C_MARKER_PATH]
-    memcpy(path, prefix, length)
-    memcpy(path + length, b"send-proxy-v2", 14)  # with the NUL
-    if fstatat(dirfd, path, &status, AT_SYMLINK_NOFOLLOW) == 0:
+    cdef Py_ssize_t length = PyBytes_GET_SIZE(entry)
+    if length > C_MARKER_PATH - 16:
+        raise ValueError("entry name too long")
+    memcpy(path, PyBytes_AS_STRING(entry), length)
+    memcpy(path + length, b"/send-proxy-v2", 15)  # with the NUL
+    fd = openat2(C_HOSTS, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, C_BENEATH)
+    if fd >= 0:
+        close(fd)
         return 2
-    path[length + 12] = 49  # "1"
-    if fstatat(dirfd, path, &status, AT_SYMLINK_NOFOLLOW) == 0:
+    path[length + 13] = 49  # "1"
+    fd = openat2(C_HOSTS, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, C_BENEATH)
+    if fd >= 0:
+        close(fd)
         return 1
     return 0
 

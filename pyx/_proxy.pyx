@@ -9,7 +9,7 @@ from errno import errorcode
 
 from fastsni._engine import Relay, connect_backend
 from fastsni.addresses import proxy_header
-from fastsni.engine import errno_name
+from fastsni.engine import failure
 from fastsni._tls import HelloReader
 from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, log
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, alert
@@ -74,7 +74,7 @@ cdef class TlsConnection(Handler):
             fd, proxy = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
-            self.fail(code, name, f"{BACKEND_SOCKET}: {errno_name(exc)}")
+            self.fail(code, name, failure(exc, BACKEND_SOCKET))
             return
         backend = Side(self.service.reactor, fd)
         backend.queued = bytes(self.reader.received)  # the hello goes first, untouched

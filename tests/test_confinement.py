@@ -5,8 +5,10 @@ may touch only paths inside its own entry (relative, first component the name it
 or, when that entry is absent, its one-label wildcard entry ``*.<rest>``.
 
 The trace is read strictly: every line must parse, every string argument is a path
-unless the call is known to carry none, and absolute paths are refused except
-/proc/self/fd/N/... through a directory descriptor opened for the name just before.
+unless the call is known to carry none, every lookup is relative to the hosts
+directory's descriptor (opened at start) and resolved beneath it (openat2
+RESOLVE_BENEATH), and the only absolute path is /proc/self/fd/N of the socket file's
+descriptor that openat2 opened just before.
 """
 
 from __future__ import annotations
@@ -104,9 +106,11 @@ def unhex(text: str) -> bytes:
     return bytes.fromhex(text.replace("\\x", ""))
 
 
-def connections(trace: Path, pid: int) -> list[list[tuple[str, list[str], str]]]:
-    """The proxy's calls after each successful accept, as (syscall, arguments, result);
-    everything before the first accept is start-up and not looked at."""
+def connections(trace: Path, pid: int) -> tuple[str, list[list[tuple[str, str, str]]]]:
+    """The hosts directory's descriptor, opened at start (O_PATH, "."), and the proxy's
+    calls after each successful accept, as (syscall, arguments, result); nothing else
+    before the first accept is looked at."""
+    hosts = ""
     segments: list[list] = []
     for raw in trace.read_text().splitlines():
         if EXITED.match(raw):
@@ -116,17 +120,22 @@ def connections(trace: Path, pid: int) -> list[list[tuple[str, list[str], str]]]
         if int(match[1]) != pid:
             continue
         call, args, result = match[2], match[3], match[4]
+        if not segments and call == "openat" and args.startswith('AT_FDCWD, "\\x2e",') and "O_PATH" in args:
+            hosts = result.split()[0]
         if call in ("accept", "accept4") and not result.startswith("-1"):
             segments.append([])
         if segments:
             segments[-1].append((call, args, result))
-    return segments
+    assert hosts, "no O_PATH descriptor of the hosts directory opened at start"
+    return hosts, segments
 
 
-def check_confined(segment, name: str | None) -> list[str]:
+def check_confined(segment, name: str | None, hosts: str) -> list[str]:
     """Every path this connection's calls touched, checked to lie inside ``name``'s entry
-    (``name`` None: a hostile name, no path at all)."""
-    dirs: set[str] = set()  # descriptors opened on the name's directory
+    (``name`` None: a hostile name, no path at all): each lookup relative to the hosts
+    descriptor ``hosts`` (the entry's lstat, openat2 with RESOLVE_BENEATH), the socket
+    reached only through /proc/self/fd/N of a descriptor openat2 gave."""
+    held: set[str] = set()  # O_PATH descriptors openat2 opened for this name
     touched: list[str] = []
     for call, args, result in segment:
         first = args.split(",", 1)[0]
@@ -141,21 +150,25 @@ def check_confined(segment, name: str | None) -> list[str]:
         assert len(paths) == 1, f"{call}({args})"
         path = paths[0]
         touched.append(path)
-        if path.startswith("/proc/self/fd/"):
-            fd, _, rest = path[len("/proc/self/fd/") :].partition("/")
-            assert fd in dirs and "/" not in rest and rest not in ("", ".", ".."), path
+        if call == "connect":
+            assert path.startswith("/proc/self/fd/") and path[len("/proc/self/fd/") :] in held, args
             continue
-        if first.isdigit() and call != "connect":  # relative to a descriptor (openat, newfstatat)
-            assert first in dirs and "/" not in path and path not in ("", ".", ".."), f"{call}({args})"
+        if path == "":  # the socket file's owner, from its O_PATH descriptor
+            assert call == "newfstatat" and first in held and "AT_EMPTY_PATH" in args, f"{call}({args})"
             continue
-        assert call == "connect" or first == "AT_FDCWD" or not call.endswith("at"), f"{call}({args})"
+        assert first == hosts, f"{call}({args}) not relative to the hosts descriptor {hosts}"
         parts = path.split("/")
         wildcard = "*." + name.partition(".")[2]  # the one entry that may serve name besides its own
         assert parts[0] in (name, wildcard) and ".." not in parts and "" not in parts, (
             f"{call}({args}) outside {name}"
         )
-        if call == "openat" and "O_DIRECTORY" in args and not result.startswith("-1") and len(parts) == 1:
-            dirs.add(result.split()[0])
+        if call == "openat2":
+            assert "RESOLVE_BENEATH" in args and "O_PATH" in args, args
+            if not result.startswith("-1"):
+                held.add(result.split()[0])
+        else:  # the entry itself, not followed
+            lstat = call == "newfstatat" and "AT_SYMLINK_NOFOLLOW" in args
+            assert lstat and len(parts) == 1, f"{call}({args})"
     return touched
 
 
@@ -244,7 +257,7 @@ def test_names_are_confined_to_their_entry(program, twin, hosts, proxies, tmp_pa
         proxy.stop()
         for server in servers:
             server.close()
-    segments = connections(trace, pid)
+    hosts_fd, segments = connections(trace, pid)
     assert len(segments) == len(cases), (len(segments), len(cases))
     paths: set[str] = set()
     for (sent, name, answer), segment in zip(cases, segments, strict=True):
@@ -254,7 +267,7 @@ def test_names_are_confined_to_their_entry(program, twin, hosts, proxies, tmp_pa
         elif name in (NAME, LONG):
             assert b"routed" in answer or b"200 OK" in answer, (sent, answer)
         try:
-            touched = check_confined(segment, name)
+            touched = check_confined(segment, name, hosts_fd)
         except AssertionError as exc:
             raise AssertionError(f"{program} given {sent!r}: {exc}") from None
         assert (name is None) == (not touched), (sent, touched)
