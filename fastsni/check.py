@@ -3,29 +3,37 @@
 One line per finding, with a severity: ``error`` (the proxies cannot serve the entry,
 or another owner can take it over), ``warning`` (it works today but something is
 fragile or unreachable), ``info`` (what the proxies will do: PROXY headers,
-wildcards, probe results).  A clean tree prints nothing.  Exit status 1 when any
-error was found, 2 for bad usage, else 0.
+wildcards, redirects to https, probe results).  A clean tree prints nothing.  Exit
+status 1 when any error was found, 2 for bad usage, else 0.
+
+Paths are resolved as the proxies resolve them (fastsni.engine): beneath the hosts
+directory with openat2(2), so a link that leads out of the tree is not followed, and a
+socket counts only if the entry's owner or root owns it (or root owns the entry).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import grp
 import json
 import os
 import pwd
 import stat
+import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-from fastsni import probe, tree
+from fastsni import engine, probe, tree
 from fastsni.tls import MAX_HOSTNAME
 
 DNS_MAX_LABEL = 63  # RFC 1035 §2.3.4: labels are 63 octets or less
 CONNECT_TIMEOUT = 2.0
 ERROR, WARNING, INFO = "error", "warning", "info"
 TREE = "."  # the entry name of findings about the hosts directory itself
+PATH_ONLY = os.O_PATH | os.O_CLOEXEC  # how the proxies open what they resolve
+ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR))  # no http-socket: fasthttpdir's 308 if a tls-socket is
 
 
 @dataclass(frozen=True)
@@ -76,17 +84,32 @@ def invoking_user() -> User:
     return User(uid, tuple({os.getegid(), *os.getgroups()}), tree.user_name(uid))
 
 
-def connect_errors(paths: list[str], user: User) -> dict[str, int]:
-    """errno of connecting to each socket as ``user`` (0: connected).
+def who(uid: int) -> str:
+    """``alice (uid 1001)``, or ``uid 1001`` for a uid without a name."""
+    name = tree.user_name(uid)
+    return name if name.startswith("uid ") else f"{name} (uid {uid})"
+
+
+def login(uid: int) -> str:
+    """A uid as setfacl and systemd's SocketUser= take it: its name, else the number."""
+    name = tree.user_name(uid)
+    return str(uid) if name.startswith("uid ") else name
+
+
+def connect_errors(hosts: int, targets: list[str], user: User) -> dict[str, int]:
+    """errno of connecting to each ``<entry>/<leaf>`` of ``targets`` as ``user`` (0:
+    connected), the proxies' way: resolved beneath the hosts directory ``hosts`` (an
+    O_PATH descriptor), connected through /proc/self/fd/N.
 
     As that user itself: just connect.  As root for someone else: connect in a forked
     child that took the user's uid and groups, so the kernel's own checks (modes, ACLs,
-    every directory on the way) decide.  Otherwise: the mode bits say (see _mode_errno).
+    every directory on the way, fs.protected_symlinks) decide.  Nobody else can take
+    another user's identity: see Checker.check_connections.
     """
     if user.uid == os.geteuid():
-        return {path: _connect_errno(path) for path in paths}
+        return {target: _connect_errno(hosts, target) for target in targets}
     if os.geteuid() != 0:
-        return {path: _mode_errno(path, user) for path in paths}
+        raise PermissionError(errno.EPERM, f"only root can connect as {user.name}")
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: become the user, connect, report, exit
@@ -96,7 +119,8 @@ def connect_errors(paths: list[str], user: User) -> dict[str, int]:
             os.setgroups(list(user.gids))
             os.setgid(user.gids[0])
             os.setuid(user.uid)
-            os.write(writer, json.dumps({path: _connect_errno(path) for path in paths}).encode())
+            results = {target: _connect_errno(hosts, target) for target in targets}
+            os.write(writer, json.dumps(results).encode())
             code = 0
         finally:
             os._exit(code)
@@ -109,34 +133,18 @@ def connect_errors(paths: list[str], user: User) -> dict[str, int]:
     return json.loads(data)
 
 
-def _connect_errno(path: str) -> int:
+def _connect_errno(hosts: int, target: str) -> int:
     try:
-        probe.connect_unix(path, CONNECT_TIMEOUT).close()
+        path = engine.openat2(hosts, target, PATH_ONLY, engine.BENEATH)
     except OSError as exc:
         return exc.errno or errno.EIO
+    try:
+        probe.connect_unix(f"/proc/self/fd/{path}", CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    finally:
+        os.close(path)
     return 0
-
-
-def _mode_errno(path: str, user: User) -> int:
-    """Unprivileged and asked about another user: search permission on each directory and
-    write permission on the socket (POSIX.1-2017 §4.5), from the mode bits alone."""
-    parts = os.path.realpath(path).split(os.sep)
-    for depth in range(1, len(parts) + 1):
-        current = os.sep.join(parts[:depth]) or os.sep
-        try:
-            info = os.stat(current)
-        except OSError as exc:
-            return exc.errno or errno.EIO
-        wanted = 0o2 if depth == len(parts) else 0o1
-        if user.uid == info.st_uid:
-            allowed = info.st_mode >> 6 & wanted
-        elif info.st_gid in user.gids:
-            allowed = info.st_mode >> 3 & wanted
-        else:
-            allowed = info.st_mode & wanted
-        if not allowed:
-            return errno.EACCES
-    return _connect_errno(path)  # the modes allow it: whether anyone listens
 
 
 PROTECTED_SYMLINKS = "/proc/sys/fs/protected_symlinks"
@@ -144,8 +152,9 @@ PROTECTED_SYMLINKS = "/proc/sys/fs/protected_symlinks"
 
 def symlinks_protected() -> bool:
     """Whether fs.protected_symlinks is 1 (the default of Debian and most distributions):
-    then a symlink in a sticky world-writable directory is followed only by its owner,
-    or when the directory's owner owns it (proc(5), protected_symlinks)."""
+    then a symlink in a sticky world-writable directory, when it is the last component of
+    a path, is followed only by its owner or when the directory's owner owns it (proc(5),
+    protected_symlinks; fs/namei.c applies it to trailing links only)."""
     try:
         with open(PROTECTED_SYMLINKS) as sysctl:
             return sysctl.read().strip() == "1"
@@ -153,12 +162,66 @@ def symlinks_protected() -> bool:
         return False
 
 
-def who_can_write(mode: int) -> str | None:
-    if mode & 0o002:
-        return "everyone"
-    if mode & 0o020:
-        return "its group"
-    return None
+# A directory's access ACL as Linux stores it (linux/posix_acl_xattr.h): a version, then
+# (tag, permissions, id) entries.  Replacing what a directory holds takes write and search.
+ACL_ACCESS = "system.posix_acl_access"
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x02, 0x04, 0x08, 0x10, 0x20
+WRITE_SEARCH = 0o3
+EVERYONE = -1
+
+
+def acl_entries(path: str) -> list[tuple[int, int, int]] | None:
+    """The (tag, permissions, id) entries of ``path``'s access ACL; None if it has none
+    (or the filesystem keeps none): then its mode bits say it all."""
+    try:
+        data = os.getxattr(path, ACL_ACCESS)
+    except OSError:
+        return None
+    last = len(data) - _ACL_ENTRY.size
+    return [_ACL_ENTRY.unpack_from(data, pos) for pos in range(_ACL_HEADER.size, last + 1, _ACL_ENTRY.size)]
+
+
+def writers(path: str, info: os.stat_result) -> list[tuple[str, int]]:
+    """Who besides its owner may add, remove or replace what directory ``path`` holds:
+    ("group", gid), ("user", uid) or ("everyone", EVERYONE), from its ACL if it has one,
+    else from its mode bits."""
+    entries = acl_entries(path)
+    if not entries:
+        entries = [(ACL_GROUP_OBJ, info.st_mode >> 3 & 0o7, 0), (ACL_OTHER, info.st_mode & 0o7, 0)]
+    mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), 0o7)
+    found = []
+    for tag, perm, ident in entries:
+        if tag == ACL_OTHER and perm & WRITE_SEARCH == WRITE_SEARCH:
+            found.append(("everyone", EVERYONE))
+        elif tag in (ACL_USER, ACL_GROUP, ACL_GROUP_OBJ) and perm & mask & WRITE_SEARCH == WRITE_SEARCH:
+            kind = "user" if tag == ACL_USER else "group"
+            found.append((kind, info.st_gid if tag == ACL_GROUP_OBJ else ident))
+    return found
+
+
+def group_members(gid: int) -> set[int] | None:
+    """The uids in group ``gid`` (listed in it, or with it as their primary group); None
+    for a group the system does not know, whose members cannot be told."""
+    try:
+        names = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return None
+    members = {record.pw_uid for record in pwd.getpwall() if record.pw_gid == gid}
+    for name in names:
+        try:
+            members.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+    return members
+
+
+def group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
 
 
 def dns_problems(entry: str) -> list[str]:
@@ -175,30 +238,70 @@ def dns_problems(entry: str) -> list[str]:
 class Checker:
     def __init__(self, hosts: str, user: User, options: probe.ProbeOptions | None) -> None:
         self.hosts = hosts  # may be /proc/PID/cwd, so it is never resolved for access
-        self.root = os.path.realpath(hosts)  # for inside-the-tree tests
+        self.fd = os.open(hosts, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # as the proxies hold it
+        self.root = self.where(self.fd)  # for messages and inside-the-tree tests
         self.user = user
+        self.proxy = login(user.uid) if user.uid else "fastsni"  # in the commands suggested
         self.options = options
         self.findings: list[Finding] = []
-        self.sockets: list[tuple[str, str]] = []  # (entry, socket path): connected to once, at the end
-        self.owner = -1  # of the hosts directory
-        self.protected = False  # its symlinks fall under fs.protected_symlinks (see check_tree)
+        self.sockets: list[tuple[str, str, int]] = []  # (entry, leaf, mode): connected to once, at the end
+        self.protected = symlinks_protected()
+
+    def close(self) -> None:
+        os.close(self.fd)
 
     def add(self, severity: str, entry: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity, entry, code, message))
 
+    def beneath(self, path: str, flags: int = 0) -> int:
+        """An O_PATH descriptor of ``path`` resolved as the proxies resolve it, beneath the
+        hosts directory (OSError EXDEV: it leads out of the tree)."""
+        return engine.openat2(self.fd, path, PATH_ONLY | flags, engine.BENEATH)
+
+    def present(self, path: str) -> bool:
+        """Whether ``path`` exists beneath the tree, itself (a dangling symlink too), as the
+        proxies look the send-proxy markers up."""
+        try:
+            os.close(self.beneath(path, os.O_NOFOLLOW))
+        except OSError:
+            return False
+        return True
+
+    @staticmethod
+    def where(fd: int) -> str:
+        """The absolute path the kernel resolved descriptor ``fd`` to."""
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    def shown(self, path: str) -> str:
+        """``path`` (absolute, inside the tree) as the tree names it, for messages."""
+        return os.path.relpath(path, self.root)
+
+    def untrusted_writers(self, path: str, info: os.stat_result) -> list[str]:
+        """Who may change directory ``path`` other than its owner, root and the proxy's
+        user (a group counts unless every member is one of those)."""
+        trusted = {0, info.st_uid, self.user.uid}
+        found = []
+        for kind, ident in writers(path, info):
+            if kind == "everyone":
+                found.append("everyone")
+            elif kind == "user" and ident not in trusted:
+                found.append(who(ident))
+            elif kind == "group":
+                members = group_members(ident)
+                if members is None or not members <= trusted:
+                    found.append(f"group {group_name(ident)}")
+        return found
+
     def check_tree(self) -> None:
-        info = os.stat(self.hosts)
-        self.owner = info.st_uid
-        sticky_for_all = info.st_mode & stat.S_ISVTX and info.st_mode & stat.S_IWOTH
-        self.protected = bool(sticky_for_all) and symlinks_protected()
-        writers = who_can_write(info.st_mode)
-        if writers and not info.st_mode & stat.S_ISVTX:
+        info = os.fstat(self.fd)
+        others = self.untrusted_writers(self.root, info)
+        if others and not info.st_mode & stat.S_ISVTX:
             self.add(
                 ERROR,
                 TREE,
                 "hosts-writable",
-                f"{self.root} is writable by {writers} without the sticky bit: any of them can rename "
-                f"or replace other owners' entries (chmod +t {self.root})",
+                f"{self.root} is writable by {', '.join(others)} without the sticky bit: any of them can "
+                f"rename or replace other owners' entries (chmod +t {self.root})",
             )
 
     def entries(self) -> list[str]:
@@ -217,21 +320,14 @@ class Checker:
             if entry in present:
                 self.check_entry(entry)
                 continue
-            wildcard = self.covering_wildcard(entry, present)
-            if wildcard:
+            wildcard = None if entry.startswith(tree.WILDCARD) else engine.wildcard_of(entry)
+            if wildcard in present:
                 self.add(INFO, entry, "wildcard-served", f"no entry of its own: {wildcard} serves it")
                 self.check_entry(wildcard)
             else:
                 self.add(
                     ERROR, entry, "no-entry", f"no entry {entry}: fastsni answers alert 112, fasthttpdir 404"
                 )
-
-    @staticmethod
-    def covering_wildcard(entry: str, present: set[str]) -> str | None:
-        if entry.startswith(tree.WILDCARD) or "." not in entry:
-            return None
-        wildcard = tree.WILDCARD + entry.split(".", 1)[1]
-        return wildcard if wildcard in present else None
 
     def check_entry(self, entry: str) -> None:
         try:
@@ -243,14 +339,18 @@ class Checker:
     def check_entry_as_is(self, entry: str) -> None:
         if not self.check_name(entry):
             return
-        path = os.path.join(self.hosts, entry)
-        directory = self.check_link(entry, path)
+        owner = os.stat(entry, dir_fd=self.fd, follow_symlinks=False).st_uid  # a symlink's own
+        directory = self.resolve_entry(entry)
         if directory is None:
             return
-        self.check_owner(entry, path)
-        self.check_writable(entry, directory)
-        self.check_sockets(entry, directory)
-        self.check_proxy_header(entry, directory)
+        try:
+            self.check_owner(entry, owner)
+            self.check_target(entry, owner, directory)
+            socket_directories = self.check_sockets(entry, owner, directory)
+            self.check_writable(entry, owner, [self.where(directory), *socket_directories])
+            self.check_proxy_header(entry)
+        finally:
+            os.close(directory)
         if entry.startswith(tree.WILDCARD):
             self.describe_wildcard(entry)
 
@@ -281,134 +381,144 @@ class Checker:
             )
         return False
 
-    def check_link(self, entry: str, path: str) -> str | None:
-        """The directory the entry resolves to, or None (with an error) when there is none."""
-        info = os.lstat(path)
-        if stat.S_ISLNK(info.st_mode):
-            text = os.readlink(path)
-            if self.protected and info.st_uid not in (self.user.uid, self.owner):
-                self.add(
-                    ERROR,
-                    entry,
-                    "link-protected",
-                    f"the proxies ({self.user.name}) may not follow the symlink -> {text}: "
-                    f"fs.protected_symlinks is 1 and {self.root} is sticky and writable by everyone, "
-                    "where only a symlink owned by its follower or by the directory's owner is followed "
-                    f"(they get EACCES: alert 112 / 503); use chmod 1775 {self.root} with a group of "
-                    "site owners",
-                )
-                return None
-            try:
-                os.stat(path)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    self.add(ERROR, entry, "link-loop", f"the symlink -> {text} loops: the proxies get ELOOP")
-                else:
-                    self.add(
-                        ERROR, entry, "dangling-link", f"the symlink -> {text} leads nowhere ({exc.strerror})"
-                    )
-                return None
-            if os.path.isabs(text):
-                self.add(
-                    WARNING,
-                    entry,
-                    "absolute-link",
-                    f"the symlink -> {text} is absolute: it breaks when the tree is moved, bind-mounted "
-                    f"or chrooted; use {os.path.relpath(os.path.realpath(path), self.root)}",
-                )
-            resolved = os.path.realpath(path)
-            if not tree.inside(resolved, self.root):
-                self.add(
-                    WARNING,
-                    entry,
-                    "outside-tree",
-                    f"the symlink -> {text} resolves to {resolved}, outside the hosts tree: it breaks "
-                    "when the tree is moved, bind-mounted or chrooted",
-                )
-        if not os.path.isdir(path):
+    def resolve_entry(self, entry: str) -> int | None:
+        """An O_PATH descriptor of the directory ``entry`` leads to, reached as the proxies
+        reach it (``<entry>/<leaf>``: never as the last component, so fs.protected_symlinks
+        does not apply to it); None, with an error, when there is none."""
+        try:
+            return self.beneath(f"{entry}/.", os.O_DIRECTORY)
+        except OSError as exc:
+            failed = exc
+        if failed.errno == errno.ENOTDIR:
             self.add(ERROR, entry, "not-directory", "not a directory: the proxies get ENOTDIR (112 / 404)")
             return None
-        return path
+        info = os.stat(entry, dir_fd=self.fd, follow_symlinks=False)
+        text = os.readlink(entry, dir_fd=self.fd) if stat.S_ISLNK(info.st_mode) else None
+        if not self.not_followed(entry, "the symlink", text, self.root, failed):
+            raise failed
+        return None
 
-    def check_owner(self, entry: str, path: str) -> None:
+    def not_followed(self, entry: str, link: str, text: str | None, directory: str, exc: OSError) -> bool:
+        """Report why the proxies follow no path through ``link`` (its target ``text``, in
+        the resolved ``directory``): out of the tree, a loop, or nothing there.  False for
+        any other error."""
+        described = f"{link} -> {text}" if text is not None else link
+        if exc.errno == errno.EXDEV:
+            self.leads_outside(entry, described, text, directory)
+        elif exc.errno == errno.ELOOP:
+            self.add(
+                ERROR,
+                entry,
+                "link-loop",
+                f"{described} loops, or passes too many links: the proxies get ELOOP (112 / 404)",
+            )
+        elif exc.errno in ABSENT:
+            self.add(ERROR, entry, "dangling-link", f"{described} leads nowhere ({exc.strerror})")
+        else:
+            return False
+        return True
+
+    def leads_outside(self, entry: str, described: str, text: str | None, directory: str) -> None:
+        """A path the proxies will not follow (EXDEV), and the fix: a relative link to the
+        same place if it lies inside the tree, else a move into the tree; never a path out."""
+        why, target = "a symlink on its way leads out", None
+        if text is not None:
+            real = os.path.realpath(os.path.join(directory, text))
+            written = os.path.normpath(os.path.join(directory, text))  # keeps links such as NAME
+            climbed = os.path.normpath(os.path.join(self.shown(directory), text))
+            if os.path.isabs(text):
+                why = "an absolute link"
+            elif climbed == os.pardir or climbed.startswith(os.pardir + os.sep):
+                why = "its .. climbs above the hosts directory"
+            if tree.inside(real, self.root) and os.path.exists(real):
+                same = tree.inside(written, self.root) and os.path.realpath(written) == real
+                target = written if same else real
+        if target is not None:
+            fix = f"link relatively, inside the tree: -> {os.path.relpath(target, directory)}"
+        else:
+            fix = (
+                "move what it should serve into the tree (e.g. a release directory _OWNER/NAME-v1) "
+                "and link to it by a relative path that stays inside"
+            )
+        self.add(
+            ERROR,
+            entry,
+            "leads-outside",
+            f"{described} leads out of the hosts tree ({why}): the proxies resolve every path beneath "
+            f"{self.root} and do not follow it (EXDEV: alert 112 / 404); {fix}",
+        )
+
+    def check_owner(self, entry: str, owner: int) -> None:
         """An entry under another owner's domain: in a sticky directory anyone may claim
         www.alice.example while alice owns alice.example, and get a certificate for it."""
         labels = entry.split(".")
         for depth in range(1, len(labels)):
             parent = ".".join(labels[depth:])
             try:
-                parent_uid = os.lstat(os.path.join(self.hosts, parent)).st_uid
+                parent_uid = os.stat(parent, dir_fd=self.fd, follow_symlinks=False).st_uid
             except FileNotFoundError:
                 continue
-            uid = os.lstat(path).st_uid
-            if uid != parent_uid:
+            if owner != parent_uid:
                 self.add(
                     WARNING,
                     entry,
                     "other-owner",
-                    f"owned by {tree.user_name(uid)} but {parent} by {tree.user_name(parent_uid)}: a name "
-                    "under someone's domain can get a real certificate (ACME tls-alpn-01) once it is served; "
-                    "if that is not intended, remove it",
+                    f"owned by {tree.user_name(owner)} but {parent} by {tree.user_name(parent_uid)}: a "
+                    "name under someone's domain can get a real certificate (ACME tls-alpn-01) once it is "
+                    "served; if that is not intended, remove it",
                 )
             return
 
-    def check_writable(self, entry: str, directory: str) -> None:
-        """Directories on the way to the sockets that someone other than their owner can change."""
-        resolved = os.path.realpath(directory)
-        chain = [resolved]
-        while tree.inside(os.path.dirname(chain[-1]), self.root) and os.path.dirname(chain[-1]) != self.root:
-            chain.append(os.path.dirname(chain[-1]))
-        for position, current in enumerate(chain):
-            mode = os.stat(current).st_mode
-            writers = who_can_write(mode)
-            if writers is None:
-                continue
-            sticky = mode & stat.S_ISVTX
-            where = "its socket directory" if position == 0 else "a directory on its way"
-            if not sticky:
-                severity = ERROR if mode & 0o002 else WARNING
-                self.add(
-                    severity,
-                    entry,
-                    "writable",
-                    f"{where} {current} is writable by {writers}: they can replace its sockets "
-                    f"(chmod go-w {current})",
-                )
-            elif position == 0:
-                self.add(
-                    WARNING,
-                    entry,
-                    "writable",
-                    f"{where} {current} is writable by {writers} (sticky): they can add a missing socket "
-                    f"or a send-proxy file (chmod go-w {current})",
-                )
+    def check_target(self, entry: str, owner: int, directory: int) -> None:
+        """An entry that leads into a directory of another owner's (bob's
+        ``mirror.test -> _releases/alice-v3``): she decides what it holds."""
+        target = os.fstat(directory).st_uid
+        if target == owner or 0 in (owner, target):
+            return
+        mine, theirs = tree.user_name(owner), tree.user_name(target)
+        self.add(
+            ERROR,
+            entry,
+            "foreign-target",
+            f"it leads into {self.shown(self.where(directory))}, owned by {who(target)}, not by the "
+            f"entry's owner {who(owner)}: that directory is {theirs}'s to change, and the proxies serve "
+            f"none of {theirs}'s sockets under this name (alert 112 / 404); link only into {mine}'s own "
+            f"directories, or let {theirs} own the entry (or root, "
+            "who then vouches for it)",
+        )
 
-    def check_sockets(self, entry: str, directory: str) -> None:
-        found = False
+    def check_sockets(self, entry: str, owner: int, directory: int) -> list[str]:
+        """Each leaf as the proxies reach it; the sockets they would connect to go to
+        self.sockets.  Returns the directories those sockets are in (resolved)."""
+        parent = os.fstat(directory)
+        here = self.where(directory)
+        reached = {}  # leaf: 0 if the proxies reach a file there, else their errno
+        found = False  # a leaf exists, if only as a symlink
+        socket_directories = []
         for leaf in probe.LEAVES:
-            path = os.path.join(directory, leaf)
+            reached[leaf] = errno.ENOENT
             try:
-                info = os.lstat(path)
+                info = os.stat(leaf, dir_fd=directory, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             found = True
-            if stat.S_ISLNK(info.st_mode):
-                try:
-                    info = os.stat(path)
-                except OSError as exc:
-                    self.add(
-                        ERROR,
-                        entry,
-                        "dangling-link",
-                        f"{leaf} is a symlink that leads nowhere ({exc.strerror})",
-                    )
-                    continue
-            if not stat.S_ISSOCK(info.st_mode):
-                self.add(
-                    ERROR, entry, "not-socket", f"{leaf} is not a socket: connecting fails (ECONNREFUSED)"
-                )
+            text = os.readlink(leaf, dir_fd=directory) if stat.S_ISLNK(info.st_mode) else None
+            if text is not None and self.protected_link(entry, leaf, text, info, parent, here):
+                reached[leaf] = errno.EACCES
                 continue
-            self.sockets.append((entry, path))
+            try:
+                path = self.beneath(f"{entry}/{leaf}")
+            except OSError as exc:
+                reached[leaf] = exc.errno
+                if not self.not_followed(entry, f"the symlink {leaf}", text, here, exc):
+                    raise
+                continue
+            reached[leaf] = 0
+            try:
+                if self.serves(entry, leaf, text, owner, path):
+                    socket_directories.append(os.path.dirname(self.where(path)))
+            finally:
+                os.close(path)
         if not found:
             self.add(
                 ERROR,
@@ -416,20 +526,119 @@ class Checker:
                 "no-socket",
                 "neither tls-socket nor http-socket: fastsni answers 112, fasthttpdir 404",
             )
+        elif reached["tls-socket"] == 0 and reached["http-socket"] in ABSENT:  # engine.exists_beside
+            self.add(
+                INFO,
+                entry,
+                "https-redirect",
+                "a tls-socket and no http-socket: fastsni serves it; fasthttpdir answers plain HTTP "
+                "with a 308 redirect to https (same host, path and query)",
+            )
+        return socket_directories
 
-    def check_proxy_header(self, entry: str, directory: str) -> None:
-        v1 = os.path.lexists(os.path.join(directory, "send-proxy-v1"))
-        v2 = os.path.lexists(os.path.join(directory, "send-proxy-v2"))
-        if v1 and v2:
+    def protected_link(
+        self, entry: str, leaf: str, text: str, info: os.stat_result, parent: os.stat_result, here: str
+    ) -> bool:
+        """A socket link the proxies may not follow under fs.protected_symlinks (it is the
+        last component of their path): reported, True."""
+        sticky_for_all = parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH
+        if not (self.protected and sticky_for_all) or info.st_uid in (self.user.uid, parent.st_uid):
+            return False
+        self.add(
+            ERROR,
+            entry,
+            "link-protected",
+            f"the proxies ({self.user.name}) may not follow the symlink {leaf} -> {text}: "
+            f"fs.protected_symlinks is 1 and {here} is sticky and writable by everyone, where a symlink "
+            "is followed as the last component of a path only by its owner or when the directory's "
+            f"owner owns it (they get EACCES: alert 112 / 503); chmod 0750 {here}",
+        )
+        return True
+
+    def serves(self, entry: str, leaf: str, text: str | None, owner: int, path: int) -> bool:
+        """Whether the proxies would connect to the file at descriptor ``path``: a socket
+        that passes their owner rule (engine._check_owner).  Reports why not."""
+        info = os.fstat(path)
+        if not stat.S_ISSOCK(info.st_mode):
+            self.add(ERROR, entry, "not-socket", f"{leaf} is not a socket: connecting fails (ECONNREFUSED)")
+            return False
+        try:
+            engine._check_owner(path, owner, f"{entry}/{leaf}")
+        except engine.ForeignSocket:
+            self.foreign_socket(entry, leaf, text, owner, info.st_uid)
+            return False
+        self.sockets.append((entry, leaf, info.st_mode))
+        return True
+
+    def foreign_socket(self, entry: str, leaf: str, text: str | None, owner: int, socket_owner: int) -> None:
+        via = f" (through the symlink -> {text})" if text is not None else ""
+        name = tree.user_name(owner)
+        self.add(
+            ERROR,
+            entry,
+            "foreign-socket",
+            f"{leaf}{via} is owned by {who(socket_owner)}, not by the entry's owner {who(owner)}: the "
+            "proxies refuse it (alert 112 / 404, and a log line naming both uids); the socket must be "
+            f"{name}'s: bound by {name}'s backend or, for a backend under another uid, made by a systemd "
+            f"socket unit with SocketUser={login(owner)} that passes it on; or root must own the entry "
+            "(vouching for the backend), or one account own both",
+        )
+
+    def check_writable(self, entry: str, owner: int, directories: list[str]) -> None:
+        """The entry's directory and its sockets' (resolved), and the directories on their
+        way up to the hosts directory, that someone other than their owner, root and the
+        proxy's user can change: they could remove or replace what the proxies use."""
+        seen: set[str] = set()
+        for start in directories:
+            current = start
+            while current != self.root and tree.inside(current, self.root) and current not in seen:
+                seen.add(current)
+                self.check_directory(entry, owner, current, current == start)
+                current = os.path.dirname(current)
+
+    def check_directory(self, entry: str, owner: int, path: str, holds: bool) -> None:
+        info = os.stat(path)
+        others = self.untrusted_writers(path, info)
+        if not others:
+            return
+        by = ", ".join(others)
+        if info.st_mode & stat.S_ISVTX:
+            if holds:
+                self.add(
+                    WARNING,
+                    entry,
+                    "writable",
+                    f"{path} is writable by {by} (sticky): they can add a missing socket or a "
+                    f"send-proxy marker (chmod 0750 {path})",
+                )
+            return
+        what = "its sockets, links and send-proxy markers" if holds else "the directories below it"
+        harm = (
+            "serve a socket of their own under this name, since root owns the entry"
+            if owner == 0
+            else "take the name down (the proxies serve no socket of theirs for it)"
+        )
+        self.add(
+            ERROR,
+            entry,
+            "writable",
+            f"{path} is writable by {by}: they can remove or replace {what} and {harm}; chmod 0750 "
+            f"{path} (or 2750 with a group that holds only the proxy's user), setfacl -x any other "
+            f"user or group, and let the proxy's user alone search it: setfacl -m u:{self.proxy}:x {path}",
+        )
+
+    def check_proxy_header(self, entry: str) -> None:
+        present = {version for version, marker in engine.PROXY_MARKERS if self.present(f"{entry}/{marker}")}
+        if present == {1, 2}:
             self.add(
                 INFO,
                 entry,
                 "proxy-header",
                 "send-proxy-v1 and send-proxy-v2 both exist: v2 wins, a PROXY v2 header",
             )
-        elif v2:
+        elif present == {2}:
             self.add(INFO, entry, "proxy-header", "each backend connection starts with a PROXY v2 header")
-        elif v1:
+        elif present == {1}:
             self.add(INFO, entry, "proxy-header", "each backend connection starts with a PROXY v1 line")
 
     def describe_wildcard(self, entry: str) -> None:
@@ -450,36 +659,54 @@ class Checker:
         )
 
     def check_connections(self) -> None:
-        """Connect to every socket found as the proxy's user; probe the ones that answer."""
+        """Connect to every socket the proxies would serve, as the proxy's user; probe the
+        ones that answer.  Unprivileged and asked about another user, connect as oneself:
+        whether anyone listens is the same for every user, access is not."""
         if not self.sockets:
             return
-        errors = connect_errors([path for _, path in self.sockets], self.user)
+        user = self.user
+        if user.uid != os.geteuid() and os.geteuid() != 0:
+            user = invoking_user()
+            self.add(
+                WARNING,
+                TREE,
+                "not-as-user",
+                f"the connect test ran as {user.name}, not as {self.user.name}: only root can take "
+                f"another user's identity, so whether {self.user.name} may connect was not tested "
+                f"(run fastsni-check as root, or as {login(self.user.uid)})",
+            )
+        targets = [f"{entry}/{leaf}" for entry, leaf, _ in self.sockets]
+        errors = connect_errors(self.fd, targets, user)
         deadline = time.monotonic() + (self.options.timeout if self.options else 0)
-        for entry, path in self.sockets:
-            leaf = os.path.basename(path)
-            code = errors[path]
+        for entry, leaf, mode in self.sockets:
+            code = errors[f"{entry}/{leaf}"]
             if code == errno.ECONNREFUSED:
                 self.add(ERROR, entry, "stale-socket", f"nobody listens on {leaf} (connection refused)")
             elif code in (errno.EACCES, errno.EPERM):
-                mode = stat.filemode(os.stat(path).st_mode)
-                self.add(
-                    ERROR,
-                    entry,
-                    "no-access",
-                    f"{self.user.name} cannot connect to {leaf} ({mode}; a connect needs write "
-                    "permission on the socket and search on every directory above it): give the proxy's "
-                    f"group write access (chgrp GROUP {leaf}; chmod g+w {leaf}, or umask 002 for the "
-                    f"backend) or an ACL (setfacl -m u:{self.user.name.split()[0]}:rw {leaf})",
-                )
+                if user is self.user:
+                    self.no_access(entry, leaf, mode)
             elif code:
                 self.add(ERROR, entry, "connect-failed", f"connecting to {leaf} fails: {os.strerror(code)}")
             elif self.options is not None:
+                path = os.path.join(self.hosts, entry, leaf)
                 try:
                     result = probe.probe(path, probe.probe_name(entry), self.options, deadline)
                 except probe.ProbeFailed as exc:
                     self.add(ERROR, entry, "probe-failed", str(exc))
                 else:
                     self.add(INFO, entry, "probe-ok", f"probe {leaf}: ok, {result}")
+
+    def no_access(self, entry: str, leaf: str, mode: int) -> None:
+        self.add(
+            ERROR,
+            entry,
+            "no-access",
+            f"{self.user.name} cannot connect to {leaf} ({stat.filemode(mode)}; a connect needs write "
+            "permission on the socket and search on every directory on its way): let the proxy's user "
+            f"alone in, by an ACL (setfacl -m u:{self.proxy}:rw {leaf}, and u:{self.proxy}:x on each "
+            f"directory it cannot search) or by a group that holds only {self.proxy} (the socket's "
+            "directory 2750 in that group, the backend's umask 0007)",
+        )
 
 
 def check_process(pid: int, hosts: str | None) -> tuple[str, list[Finding]]:
@@ -579,14 +806,17 @@ def check(args: argparse.Namespace) -> list[Finding]:
     else:
         user = invoking_user()
     checker = Checker(hosts, user, probe.options_from(args) if args.probe else None)
-    checker.findings = findings
-    checker.check_tree()
-    if args.names:
-        checker.check_names(args.names)
-    else:
-        for entry in checker.entries():
-            checker.check_entry(entry)
-    checker.check_connections()
+    try:
+        checker.findings = findings
+        checker.check_tree()
+        if args.names:
+            checker.check_names(args.names)
+        else:
+            for entry in checker.entries():
+                checker.check_entry(entry)
+        checker.check_connections()
+    finally:
+        checker.close()
     first = {}
     for index, finding in enumerate(checker.findings):
         first.setdefault(finding.entry, index)

@@ -1,4 +1,10 @@
-"""fastsni-check on crafted hosts trees: each finding reported exactly once, nothing on a clean tree."""
+"""fastsni-check on crafted hosts trees: each finding reported exactly once, nothing on a clean tree.
+
+Hostile trees (issue 16): paths that leave the tree, sockets and directories of other
+owners, directories others can write; their owners are made with chown as root, so
+those tests need root.  One test holds check's verdicts against a running fasthttpdir
+(both twins).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,14 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from attack_kit import http_get
 from backends import http_backend, run_as, tls_http_backend
 from conftest import ROOT, TEST_INSTALLED
 
@@ -19,6 +27,9 @@ ENV = dict(os.environ)  # the commands as installed, or from the source tree:
 if not TEST_INSTALLED:
     ENV["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 NOBODY, OTHER = 65534, 65533  # the proxy's user for --user, and another owner
+ALICE, BOB = 51001, 51002  # owners (no passwd or group entries: their groups are unknown)
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to own files as other users")
 
 
 @pytest.fixture
@@ -53,11 +64,39 @@ def serve(backends, directory: Path, handle=None, mode: int = 0o666) -> None:
     (directory / "http-socket").chmod(mode)
 
 
-def stale(path: Path) -> None:
+def stale(path: Path, owner: int | None = None) -> None:
+    """A socket file nobody listens on (owned by ``owner``): check must never connect to
+    one the proxies refuse, or it would say stale-socket."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
     path.chmod(0o666)
+    if owner is not None:
+        os.chown(path, owner, owner)
+
+
+def directory(path: Path, owner: int | None = None, mode: int = 0o755) -> Path:
+    path.mkdir()
+    path.chmod(mode)  # whatever the umask
+    if owner is not None:
+        os.chown(path, owner, owner)
+    return path
+
+
+def link(path: Path, target: str | Path, owner: int | None = None) -> Path:
+    path.symlink_to(target)
+    if owner is not None:
+        os.lchown(path, owner, owner)
+    return path
+
+
+def live(backends, path: Path, owner: int | None = None) -> None:
+    """A listening http-socket (or tls-socket: any backend will do for a connect) at
+    ``path``, owned by ``owner``, that every uid may connect to."""
+    backends(path, http_backend(path.parent.name))
+    path.chmod(0o666)
+    if owner is not None:
+        os.chown(path, owner, owner)
 
 
 def test_each_finding_exactly_once(base, backends):
@@ -89,15 +128,17 @@ def test_each_finding_exactly_once(base, backends):
     # sockets
     entry("empty.example", "no-socket", live=False)
     (entry("file.example", "not-socket", live=False) / "tls-socket").write_text("not a socket")
+    expected.append(("file.example", "https-redirect", "info"))  # fasthttpdir finds a tls-socket
     stale(entry("stale.example", "stale-socket", live=False) / "tls-socket")
+    expected.append(("stale.example", "https-redirect", "info"))
     serve(backends, entry("private.example", "no-access", live=False), mode=0o755)  # srwxr-xr-x: root only
     # symlinks
     serve(backends, releases / "abs")
-    os.symlink(releases / "abs", hosts / "abs.example")
-    expected.append(("abs.example", "absolute-link", "warning"))
+    os.symlink(releases / "abs", hosts / "abs.example")  # inside, but absolute: not followed
+    expected.append(("abs.example", "leads-outside", "error"))
     serve(backends, base / "outside" / "out")
     os.symlink("../outside/out", hosts / "out.example")
-    expected.append(("out.example", "outside-tree", "warning"))
+    expected.append(("out.example", "leads-outside", "error"))
     os.symlink("_rel/missing", hosts / "dangle.example")
     expected.append(("dangle.example", "dangling-link", "error"))
     os.symlink("loop.example", hosts / "loop.example")
@@ -109,7 +150,9 @@ def test_each_finding_exactly_once(base, backends):
     entry("a.wild.example")
     # permissions
     entry("worldw.example", "writable").chmod(0o777)
-    entry("groupw.example", "writable", "warning").chmod(0o775)
+    os.chown(entry("groupw.example", "writable"), -1, OTHER)  # a group that may hold anyone
+    (hosts / "groupw.example").chmod(0o775)
+    entry("rootgroup.example").chmod(0o775)  # root's group holds only root: no finding
     entry("owner.example")
     os.chown(entry("www.owner.example", "other-owner", "warning"), OTHER, OTHER)
     # PROXY headers
@@ -131,6 +174,12 @@ def test_each_finding_exactly_once(base, backends):
     assert "rename it to 'xn--bcher-kva.example'" in messages["bücher.example"]
     assert "cannot connect to http-socket (srwxr-xr-x" in messages["private.example"]
     assert "a.wild.example" in messages["*.wild.example"]
+    assert "(an absolute link)" in messages["abs.example"]
+    assert messages["abs.example"].endswith("link relatively, inside the tree: -> _rel/abs")
+    assert "climbs above the hosts directory" in messages["out.example"]
+    assert "move what it should serve into the tree" in messages["out.example"]
+    assert "-> ../" not in messages["out.example"].split("; ", 1)[1]  # no fix that leaves the tree
+    assert "writable by group gid 65533:" in messages["groupw.example"]
     headers = {
         finding["entry"]: finding["message"] for finding in findings if finding["code"] == "proxy-header"
     }
@@ -250,8 +299,11 @@ def test_usage_errors(base):
     assert run("--user", "no-such-user-here", "--hosts", str(base))[0] == 2
 
 
-def test_another_users_access_from_mode_bits_when_not_root(base, backends):
-    """Unprivileged and asked about another user, fastsni-check reads the mode bits."""
+@needs_root
+def test_not_as_the_user_when_unprivileged(base, backends):
+    """Unprivileged and asked about another user, fastsni-check says it could not connect
+    as that user and reports only what holds for every user (nobody listens); as itself
+    it connects and reports what it may not."""
     from fastsni import check
 
     hosts = base / "hosts"
@@ -265,42 +317,234 @@ def test_another_users_access_from_mode_bits_when_not_root(base, backends):
     (hosts / "nobodys.example").mkdir()
     serve(backends, hosts / "nobodys.example", mode=0o600)
     os.chown(hosts / "nobodys.example" / "http-socket", NOBODY, NOBODY)  # only its owner may connect
+    stale(hosts / "stale.example" / "http-socket")
 
-    def as_nobody() -> int:
-        findings = check.check(check.parse(["--hosts", str(hosts), "--user", str(OTHER)]))
-        print(json.dumps([[f.entry, f.code, f.severity] for f in findings]))
+    def as_nobody(user: int) -> int:
+        findings = check.check(check.parse(["--hosts", str(hosts), "--user", str(user)]))
+        print(json.dumps([[f.entry, f.code, f.severity, f.message] for f in findings]))
         return 0
 
-    code, output = run_as(NOBODY, as_nobody)
+    code, output = run_as(NOBODY, lambda: as_nobody(OTHER))
     assert code == 0, output
-    assert sorted(map(tuple, json.loads(output))) == [
-        ("closed.example", "no-access", "error"),
-        ("nobodys.example", "no-access", "error"),
+    findings = json.loads(output)
+    assert sorted((entry, code, severity) for entry, code, severity, _ in findings) == [
+        (".", "not-as-user", "warning"),
         ("shut.example", "cannot-inspect", "warning"),
+        ("stale.example", "stale-socket", "error"),
+    ]
+    said = next(message for _, code, _, message in findings if code == "not-as-user")
+    assert said.startswith(f"the connect test ran as nobody, not as uid {OTHER}: only root can take")
+
+    code, output = run_as(NOBODY, lambda: as_nobody(NOBODY))  # as itself: its own connects decide
+    assert code == 0, output
+    assert sorted((entry, code, severity) for entry, code, severity, _ in json.loads(output)) == [
+        ("closed.example", "no-access", "error"),
+        ("shut.example", "cannot-inspect", "warning"),
+        ("stale.example", "stale-socket", "error"),
     ]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own symlinks as other users")
-def test_protected_symlinks_in_a_world_writable_sticky_tree(base, backends, monkeypatch):
-    """With fs.protected_symlinks=1 (stubbed: whatever this machine's setting), a site
-    owner's symlink in a 1777 hosts directory is one the proxies may not follow; one owned
-    by the directory's owner or by the proxy's user is fine, and 1775 lifts it."""
+@needs_root
+def test_protected_symlinks_apply_to_socket_links_only(base, backends, monkeypatch):
+    """fs.protected_symlinks (stubbed to 1: whatever this machine's setting) applies to a
+    symlink only as the last component of a path (fs/namei.c, WALK_TRAILING).  The
+    proxies open ``<entry>/<leaf>``: an entry link in a 1777 hosts directory is never
+    last, so they follow a site owner's; a socket link in a sticky world-writable entry
+    directory is, so one owned by neither the proxy's user nor the directory's owner is
+    refused (EACCES)."""
     from fastsni import check
 
     hosts = clean_tree(base, backends)
     os.lchown(hosts / "app.example", OTHER, OTHER)  # a site owner's link -> _rel/v1
-    os.symlink("good.example", hosts / "mine.example")
-    os.lchown(hosts / "mine.example", NOBODY, NOBODY)  # the proxy's own
     hosts.chmod(0o1777)
+    shared = directory(hosts / "shared.example", mode=0o1777)
+    link(shared / "http-socket", "../good.example/http-socket", OTHER)
+    own = directory(hosts / "own.example", mode=0o1777)
+    link(own / "http-socket", "../good.example/http-socket", NOBODY)  # the proxy's own link
     monkeypatch.setattr(check, "symlinks_protected", lambda: True)
 
     def findings() -> list[tuple[str, str, str]]:
         args = check.parse(["--hosts", str(hosts), "--user", str(NOBODY)])
         return codes([check.asdict(finding) for finding in check.check(args)])
 
-    assert findings() == [("app.example", "link-protected", "error")]
-    hosts.chmod(0o1775)
-    assert findings() == []
+    sticky = [("own.example", "writable", "warning"), ("shared.example", "writable", "warning")]
+    assert findings() == sorted([("shared.example", "link-protected", "error"), *sticky])
     monkeypatch.setattr(check, "symlinks_protected", lambda: False)
-    hosts.chmod(0o1777)
-    assert findings() == []
+    assert findings() == sticky
+
+
+# A hostile tree (issue 16) and what check and the proxies make of each entry: the
+# findings expected, and the name to ask fasthttpdir with its answer (status; for a
+# routed name, the backend that answers).
+HOSTILE = {
+    # paths out of the tree
+    "abs.test": ([("leads-outside", "error")], "abs.test", 404),
+    "rel.test": ([("leads-outside", "error")], "rel.test", 404),
+    "back.test": ([("leads-outside", "error")], "back.test", 404),
+    "out.test": ([("leads-outside", "error")], "out.test", 404),
+    "absin.test": ([("leads-outside", "error")], "absin.test", 404),
+    "absname.test": ([("leads-outside", "error")], "absname.test", 404),
+    "via.test": ([("leads-outside", "error")], "via.test", 404),
+    "*.wild.test": ([("leads-outside", "error")], "x.wild.test", 404),
+    # other owners' sockets and directories
+    "bound.test": ([("foreign-socket", "error")], "bound.test", 404),
+    "mirror.test": ([("foreign-socket", "error"), ("foreign-target", "error")], "mirror.test", 404),
+    "bob.test": ([("foreign-socket", "error")], "bob.test", 404),
+    # only fastsni's socket
+    "tlsonly.test": ([("https-redirect", "info")], "tlsonly.test", 308),
+    # clean: the owner's deploy layout, a link to her sibling, root's entry with another
+    # uid's socket, one owner's wildcard
+    "alice.test": ([], "alice.test", "alice-v3"),
+    "site.test": ([], "site.test", "site.test"),
+    "www.site.test": ([], "www.site.test", "site.test"),
+    "inner.test": ([], "inner.test", "inner.test"),
+    "team.test": ([], "team.test", "bob-v1"),
+    "*.alice.test": ([("wildcard", "info")], "x.alice.test", "*.alice.test"),
+}
+
+
+def hostile_tree(base: Path, backends) -> Path:
+    hosts = directory(base / "hosts")
+    outside = directory(base / "outside")
+    stale(outside / "http-socket")  # the test's user's, as the entries below: only leaving is wrong
+    releases = directory(hosts / "_releases")
+    # escapes: socket links, entry links, a wildcard link; absolute, relative, out and back in
+    link(directory(hosts / "abs.test") / "http-socket", outside / "http-socket")
+    link(directory(hosts / "rel.test") / "http-socket", "../../outside/http-socket")
+    live(backends, directory(hosts / "inner.test") / "http-socket")
+    link(directory(hosts / "back.test") / "http-socket", "../../hosts/inner.test/http-socket")
+    link(hosts / "out.test", "../outside")
+    link(hosts / "absin.test", hosts / "inner.test")
+    link(directory(hosts / "via.test") / "http-socket", "../out.test/http-socket")  # out.test leads out
+    link(hosts / "*.wild.test", outside)
+    # alice's deploy layout, bob's entry to it, bob's socket link to her sibling, bob's
+    # socket bound in her entry
+    live(backends, directory(releases / "alice-v3", ALICE) / "http-socket", ALICE)
+    link(hosts / "alice.test", "_releases/alice-v3", ALICE)
+    link(hosts / "mirror.test", "_releases/alice-v3", BOB)
+    link(hosts / "absname.test", hosts / "alice.test")  # the fix keeps the name, not alice's release
+    live(backends, directory(hosts / "site.test", ALICE) / "http-socket", ALICE)
+    link(directory(hosts / "www.site.test", ALICE) / "http-socket", "../site.test/http-socket", ALICE)
+    link(directory(hosts / "bob.test", BOB) / "http-socket", "../site.test/http-socket", BOB)
+    stale(directory(hosts / "bound.test", ALICE) / "http-socket", BOB)
+    # root's entry for bob's backend; alice's wildcard; a TLS-only host
+    live(backends, directory(releases / "bob-v1", BOB) / "http-socket", BOB)
+    link(hosts / "team.test", "_releases/bob-v1")
+    live(backends, directory(hosts / "*.alice.test", ALICE) / "http-socket", ALICE)
+    live(backends, directory(hosts / "tlsonly.test") / "tls-socket")
+    return hosts
+
+
+@needs_root
+def test_hostile_tree(base, backends):
+    hosts = hostile_tree(base, backends)
+    code, findings, err = run("--hosts", str(hosts), "--user", str(NOBODY))
+    expected = [(entry, *finding) for entry, (found, _, _) in HOSTILE.items() for finding in found]
+    assert codes(findings) == sorted(expected), err  # no stale-socket: refused sockets are not connected
+    assert code == 1
+    said = {(f["entry"], f["code"]): f["message"] for f in findings}
+    assert (
+        "the symlink http-socket -> ../../hosts/inner.test/http-socket leads out"
+        in said["back.test", "leads-outside"]
+    )
+    assert said["back.test", "leads-outside"].endswith("inside the tree: -> ../inner.test/http-socket")
+    assert said["absin.test", "leads-outside"].endswith("inside the tree: -> inner.test")
+    assert said["absname.test", "leads-outside"].endswith("inside the tree: -> alice.test")
+    assert "(a symlink on its way leads out)" in said["via.test", "leads-outside"]
+    for entry in ("abs.test", "rel.test", "out.test", "*.wild.test", "via.test"):  # no fix leaves the tree
+        message = said[entry, "leads-outside"]
+        assert (
+            "move what it should serve into the tree" in message and "outside" not in message.split("; ")[1]
+        )
+    assert said["bound.test", "foreign-socket"].startswith(
+        f"http-socket is owned by uid {BOB}, not by the entry's owner uid {ALICE}: the proxies refuse it"
+    )
+    assert f"SocketUser={ALICE}" in said["bound.test", "foreign-socket"]
+    assert "(through the symlink -> ../site.test/http-socket)" in said["bob.test", "foreign-socket"]
+    assert said["mirror.test", "foreign-target"].startswith(
+        f"it leads into _releases/alice-v3, owned by uid {ALICE}, not by the entry's owner uid {BOB}"
+    )
+    assert "308 redirect to https" in said["tlsonly.test", "https-redirect"]
+
+
+@needs_root
+def test_verdicts_are_the_proxys(base, backends, twin, proxies):
+    """What check says of each hostile entry is what fasthttpdir does with it: an error
+    from the isolation rules is a 404, the TLS-only host a 308, a clean entry its backend."""
+    hosts = hostile_tree(base, backends)
+    _, findings, _ = run("--hosts", str(hosts), "--user", str(NOBODY))
+    refused = {f["entry"] for f in findings if f["severity"] == "error"}
+    proxy = proxies("fasthttpdir", hosts, twin)
+    for entry, (_, name, answer) in HOSTILE.items():
+        status, body = http_get(proxy.port, name)
+        if isinstance(answer, int):
+            assert status == answer, (name, status, body)
+            assert (status == 404) == (entry in refused), (entry, findings)
+        else:
+            assert (status, body) == (200, f"backend {answer}\n".encode()), name
+            assert entry not in refused
+
+
+# POSIX ACLs as Linux stores them (linux/posix_acl_xattr.h), to set one without setfacl
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+
+
+def set_acl(path: Path, users: dict[int, int]) -> None:
+    """``path``'s access ACL: its mode's owner, group and other, plus ``users`` {uid: perm}."""
+    mode = path.stat().st_mode
+    entries = [(ACL_USER_OBJ, mode >> 6 & 7, 0xFFFFFFFF)]
+    entries += [(ACL_USER, perm, uid) for uid, perm in sorted(users.items())]
+    mask = mode >> 3 & 7
+    for perm in users.values():
+        mask |= perm
+    entries += [(ACL_GROUP_OBJ, mode >> 3 & 7, 0xFFFFFFFF), (ACL_MASK, mask, 0xFFFFFFFF)]
+    entries += [(ACL_OTHER, mode & 7, 0xFFFFFFFF)]
+    data = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", data)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs here: {exc.strerror}")
+
+
+@needs_root
+def test_writable_socket_directories(base, backends):
+    """A directory the proxies take a socket (or a link, or a marker) from, or one on the
+    way to it, that someone other than its owner, root and the proxy's user can change."""
+    hosts = directory(base / "hosts")
+    releases = directory(hosts / "_releases")
+
+    def release(name: str, mode: int = 0o755, group: int | None = None) -> Path:
+        path = directory(releases / name, ALICE, mode)
+        if group is not None:
+            os.chown(path, ALICE, group)
+        live(backends, path / "http-socket", ALICE)
+        link(hosts / f"{name}.test", f"_releases/{name}", ALICE)
+        return path
+
+    release("group", 0o771, BOB)  # bob's group: unknown members
+    release("sticky", 0o1777)
+    set_acl(release("acl", 0o750), {BOB: 7, NOBODY: 1})
+    set_acl(release("proxy", 0o750), {NOBODY: 1})  # the README's recipe: the proxy's user may search
+    set_acl(release("proxyw", 0o750), {NOBODY: 7})  # the proxy's user may write: trusted too
+    release("rootgroup", 0o775, 0)  # root's group holds only root
+    way = directory(hosts / "_way", mode=0o777)  # a directory on the way, not sticky
+    live(backends, directory(way / "v1", ALICE) / "http-socket", ALICE)
+    link(hosts / "way.test", "_way/v1", ALICE)
+    code, findings, err = run("--hosts", str(hosts), "--user", str(NOBODY))
+    assert codes(findings) == [
+        ("acl.test", "writable", "error"),
+        ("group.test", "writable", "error"),
+        ("sticky.test", "writable", "warning"),
+        ("way.test", "writable", "error"),
+    ], err
+    said = {f["entry"]: f["message"] for f in findings}
+    assert said["acl.test"].startswith(f"{releases}/acl is writable by uid {BOB}: they can remove or replace")
+    assert f"writable by group gid {BOB}:" in said["group.test"]
+    assert "take the name down" in said["group.test"]
+    assert "chmod 0750" in said["group.test"] and "setfacl -m u:nobody:x" in said["group.test"]
+    assert said["way.test"].startswith(f"{way} is writable by everyone: they can remove or replace the dir")
+    assert "(sticky): they can add a missing socket or a send-proxy marker" in said["sticky.test"]
+    # root's entry: a writer's own socket would be served
+    link(hosts / "root.test", "_releases/group")
+    _, findings, _ = run("--hosts", str(hosts), "--user", str(NOBODY), "root.test")
+    assert "serve a socket of their own under this name, since root owns the entry" in findings[0]["message"]
