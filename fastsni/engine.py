@@ -22,6 +22,7 @@ of an strace has one obvious cause:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import math
@@ -121,27 +122,22 @@ def open_hosts() -> int:
     return fd
 
 
-_libc = None  # ctypes' handle on the C library, once the pure twin first needs openat2
+# openat2 for the pure twin, through ctypes (glibc has no wrapper): set up at import, so
+# no module is loaded after start; the compiled twin makes the system call itself.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t)
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
     """openat2(2) with ``struct open_how {flags, mode 0, resolve}``; the descriptor, or OSError."""
-    global _libc
-    if _libc is None:
-        import ctypes  # not at import: the compiled twin makes the call itself
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-        long, text = ctypes.c_long, ctypes.c_char_p
-        _libc.syscall.argtypes = (long, long, text, text, ctypes.c_size_t)
-        _libc.get_errno = ctypes.get_errno
     how = flags.to_bytes(8, "little") + bytes(8) + resolve.to_bytes(8, "little")
     encoded = path.encode("ascii")
     for _ in range(OPENAT2_RETRIES):
         fd = _libc.syscall(SYS_OPENAT2, dirfd, encoded, how, len(how))
         if fd >= 0:
             return fd
-        err = _libc.get_errno()
+        err = ctypes.get_errno()
         if err not in (errno.EAGAIN, errno.EINTR):
             break
     raise OSError(err, os.strerror(err), path)

@@ -177,7 +177,7 @@ cdef extern from *:
     """
     int fcntl "fastsni_fcntl"(int fd, int command, int value)
     int fstatat "fastsni_fstatat"(int dirfd, const char* path, stat* buf, int flags)
-    int openat2 "fastsni_openat2"(int dirfd, const char* path, unsigned long long flags, unsigned long long resolve)
+    int c_openat2 "fastsni_openat2"(int dirfd, const char* path, unsigned long long flags, unsigned long long resolve)
 
 cdef enum:
     C_CHUNK = 128 * 1024
@@ -245,6 +245,15 @@ def open_hosts():
     return C_HOSTS
 
 
+def openat2(int dirfd, str path, unsigned long long flags, unsigned long long resolve):
+    """openat2(2) with ``struct open_how {flags, mode 0, resolve}``; the descriptor, or OSError."""
+    cdef bytes encoded = path.encode("ascii")
+    cdef int fd = c_openat2(dirfd, encoded, flags, resolve)
+    if fd < 0:
+        raise _oserror(errno, encoded)
+    return fd
+
+
 def connect_backend(str name, str leaf):
     """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
     ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket."""
@@ -253,7 +262,7 @@ def connect_backend(str name, str leaf):
     cdef str entry = _entry(name, leaf, &owner)
     cdef bytes encoded = entry.encode("ascii")
     cdef bytes target = encoded + b"/" + leaf.encode("ascii")
-    path = openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
+    path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
     if path < 0:
         raise _oserror(errno, target)
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
@@ -310,12 +319,12 @@ cdef int _proxy_version(bytes entry) except -1:
         raise ValueError("entry name too long")
     memcpy(path, PyBytes_AS_STRING(entry), length)
     memcpy(path + length, b"/send-proxy-v2", 15)  # with the NUL
-    fd = openat2(C_HOSTS, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, C_BENEATH)
+    fd = c_openat2(C_HOSTS, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, C_BENEATH)
     if fd >= 0:
         close(fd)
         return 2
     path[length + 13] = 49  # "1"
-    fd = openat2(C_HOSTS, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, C_BENEATH)
+    fd = c_openat2(C_HOSTS, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, C_BENEATH)
     if fd >= 0:
         close(fd)
         return 1

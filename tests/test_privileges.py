@@ -1,5 +1,6 @@
-"""Root is refused: as root, any host owner could point a socket symlink at a root-only
-socket.  Run unprivileged, the proxies reach only what their user may connect to."""
+"""Root is refused unless allowed; either way no symlink leads a connection out of the
+hosts tree (tests/test_isolation.py has the full set).  Run unprivileged, the proxies
+reach only what their user may connect to."""
 
 from __future__ import annotations
 
@@ -101,8 +102,10 @@ def stop(process: subprocess.Popen, listener: socket.socket) -> str:
 @needs_root
 @pytest.mark.parametrize("as_nobody", [False, True], ids=["root-allowed", "nobody"])
 def test_symlink_to_a_root_only_socket(twin, tree, as_nobody):
-    """The hole: as root (allowed by FASTSNI_ALLOW_ROOT=1) a host owner's symlink reaches a
-    root-only socket; as nobody it gets alert 112 (EACCES), while a public socket works."""
+    """The old hole: a host owner's symlink to a root-only socket outside the tree is not
+    followed, as root (allowed by FASTSNI_ALLOW_ROOT=1) or as nobody: alert 112 (EXDEV),
+    the socket never connected, while a public socket works.  As nobody, a root-only
+    socket inside the tree is refused by the kernel (EACCES)."""
     top, hosts, private = tree
     hello_public, hello_evil = client_hello("public.test"), client_hello("evil.test")
     public = UnixBackend(hosts / "public.test" / "tls-socket", answering(b"public", len(hello_public)))
@@ -113,6 +116,10 @@ def test_symlink_to_a_root_only_socket(twin, tree, as_nobody):
         os.chmod(secret.path, 0o600)
         (hosts / "evil.test").mkdir(mode=0o755)
         os.symlink(secret.path, hosts / "evil.test" / "tls-socket")
+        (hosts / "private.test").mkdir(mode=0o755)
+        os.symlink("../evil.test/tls-socket", hosts / "private.test" / "tls-socket")
+        inside = UnixBackend(hosts / "root.test" / "tls-socket", answering(b"root", len(hello_evil)))
+        os.chmod(inside.path, 0o600)
         process, listener = start("fastsni", hosts, twin.env, as_nobody)
         port = listener.getsockname()[1]
         if as_nobody:
@@ -121,18 +128,26 @@ def test_symlink_to_a_root_only_socket(twin, tree, as_nobody):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(hello_public)
             assert recv_exactly(sock, 6) == b"public"
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(hello_evil)
-            got = recv_until_eof(sock)
+        answers = {}
+        for name in ("evil.test", "private.test", "root.test"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(client_hello(name))
+                answers[name] = recv_until_eof(sock)
         log = stop(process, listener)
     finally:
         public.close()
         secret.close()
+        inside.close()
+    unrecognized_name = bytes.fromhex("15030300020270")
+    assert answers["evil.test"] == answers["private.test"] == unrecognized_name, answers
+    assert secret.accepted == 0
+    assert "evil.test: evil.test/tls-socket: leads out of the hosts tree (EXDEV)" in log, log
+    assert "private.test: private.test/tls-socket: leads out of the hosts tree (EXDEV)" in log, log
     if as_nobody:
-        assert got == bytes.fromhex("15030300020270"), got  # unrecognized_name
-        assert "evil.test: tls-socket: EACCES" in log, log
+        assert answers["root.test"] == unrecognized_name
+        assert "root.test: tls-socket: EACCES" in log, log
     else:
-        assert got == b"secret"
+        assert answers["root.test"] == b"root"
 
 
 @needs_root
@@ -151,6 +166,6 @@ def test_fasthttpdir_as_nobody_cannot_reach_a_root_only_socket(twin, tree):
         log = stop(process, listener)
     finally:
         secret.close()
-    assert got.startswith(b"HTTP/1.1 503 "), got
+    assert got.startswith(b"HTTP/1.1 404 "), got
     assert secret.accepted == 0
-    assert "evil.test: http-socket: EACCES" in log, log
+    assert "evil.test: evil.test/http-socket: leads out of the hosts tree (EXDEV)" in log, log

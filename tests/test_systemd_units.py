@@ -340,8 +340,9 @@ def test_fastsni_under_its_unit(unit, twin, hosts, tmp_path, proxies):
 
 
 @needs_sandbox
-def test_the_outside_symlink_works_without_the_unit(twin, hosts, tmp_path, proxies):
-    """The control for the test above: unconfined, the same symlink reaches the socket."""
+def test_the_outside_symlink_is_refused_without_the_unit_too(twin, hosts, tmp_path, proxies):
+    """The unit is one layer: unconfined, the proxy itself does not follow the same
+    symlink out of the tree (tests/test_isolation.py has every such case)."""
     outside = outside_socket(tmp_path)
     (hosts / "evil.test").mkdir()
     (hosts / "evil.test" / "tls-socket").symlink_to(outside.path)
@@ -349,8 +350,9 @@ def test_the_outside_symlink_works_without_the_unit(twin, hosts, tmp_path, proxi
         proxy = proxies("fastsni", hosts, twin)
         with proxy.connect() as sock:
             sock.sendall(client_hello("evil.test"))
-            assert recv_exactly(sock, 11) == b"docker here"
-        assert outside.accepted == 1
+            assert recv_until_eof(sock) == bytes.fromhex("15030300020270")  # unrecognized_name
+        assert "leads out of the hosts tree (EXDEV)" in proxy.expect("evil.test")
+        assert outside.accepted == 0
     finally:
         outside.close()
 

@@ -78,6 +78,12 @@ class Twin:
 
     def __init__(self, engine, http, hosts: str) -> None:
         self.hosts = hosts
+        here = os.getcwd()
+        os.chdir(hosts)
+        try:
+            engine.open_hosts()  # every lookup beneath this descriptor, as the server's start does
+        finally:
+            os.chdir(here)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
