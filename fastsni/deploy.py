@@ -81,14 +81,14 @@ def current_target(hosts: str, entry: str) -> tuple[str | None, str | None]:
     return os.readlink(path), resolved if os.path.isdir(resolved) else None
 
 
-def resolve_target(hosts: str, entry: str, target: str, allow_outside: bool) -> str:
+def resolve_target(hosts: str, entry: str, target: str) -> str:
     resolved = os.path.realpath(target)
     if not os.path.isdir(resolved):
         raise Refused(f"TARGET {target} is not a directory")
-    if not allow_outside and not tree.inside(resolved, hosts):
+    if not tree.inside(resolved, hosts):
         raise Refused(
-            f"TARGET {target} resolves to {resolved}, outside the hosts tree {hosts}: the link would break "
-            "when the tree is moved, bind-mounted or used as a chroot (--allow-outside to do it anyway)"
+            f"TARGET {target} resolves to {resolved}, outside the hosts tree {hosts}: the proxies follow no "
+            "link out of the tree; put the release inside it (e.g. _<owner>/<name>-v2) and deploy that"
         )
     if resolved == hosts:
         raise Refused("TARGET is the hosts directory itself")
@@ -282,7 +282,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="NAME is a real directory: move it to TARGET and leave a link to it, in one atomic step",
     )
     parser.add_argument("--dry-run", action="store_true", help="probe and check, but switch nothing")
-    parser.add_argument("--allow-outside", action="store_true", help="TARGET may lie outside the hosts tree")
     parser.add_argument(
         "--drain",
         type=float,
@@ -332,7 +331,7 @@ def deploy(args: argparse.Namespace) -> int:
     try:
         previous_text, previous = current_target(hosts, entry)
         target_path = recorded_previous(hosts, previous, entry) if args.rollback else args.target
-        target = resolve_target(hosts, entry, target_path, args.allow_outside)
+        target = resolve_target(hosts, entry, target_path)
         options = probe.options_from(args)
         deadline = time.monotonic() + options.timeout
         leaves = wanted_sockets(target, previous, deadline)

@@ -283,11 +283,6 @@ def test_refused_deploy_leaves_the_link(case, hosts, backends, ca, cafile, tmp_p
     else:
         assert os.readlink(hosts / NAME) == "_releases/v1"
     assert not leftovers(hosts)
-    if case == "outside":
-        allowed = run(hosts, "--allow-outside", NAME, str(v2), cafile=cafile)
-        assert allowed.returncode == 0, allowed.stderr
-        assert os.readlink(hosts / NAME) == os.path.relpath(v2, hosts)
-        assert (hosts / NAME / "tls-socket").is_socket()
 
 
 def test_probe_retries_until_the_backend_listens(hosts, backends, ca, cafile):
