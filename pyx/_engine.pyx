@@ -286,16 +286,19 @@ cdef str _entry(str name, str leaf, unsigned int* owner):
     """The entry that serves ``name`` (``<name>`` if listed, of any kind, else its
     wildcard entry); its owner in ``owner``."""
     cdef stat status
+    cdef int err
     if fstatat(C_HOSTS, name.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
         owner[0] = status.st_uid
         return name
+    err = errno  # before any Python call can change it
     wildcard = wildcard_of(name)
-    if errno != ENOENT or wildcard is None:
-        raise _oserror(errno, f"{name}/{leaf}".encode("ascii"))
+    if err != ENOENT or wildcard is None:
+        raise _oserror(err, f"{name}/{leaf}".encode("ascii"))
     if fstatat(C_HOSTS, wildcard.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
         owner[0] = status.st_uid
         return wildcard
-    raise _oserror(errno, f"{wildcard}/{leaf}".encode("ascii"))
+    err = errno
+    raise _oserror(err, f"{wildcard}/{leaf}".encode("ascii"))
 
 
 cdef int _check_owner(int path, unsigned int owner, bytes target) except -1:
