@@ -18,6 +18,7 @@ from types import ModuleType
 
 from fastsni import __version__, twins
 from fastsni.addresses import describe
+from fastsni.confine import confine
 from fastsni.logs import failures
 
 DRAIN_SECONDS = 10.0
@@ -127,12 +128,12 @@ def refuse_root(program: str) -> None:
     )
 
 
-def hold_hosts(program: str, engine: ModuleType) -> None:
+def hold_hosts(program: str, engine: ModuleType) -> int:
     """Hold the working directory as the hosts tree, or exit 1 with one line saying what
     the kernel lacks: without openat2(2) and /proc/self/fd no connection could be kept
     inside the tree, and there is no weaker mode."""
     try:
-        engine.open_hosts()
+        return engine.open_hosts()
     except OSError as exc:
         code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         if exc.filename == "openat2(2)":
@@ -195,7 +196,7 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     raise_nofile_limit()
     engine = twins.load("fastsni.engine", "fastsni._engine")
-    hold_hosts(program, engine)
+    hosts = hold_hosts(program, engine)
     service = engine.Service(sock, start)
     service.listener.start()
     loop, live = service.reactor, service.live
@@ -216,11 +217,11 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     loop.add_signal_handler(signal.SIGHUP, stop, "drain")
     loop.add_signal_handler(signal.SIGTERM, stop, "now")
     loop.add_signal_handler(signal.SIGINT, stop, "now")
+    where = f"listening on {describe(sock.getsockname())} serving {os.getcwd()}"
+    # Last, with everything open that the proxy will ever need (fastsni.confine).
+    confined = confine(hosts)
     # The start line comes once every signal is handled: whoever waits for it may signal.
-    sys.stderr.write(
-        f"{program} {__version__} ({kind}, epoll) "
-        f"listening on {describe(sock.getsockname())} serving {os.getcwd()}\n"
-    )
+    sys.stderr.write(f"{program} {__version__} ({kind}, epoll) {where}; {confined}\n")
     loop.run_forever()
     service.listener.close()
     if stopping == ["drain"]:

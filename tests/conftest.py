@@ -117,6 +117,8 @@ class Proxy:
         self.processes.append(process)
         line = self.expect("listening on", timeout=20)
         assert f"({self.twin.name}," in line, line
+        if os.environ.get("FASTSNI_NO_CONFINE", "") in ("", "0"):  # every test runs confined
+            assert "; confined: no_new_privs " in line and " seccomp(" in line, line
         return process
 
     def _limit(self) -> None:

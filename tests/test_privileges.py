@@ -83,7 +83,8 @@ def start(program: str, hosts: Path, env: dict, as_nobody: bool) -> tuple[subpro
     listener = socket.create_server(("127.0.0.1", 0))
     command = [sys.executable, "-c", AS_NOBODY, program] if as_nobody else [sys.executable, "-m", program]
     process = subprocess.Popen(command, stdin=listener.fileno(), cwd=hosts, env=env, stderr=subprocess.PIPE)
-    assert b"listening on" in process.stderr.readline()
+    line = process.stderr.readline()
+    assert b"listening on" in line and b"; confined: no_new_privs " in line and b" seccomp(" in line, line
     return process, listener
 
 

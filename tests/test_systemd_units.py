@@ -328,6 +328,9 @@ def test_fastsni_under_its_unit(unit, twin, hosts, tmp_path, proxies):
         seen = status(pid)
         assert seen["Uid"].split()[0] != "0" and seen["NoNewPrivs"].strip() == "1"
         assert seen["Seccomp"].strip() == "2"
+        assert int(seen["Seccomp_filters"]) >= 4  # the unit's three and the proxy's own
+        start_line = next(line for line in proxy.log if "listening on" in line)
+        assert "; confined: no_new_privs landlock(abi " in start_line, start_line  # the unit lets it in
         soft, hard = re.search(
             r"Max open files\s+(\d+)\s+(\d+)", Path(f"/proc/{pid}/limits").read_text()
         ).groups()
