@@ -42,6 +42,22 @@ MAX_HEAD = 64 * 1024  # bytes of request head before 431
 BACKEND_SOCKET = "http-socket"
 TLS_SOCKET = "tls-socket"  # fastsni's: a host with only this one is redirected to https
 DROPPED = frozenset((b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"))
+# Fields a chunked body's trailer section never passes on (besides DROPPED, any X-Forwarded-*
+# and any name with "_"): a backend that merges trailers into the head (RFC 9110 §6.5.1)
+# must not get a second Host, framing or hop-by-hop fields from them.
+NOT_IN_TRAILERS = DROPPED | frozenset(
+    (
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"upgrade",
+        b"te",
+        b"trailer",
+    )
+)
 ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR))  # nothing there: 308 if only a tls-socket is
 NOT_FOUND = NO_BACKEND  # also a path out of the tree, another owner's socket: 404
 UNAVAILABLE = frozenset((errno.EACCES, errno.ECONNREFUSED))
@@ -125,6 +141,13 @@ def host_name(hosts: list[bytes], target: bytes) -> str:
     if _authority_name(authority) != name:
         raise Rejected(400, "request target and Host disagree")
     return name
+
+
+def kept_in_trailers(name: bytes) -> bool:
+    """Whether a chunked body's trailer field ``name`` goes on to the backend: not one
+    that frames, routes or is hop-by-hop (NOT_IN_TRAILERS), no X-Forwarded-*, no "_"."""
+    lowered = name.lower()
+    return lowered not in NOT_IN_TRAILERS and not lowered.startswith(b"x-forwarded-") and b"_" not in name
 
 
 def error_response(status: int, close: bool) -> bytes:
@@ -303,8 +326,8 @@ class RequestReader:
         self.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:  # a trailer field (RFC 9112 §7.1.2): the client's X-Forwarded-*
-            if name.lower() not in DROPPED:  # go here too, lest a backend merge them in
+        if not self.in_head:  # a trailer field (RFC 9112 §7.1.2): kept only if it cannot
+            if kept_in_trailers(name):  # route or frame, lest a backend merge it into the head
                 self.trailers.append(b"%s: %s\r\n" % (name, value))
             return
         self.headers.append((name, value))
@@ -325,6 +348,10 @@ class RequestReader:
             raise self.fail(Rejected(400, f"HTTP/{version}"))
         if method == b"CONNECT":
             raise self.fail(Rejected(405, "CONNECT"))
+        if version == "1.0" and self.has_transfer_encoding():
+            # RFC 9112 §6.1: faulty framing (an HTTP/1.0 backend may read the body by its
+            # length or to the end): 400, then close
+            raise self.fail(Rejected(400, "Transfer-Encoding in HTTP/1.0"))
         try:
             name = host_name(self.hosts, self.target)
         except Rejected as rejection:
@@ -341,8 +368,8 @@ class RequestReader:
         lines = [method, b" ", self.target, b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/1.0\r\n"]
         for field, value in self.headers:
             lowered = field.lower()
-            if lowered in DROPPED or (self.reparse and lowered == b"upgrade"):
-                continue
+            if lowered in DROPPED or b"_" in field or (self.reparse and lowered == b"upgrade"):
+                continue  # a "_" in a name: dropped, as nginx does (CGI reads "_" as "-")
             if lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp accepts only "chunked" last in a request
             lines += (field, b": ", value, b"\r\n")
@@ -362,6 +389,13 @@ class RequestReader:
             if lowered == b"transfer-encoding":
                 return True
             if lowered == b"content-length" and value.strip(b" \t").lstrip(b"0"):
+                return True
+        return False
+
+    def has_transfer_encoding(self) -> bool:
+        """Whether the head being parsed has a Transfer-Encoding field."""
+        for field, _ in self.headers:
+            if field.lower() == b"transfer-encoding":
                 return True
         return False
 

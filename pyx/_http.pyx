@@ -34,6 +34,7 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     Rejected,
     error_response,
     https_path,  # with redirect_response: what refusal() answers for a TLS-only host
+    kept_in_trailers,
     log,
     redirect_response,
     refusal,
@@ -229,8 +230,8 @@ cdef class RequestReader:
         self.target += url
 
     def on_header(self, name, value):
-        if not self.in_head:  # a trailer field: the client's X-Forwarded-* go here too
-            if name.lower() not in DROPPED:
+        if not self.in_head:  # a trailer field: kept only if it cannot route or frame
+            if kept_in_trailers(name):
                 self.trailers.append(b"%s: %s\r\n" % (name, value))
             return
         self.headers.append((name, value))
@@ -256,6 +257,9 @@ cdef class RequestReader:
             raise self.fail(Rejected(400, f"HTTP/{version}"))
         if method == b"CONNECT":
             raise self.fail(Rejected(405, "CONNECT"))
+        if version == "1.0" and self.has_transfer_encoding():
+            # RFC 9112 §6.1: faulty framing: 400, then close
+            raise self.fail(Rejected(400, "Transfer-Encoding in HTTP/1.0"))
         try:
             name = host_name(self.hosts, self.target)
         except Rejected as rejection:
@@ -274,8 +278,8 @@ cdef class RequestReader:
             field = pair[0]
             value = pair[1]
             lowered = field.lower()
-            if lowered in DROPPED or (self.reparse and lowered == b"upgrade"):
-                continue
+            if lowered in DROPPED or b"_" in field or (self.reparse and lowered == b"upgrade"):
+                continue  # a "_" in a name: dropped, as nginx does (CGI reads "_" as "-")
             if lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp accepts only "chunked" last in a request
             lines.append(field)
@@ -299,6 +303,14 @@ cdef class RequestReader:
             if lowered == b"transfer-encoding":
                 return True
             if lowered == b"content-length" and value.strip(b" \t").lstrip(b"0"):
+                return True
+        return False
+
+    cdef bint has_transfer_encoding(self):
+        """Whether the head being parsed has a Transfer-Encoding field."""
+        cdef tuple pair
+        for pair in self.headers:
+            if (<bytes>pair[0]).lower() == b"transfer-encoding":
                 return True
         return False
 

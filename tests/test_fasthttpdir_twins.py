@@ -20,6 +20,12 @@ SEEDS = [
     # an upgrade request with a body is parsed again without its Upgrade field (parse_again)
     b"POST / HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 3\r\n\r\nabc"
     b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    # issue 21: Transfer-Encoding in HTTP/1.0 (400), trailers that route or frame, "_" in names
+    b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nHost: e\r\nTE: x\r\nA_b: 1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nTransfer_Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
 ]
 
 

@@ -15,7 +15,8 @@ held, after a rejection nothing more is read).  Checked:
 - statuses are the documented ones (400, 405, 431), reasons printable ASCII, names valid;
 - what goes to a backend is one request and nothing more when parsed again (no
   smuggling), carries none of the client's X-Forwarded-*/Forwarded headers and exactly
-  one X-Forwarded-For, ours;
+  one X-Forwarded-For, ours; no field name with "_"; no trailer that frames, routes or
+  is hop-by-hop; no Transfer-Encoding in HTTP/1.0;
 - the reads do not matter: the same bytes in one read frame the same requests and
   bodies (unless a head went over 64 KiB, which is counted read by read);
 - ``frame(payload)`` is the one-read result.
@@ -71,6 +72,8 @@ class Backend:
         self.completed = 0
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[bytes] = []
+        self.in_head = True
         self.body = b""
 
     def on_message_begin(self) -> None:
@@ -81,6 +84,11 @@ class Backend:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
+        if not self.in_head:
+            self.trailers.append(name)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -99,6 +107,11 @@ def backend_view(data: bytes, method: bytes) -> tuple:
         assert int(upgrade.args[0]) == len(data), "bytes after an upgrade request went to the backend"
     assert backend.begun == 1, ("the backend would see another request", data)
     assert parser.get_method() == method
+    names = [field for field, _ in backend.headers]
+    assert not any(b"_" in field for field in names), ("a field name with '_' reached the backend", data)
+    assert all(pure.kept_in_trailers(name) for name in backend.trailers), ("a routing trailer", data)
+    if parser.get_http_version() == "1.0":
+        assert b"transfer-encoding" not in names, ("Transfer-Encoding in HTTP/1.0", data)
     return backend.url, tuple(backend.headers), backend.body, backend.completed
 
 

@@ -36,6 +36,14 @@ REQUESTS = [
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"POST /p HTTP/1.1\r\nHost: a.example\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"
     b"Content-Length: 5\r\n\r\nhello",
+    # issue 21: HTTP/1.0 with Transfer-Encoding (400), routing trailers and "_" names (dropped)
+    b"POST /a HTTP/1.0\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\nGET /s HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    b"POST /t HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+    b"Host: evil.example\r\nConnection: keep-alive\r\nUpgrade: h2c\r\nTE: trailers\r\nTrailer: C\r\n"
+    b"X-Forwarded-Port: 1\r\nHost_: e\r\nC: 1\r\n\r\nGET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: a.example\r\nTransfer_Encoding: chunked\r\nContent-Length: 3\r\n"
+    b"X_Forwarded_For: 6.6.6.6\r\nHost_: b\r\n\r\nabc0\r\n\r\n",
 ]
 HOST_LINES = [
     b"a.example\n/",
