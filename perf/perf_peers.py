@@ -34,6 +34,9 @@ PEERS = [
     Peer("nginx-buf256k", "nginx", "nginx", ("C", "Cb"), "buf256k"),
     Peer("haproxy-splice", "haproxy", "haproxy", ("C", "Cb"), "splice"),
     Peer("fasthttpdir", "fasthttpdir", None, ("E",)),
+    # Self-confinement off (FASTSNI_NO_CONFINE=1): what the seccomp filter and Landlock cost.
+    Peer("fastsni-unconfined", "fastsni", None, ("A", "B"), "unconfined"),
+    Peer("fasthttpdir-unconfined", "fasthttpdir", None, ("E",), "unconfined"),
     Peer("fasthttpdir-pure", "fasthttpdir", None, ("E",), "pure"),
     Peer("nginx-http", "nginx", "nginx", ("E",), "http"),
     Peer("haproxy-http", "haproxy", "haproxy", ("E",), "http"),
@@ -63,6 +66,7 @@ def peer_command(peer: Peer, workdir: Path, port: int, hosts: Path) -> tuple[lis
     conf = str(workdir / f"{peer.kind}.conf")
     if peer.kind in ("fastsni", "fasthttpdir"):
         env = {"FASTSNI_NO_EXTENSIONS": "1" if peer.variant == "pure" else "0", "FASTSNI_ALLOW_ROOT": "1"}
+        env["FASTSNI_NO_CONFINE"] = "1" if peer.variant == "unconfined" else "0"
         python = sys.executable
         return [python, "-m", "fastsni.listen", f"127.0.0.1:{port}", python, "-m", peer.kind], env, hosts
     if peer.kind == "uvloop":

@@ -22,6 +22,7 @@ LAYERS = {
     "fastsni.logs": CORE,
     "fastsni.twins": CORE,
     "fastsni.server": CORE,
+    "fastsni.confine": CORE,
     "fastsni.proxy": PROXY,
     "fastsni._proxy": PROXY,
     "fastsni.__main__": PROXY,
