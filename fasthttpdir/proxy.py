@@ -30,6 +30,7 @@ from fastsni.engine import (
     connect_backend,
     exists_beside,
     failure,
+    fair_share_counts,
     peer_of,
     shutdown_write,
 )
@@ -444,7 +445,7 @@ ANSWERED: dict[int, int] = {}
 
 
 def counts() -> dict:
-    return {**COUNTS, "answered": dict(ANSWERED)}
+    return {**COUNTS, **fair_share_counts(), "answered": dict(ANSWERED)}
 
 
 def log(client: tuple | None, name: str | None, reason: str) -> None:
@@ -461,6 +462,8 @@ class HttpConnection(Handler):
     either side's holds more than HIGH_WATER, the other side is not read.  After a 101
     both sides go to the engine's Relay.
     """
+
+    REFUSED = error_response(503, True)  # to a new connection over its source's fair share (engine.Service)
 
     def __init__(self, service: Service, fd: int) -> None:
         self.service = service
@@ -524,6 +527,14 @@ class HttpConnection(Handler):
 
     def done(self) -> bool:
         return self.closed or self.relayed
+
+    def shed(self) -> bool:
+        """Out of descriptors (engine.Service.shed): close now if no request head is
+        complete (a new connection, or one idle between requests)."""
+        if self.done() or self.reader is None or self.active is not None or self.reader.requests:
+            return False
+        self.shut()
+        return True
 
     # client side
 

@@ -53,11 +53,20 @@ cdef class Reactor(Handler):
 cdef class Service:
     cdef public object start
     cdef public int family
-    cdef public set live
+    cdef public dict live
     cdef public Reactor reactor
     cdef public Listener listener
+    cdef public bytes refusal
+    cdef public Py_ssize_t limit
+    cdef public Py_ssize_t pressure_above
+    cdef public Py_ssize_t pressure_below
+    cdef public object sources
+    cdef public dict owners
+    cdef public bint refusing_logged
+    cdef public bint shedding_logged
 
     cpdef closed(self, connection)
+    cdef released(self, connection)
 
 
 cdef class Listener(Handler):
@@ -65,6 +74,7 @@ cdef class Listener(Handler):
     cdef public object sock
     cdef public int fd
     cdef public object on_accept
+    cdef public object on_full
     cdef public bint accepting
     cdef public bint closed
     cdef public object retry

@@ -7,6 +7,8 @@ of an strace has one obvious cause:
 - Listener: accepts in batches; out of descriptors, it stops accepting until a
   connection closes (or a second passes) instead of spinning.  With several copies
   on one socket, a new connection wakes one of them (EPOLLEXCLUSIVE).
+- Service: the open connections; under descriptor pressure, each source's fair share
+  (see Service).
 - Reactor: one edge-triggered epoll instance; each connection descriptor is added
   once (closing it removes it).  Writability is asked for only after a write fell
   short (one EPOLL_CTL_MOD, kept).  Edge-triggered means "read until the kernel has no
@@ -70,11 +72,29 @@ LISTENING = READABLE | select.EPOLLEXCLUSIVE
 # "up" is what the relays wrote towards backends, "down" towards clients; "_spliced" the
 # part of it that went by splice(2).
 COUNTS = {"accepted": 0, "up": 0, "down": 0, "up_spliced": 0, "down_spliced": 0}
+# Connections refused at accept for holding a source's fair share already, and unrouted
+# ones closed when accept found no descriptor (see Service); each proxy's counts() adds them.
+FAIR = {"refused_fair_share": 0, "shed_fair_share": 0}
 
 
 def counts() -> dict[str, int]:
     """This process's connections accepted and bytes relayed so far."""
     return dict(COUNTS)
+
+
+def fair_share_counts() -> dict[str, int]:
+    return dict(FAIR)
+
+
+# Fair share under descriptor pressure (Service): nothing is tracked while fewer than half
+# of RLIMIT_NOFILE's descriptors are in use; above that, until fewer than a quarter are,
+# a source (an IPv4 address, an IPv6 /64) holding max(FAIR_SHARE_FLOOR, limit / (2 x
+# (sources + 1))) connections gets no more: the limit's half shared by the sources that
+# hold connections and one more that may come.
+FAIR_SHARE_FLOOR = 8
+SHED_BATCH = 16  # unrouted connections closed, at most, each time accept finds no descriptor
+SHED_SOURCES = 4  # the heaviest sources whose unrouted connections may be closed, heaviest first
+V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
 PROXY_MARKERS = ((2, "send-proxy-v2"), (1, "send-proxy-v1"))  # in this order: v2 wins over v1
@@ -260,6 +280,46 @@ def peer_of(fd: int, family: int) -> tuple:
         return sock.getpeername()
     finally:
         sock.detach()
+
+
+def source_of(fd: int, family: int) -> bytes | None:
+    """Whom a connection counts against under pressure: its peer's IPv4 address (4 bytes),
+    or its IPv6 address's /64 (8 bytes; an IPv4-mapped address counts as its IPv4 one);
+    None if the peer is gone."""
+    try:
+        host = peer_of(fd, family)[0]
+    except (OSError, ValueError):  # ValueError: no descriptor (-1)
+        return None
+    if family == socket.AF_INET:
+        return socket.inet_aton(host)
+    packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    if packed[:12] == V4_MAPPED:
+        return packed[12:]
+    return packed[:8]
+
+
+def source_text(source: bytes) -> str:
+    """A source for a log line: ``192.0.2.1`` or ``2001:db8:1:2::/64``."""
+    if len(source) == 4:
+        return socket.inet_ntoa(source)
+    return socket.inet_ntop(socket.AF_INET6, source + bytes(8)) + "/64"
+
+
+def refusing(in_use: int, limit: int, share: int, source: bytes, held: int, below: int) -> None:
+    """The pressure episode's line about refusals (the first one only)."""
+    failures.write(
+        f"{failures.program}: fair share: {in_use} of {limit} descriptors (RLIMIT_NOFILE) in use; new "
+        f"connections from a source holding {share} or more are refused until fewer than {below} are in use "
+        f"(first {source_text(source)}, holding {held})\n"
+    )
+
+
+def shedding(count: int, source: bytes, held: int) -> None:
+    """The pressure episode's line about unrouted connections closed (the first time only)."""
+    failures.write(
+        f"{failures.program}: fair share: out of descriptors: closed {count} unrouted connections of "
+        f"{source_text(source)} (holding {held}), oldest first, to admit others\n"
+    )
 
 
 def shutdown_write(fd: int) -> None:
@@ -559,33 +619,143 @@ class Service:
     """One proxy process: its listener, its reactor and the connections still open.
 
     ``start(service, fd)`` makes the object that serves an accepted connection; that
-    object calls ``service.closed(itself)`` when it is done.
+    object calls ``service.closed(itself)`` when it is done, and has ``fd`` (the
+    client's) and ``shed()`` (close now if still unrouted: True if it did).  Its class's
+    ``REFUSED`` bytes, if any, are written to a connection refused its fair share.
+
+    Fair share: while fewer than half of RLIMIT_NOFILE's descriptors are in use (the
+    reactor's), nothing is tracked.  Beyond that ("pressure", until fewer than a quarter
+    are) every open connection is counted against its source once (source_of), and so is
+    each new one; a new connection from a source that holds its share already
+    (fair_share) is refused at once.  When accept finds no descriptor at all, the
+    heaviest sources' unrouted connections are closed, oldest first (shed).  Only
+    sources with open connections are in the table, and only under pressure.
     """
 
     def __init__(self, sock: socket.socket, start: Callable) -> None:
         self.start = start
         self.family = sock.family  # of every accepted connection too
-        self.live: set = set()
+        self.live: dict = {}  # the open connections, oldest first (the values are unused)
         self.reactor = Reactor()
-        self.listener = Listener(self.reactor, sock, self.accepted)
+        self.listener = Listener(self.reactor, sock, self.accepted, self.shed)
+        self.refusal: bytes = getattr(start, "REFUSED", b"")
+        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # the server raised it already
+        self.pressure_above = self.limit // 2
+        self.pressure_below = self.limit // 4
+        self.sources: dict[bytes, int] | None = None  # connections per source, under pressure
+        self.owners: dict = {}  # connection -> its source, under pressure, oldest first
+        self.refusing_logged = False  # this episode's lines
+        self.shedding_logged = False
 
     def accepted(self, fd: int) -> None:
         COUNTS["accepted"] += 1
-        self.live.add(self.start(self, fd))
+        if self.sources is None:
+            if len(self.reactor.handlers) < self.pressure_above:
+                self.live[self.start(self, fd)] = None
+                return
+            self.enter_pressure()
+        source = source_of(fd, self.family)
+        if source is not None:
+            held = self.sources.get(source, 0)
+            share = self.fair_share()
+            if held >= share:
+                self.refuse(fd, source, held, share)
+                return
+        connection = self.start(self, fd)
+        self.live[connection] = None
+        if source is not None and self.sources is not None:
+            self.sources[source] = self.sources.get(source, 0) + 1
+            self.owners[connection] = source
+
+    def fair_share(self) -> int:
+        """Connections a source may hold under pressure."""
+        return max(FAIR_SHARE_FLOOR, self.limit // (2 * (len(self.sources) + 1)))
+
+    def enter_pressure(self) -> None:
+        """Count every open connection against its source, oldest first."""
+        sources: dict[bytes, int] = {}
+        owners: dict = {}
+        for connection in self.live:
+            source = source_of(getattr(connection, "fd", -1), self.family)
+            if source is not None:
+                sources[source] = sources.get(source, 0) + 1
+                owners[connection] = source
+        self.sources = sources
+        self.owners = owners
+
+    def leave_pressure(self) -> None:
+        self.sources = None
+        self.owners = {}
+        self.refusing_logged = self.shedding_logged = False
+
+    def refuse(self, fd: int, source: bytes, held: int, share: int) -> None:
+        """Refuse a new connection of a source over its share: the proxy's REFUSED, close."""
+        FAIR["refused_fair_share"] += 1
+        if not self.refusing_logged:
+            self.refusing_logged = True
+            refusing(len(self.reactor.handlers), self.limit, share, source, held, self.pressure_below)
+        if self.refusal:
+            try:
+                os.write(fd, self.refusal)
+            except OSError:
+                pass
+        os.close(fd)
+
+    def shed(self) -> None:
+        """Accept found no descriptor: close the unrouted connections (hello or request head
+        incomplete) of the heaviest sources, heaviest first and oldest first, SHED_BATCH
+        at most, so that others get in (a new one from a source over its share is refused)."""
+        if self.sources is None:
+            self.enter_pressure()
+        sources = self.sources
+        heaviest = sorted(sources, key=sources.__getitem__, reverse=True)[:SHED_SOURCES]
+        candidates = list(self.owners.items())
+        count = 0
+        for source in heaviest:
+            held = sources.get(source, 0)
+            for connection, owner in candidates:
+                if owner == source and connection.shed():
+                    count += 1
+                    if count == SHED_BATCH or self.sources is None:
+                        break
+            if count:
+                FAIR["shed_fair_share"] += count
+                if not self.shedding_logged and self.sources is not None:
+                    self.shedding_logged = True
+                    shedding(count, source, held)
+                return
 
     def closed(self, connection) -> None:
-        self.live.discard(connection)
+        self.live.pop(connection, None)
+        if self.sources is not None:
+            self.released(connection)
         self.listener.descriptor_freed()
+
+    def released(self, connection) -> None:
+        """Under pressure: ``connection`` no longer counts; below a quarter, pressure ends."""
+        source = self.owners.pop(connection, None)
+        if source is not None:
+            held = self.sources[source] - 1
+            if held:
+                self.sources[source] = held
+            else:
+                del self.sources[source]
+        if len(self.reactor.handlers) < self.pressure_below:
+            self.leave_pressure()
 
 
 class Listener(Handler):
-    """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor."""
+    """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor,
+    and ``on_full()`` (if given) is called when accept found no descriptor."""
 
-    def __init__(self, reactor: Reactor, sock: socket.socket, on_accept: Callable) -> None:
+    def __init__(
+        self, reactor: Reactor, sock: socket.socket, on_accept: Callable, on_full: Callable | None = None
+    ) -> None:
         self.reactor = reactor
         self.sock = sock
         self.fd = sock.fileno()
         self.on_accept = on_accept
+        self.on_full = on_full
         self.accepting = False
         self.closed = False
         self.retry: Timer | None = None
@@ -627,6 +797,11 @@ class Listener(Handler):
         self.reactor.remove(self.fd)
         self.accepting = False
         self.retry = self.reactor.call_later(RESUME_ACCEPT_AFTER, self.start)
+        if self.on_full is not None:
+            try:
+                self.on_full()  # what it closes starts accepting again (descriptor_freed)
+            except Exception as exc:  # never lose the listener over it
+                internal_error("accepting", exc)
 
     def descriptor_freed(self) -> None:
         if not self.accepting and not self.closed:

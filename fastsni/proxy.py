@@ -9,7 +9,16 @@ import errno
 import os
 
 from fastsni.addresses import describe, of_descriptor, proxy_header
-from fastsni.engine import NO_BACKEND, Handler, Relay, Service, Side, connect_backend, failure
+from fastsni.engine import (
+    NO_BACKEND,
+    Handler,
+    Relay,
+    Service,
+    Side,
+    connect_backend,
+    failure,
+    fair_share_counts,
+)
 from fastsni.logs import failures
 from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
 
@@ -27,7 +36,7 @@ ALERTS: dict[int, int] = {}
 
 
 def counts() -> dict:
-    return {**COUNTS, "alerts": dict(ALERTS)}
+    return {**COUNTS, **fair_share_counts(), "alerts": dict(ALERTS)}
 
 
 def log(fd: int, name: str | None, reason: str) -> None:
@@ -40,6 +49,8 @@ def log(fd: int, name: str | None, reason: str) -> None:
 
 class TlsConnection(Handler):
     """An accepted client connection until its ClientHello names a backend; then a Relay."""
+
+    REFUSED = alert(INTERNAL_ERROR)  # to a new connection over its source's fair share (engine.Service)
 
     def __init__(self, service: Service, fd: int) -> None:
         self.service = service
@@ -108,6 +119,13 @@ class TlsConnection(Handler):
         self.reader = None
         self.service.reactor.close(self.fd)
         self.service.closed(self)
+
+    def shed(self) -> bool:
+        """Out of descriptors (engine.Service.shed): close now if no backend was named yet."""
+        if self.reader is None:
+            return False  # routed (or closed)
+        self.close()
+        return True
 
     def relay_closed(self) -> None:
         self.service.closed(self)

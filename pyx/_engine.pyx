@@ -31,6 +31,7 @@ cdef extern from "Python.h":
     PyThreadState* PyThreadState_Next(PyThreadState* tstate)
 
 import os
+import resource
 import signal
 from collections import deque
 
@@ -45,11 +46,16 @@ from fastsni.engine import (  # not hot: the pure module's own
     internal_error,
     open_hosts as _open_hosts,
     out_of_descriptors,
+    refusing,
+    shedding,
     wildcard_of,
 )
 from fastsni.engine import (
     ACCEPT_BATCH,
     BENEATH,
+    FAIR_SHARE_FLOOR,
+    SHED_BATCH,
+    SHED_SOURCES,
     CHUNK,
     NO_BACKEND,
     RELAY_CHUNK,
@@ -204,6 +210,11 @@ cdef enum:
     UP_SPLICED = 3
     DOWN_SPLICED = 4
 cdef unsigned long long _counts[5]
+# Refused for a source's fair share, and unrouted ones closed out of descriptors, as the
+# pure twin's FAIR.
+cdef unsigned long long _refused_fair_share = 0, _shed_fair_share = 0
+cdef Py_ssize_t C_FAIR_SHARE_FLOOR = FAIR_SHARE_FLOOR
+cdef Py_ssize_t C_SHED_BATCH = SHED_BATCH
 
 
 def counts():
@@ -215,6 +226,10 @@ def counts():
         "up_spliced": _counts[UP_SPLICED],
         "down_spliced": _counts[DOWN_SPLICED],
     }
+
+
+def fair_share_counts():
+    return {"refused_fair_share": _refused_fair_share, "shed_fair_share": _shed_fair_share}
 
 
 cdef inline bint _retry(int err) noexcept:
@@ -354,6 +369,26 @@ def peer_of(int fd, int family):
     ipv6 = <sockaddr_in6*>&address
     inet_ntop(AF_INET6, &ipv6.sin6_addr, text, sizeof(text))
     return (text.decode("ascii"), ntohs(ipv6.sin6_port), ntohl(ipv6.sin6_flowinfo), ipv6.sin6_scope_id)
+
+
+def source_of(int fd, int family):
+    """Whom a connection counts against under pressure: its peer's IPv4 address (4 bytes),
+    or its IPv6 address's /64 (8 bytes; an IPv4-mapped address counts as its IPv4 one);
+    None if the peer is gone.  One getpeername(2)."""
+    cdef sockaddr_storage address
+    cdef socklen_t length = sizeof(address)
+    cdef const unsigned char* raw
+    if getpeername(fd, <sockaddr*>&address, &length) < 0:
+        return None
+    if address.ss_family == AF_INET:
+        return PyBytes_FromStringAndSize(<const char*>&(<sockaddr_in*>&address).sin_addr, 4)
+    if address.ss_family != AF_INET6:
+        return None
+    raw = <const unsigned char*>&(<sockaddr_in6*>&address).sin6_addr
+    if (raw[0] | raw[1] | raw[2] | raw[3] | raw[4] | raw[5] | raw[6] | raw[7] | raw[8] | raw[9]) == 0 \
+            and raw[10] == 0xFF and raw[11] == 0xFF:
+        return PyBytes_FromStringAndSize(<const char*>raw + 12, 4)
+    return PyBytes_FromStringAndSize(<const char*>raw, 8)
 
 
 def shutdown_write(int fd):
@@ -661,32 +696,131 @@ cdef class Reactor(Handler):
 
 
 cdef class Service:
-    """One proxy process: its listener, its reactor and the connections still open."""
+    """One proxy process: its listener, its reactor and the connections still open; the
+    fair share under descriptor pressure, as the pure twin's Service."""
 
     def __init__(self, sock, start):
         self.start = start
         self.family = sock.family  # of every accepted connection too
-        self.live = set()
+        self.live = {}  # the open connections, oldest first (the values are unused)
         self.reactor = Reactor()
-        self.listener = Listener(self.reactor, sock, self.accepted)
+        self.listener = Listener(self.reactor, sock, self.accepted, self.shed)
+        self.refusal = getattr(start, "REFUSED", b"")
+        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # the server raised it already
+        self.pressure_above = self.limit // 2
+        self.pressure_below = self.limit // 4
+        self.sources = None  # connections per source, under pressure
+        self.owners = {}  # connection -> its source, under pressure, oldest first
+        self.refusing_logged = False
+        self.shedding_logged = False
 
     def accepted(self, int fd):
+        cdef Py_ssize_t held, share
         _counts[ACCEPTED] += 1
-        self.live.add(self.start(self, fd))
+        if self.sources is None:
+            if len(self.reactor.handlers) < self.pressure_above:
+                self.live[self.start(self, fd)] = None
+                return
+            self.enter_pressure()
+        source = source_of(fd, self.family)
+        if source is not None:
+            held = (<dict>self.sources).get(source, 0)
+            share = self.fair_share()
+            if held >= share:
+                self.refuse(fd, source, held, share)
+                return
+        connection = self.start(self, fd)
+        self.live[connection] = None
+        if source is not None and self.sources is not None:
+            self.sources[source] = (<dict>self.sources).get(source, 0) + 1
+            self.owners[connection] = source
+
+    def fair_share(self):
+        """Connections a source may hold under pressure."""
+        return max(C_FAIR_SHARE_FLOOR, self.limit // (2 * (len(self.sources) + 1)))
+
+    def enter_pressure(self):
+        """Count every open connection against its source, oldest first."""
+        cdef dict sources = {}
+        cdef dict owners = {}
+        for connection in self.live:
+            source = source_of(getattr(connection, "fd", -1), self.family)
+            if source is not None:
+                sources[source] = sources.get(source, 0) + 1
+                owners[connection] = source
+        self.sources = sources
+        self.owners = owners
+
+    def leave_pressure(self):
+        self.sources = None
+        self.owners = {}
+        self.refusing_logged = self.shedding_logged = False
+
+    def refuse(self, int fd, bytes source, Py_ssize_t held, Py_ssize_t share):
+        """Refuse a new connection of a source over its share: the proxy's REFUSED, close."""
+        global _refused_fair_share
+        _refused_fair_share += 1
+        if not self.refusing_logged:
+            self.refusing_logged = True
+            refusing(len(self.reactor.handlers), self.limit, share, source, held, self.pressure_below)
+        if self.refusal:
+            write(fd, PyBytes_AS_STRING(self.refusal), PyBytes_GET_SIZE(self.refusal))
+        close(fd)
+
+    def shed(self):
+        """Accept found no descriptor: close the unrouted connections of the heaviest
+        sources, heaviest first and oldest first, SHED_BATCH at most (see the pure twin)."""
+        global _shed_fair_share
+        cdef Py_ssize_t count = 0
+        if self.sources is None:
+            self.enter_pressure()
+        sources = self.sources
+        heaviest = sorted(sources, key=sources.__getitem__, reverse=True)[:SHED_SOURCES]
+        candidates = list(self.owners.items())
+        for source in heaviest:
+            held = sources.get(source, 0)
+            for connection, owner in candidates:
+                if owner == source and connection.shed():
+                    count += 1
+                    if count == C_SHED_BATCH or self.sources is None:
+                        break
+            if count:
+                _shed_fair_share += count
+                if not self.shedding_logged and self.sources is not None:
+                    self.shedding_logged = True
+                    shedding(count, source, held)
+                return
 
     cpdef closed(self, connection):
-        self.live.discard(connection)
+        self.live.pop(connection, None)
+        if self.sources is not None:
+            self.released(connection)
         self.listener.descriptor_freed()
+
+    cdef released(self, connection):
+        """Under pressure: ``connection`` no longer counts; below a quarter, pressure ends."""
+        cdef Py_ssize_t held
+        source = self.owners.pop(connection, None)
+        if source is not None:
+            held = self.sources[source] - 1
+            if held:
+                self.sources[source] = held
+            else:
+                del self.sources[source]
+        if len(self.reactor.handlers) < self.pressure_below:
+            self.leave_pressure()
 
 
 cdef class Listener(Handler):
-    """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor."""
+    """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor,
+    and ``on_full()`` (if given) is called when accept found no descriptor."""
 
-    def __init__(self, Reactor reactor, sock, on_accept):
+    def __init__(self, Reactor reactor, sock, on_accept, on_full=None):
         self.reactor = reactor
         self.sock = sock
         self.fd = sock.fileno()
         self.on_accept = on_accept
+        self.on_full = on_full
         self.accepting = False
         self.closed = False
         self.retry = None
@@ -727,6 +861,11 @@ cdef class Listener(Handler):
         self.reactor.remove(self.fd)
         self.accepting = False
         self.retry = self.reactor.call_later(RESUME_ACCEPT_AFTER, self.start)
+        if self.on_full is not None:
+            try:
+                self.on_full()  # what it closes starts accepting again (descriptor_freed)
+            except Exception as exc:  # never lose the listener over it
+                internal_error("accepting", exc)
 
     cpdef descriptor_freed(self):
         if not self.accepting and not self.closed:

@@ -19,7 +19,7 @@ from errno import errorcode
 
 import httptools
 
-from fastsni._engine import Relay, connect_backend, peer_of, shutdown_write
+from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of, shutdown_write
 from fastsni._tls import check_hostname
 from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
@@ -53,7 +53,7 @@ cdef dict _answered = {}
 
 
 def counts():
-    return {"routed": _routed, "up": _up, "down": _down, "answered": dict(_answered)}
+    return {"routed": _routed, "up": _up, "down": _down, **fair_share_counts(), "answered": dict(_answered)}
 
 
 def _authority_name(authority):
@@ -391,6 +391,8 @@ cdef class HttpConnection(Handler):
     cdef public bint kept_alive
     cdef public bint draining
 
+    REFUSED = error_response(503, True)  # to a new connection over its source's fair share (engine.Service)
+
     def __init__(self, Service service, int fd):
         self.service = service
         self.reactor = service.reactor
@@ -453,6 +455,14 @@ cdef class HttpConnection(Handler):
 
     cdef bint done(self):
         return self.closed or self.relayed
+
+    def shed(self):
+        """Out of descriptors (engine.Service.shed): close now if no request head is
+        complete (a new connection, or one idle between requests)."""
+        if self.done() or self.reader is None or self.active is not None or self.reader.requests:
+            return False
+        self.shut()
+        return True
 
     # client side
 

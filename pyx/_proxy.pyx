@@ -7,7 +7,7 @@ from fastsni._engine cimport Handler, Service, Side, Timer
 
 from errno import errorcode
 
-from fastsni._engine import Relay, connect_backend
+from fastsni._engine import Relay, connect_backend, fair_share_counts
 from fastsni.addresses import proxy_header
 from fastsni.engine import failure
 from fastsni._tls import HelloReader
@@ -20,7 +20,7 @@ cdef dict _alerts = {}
 
 
 def counts():
-    return {"routed": _routed, "closed_early": _closed_early, "alerts": dict(_alerts)}
+    return {"routed": _routed, "closed_early": _closed_early, **fair_share_counts(), "alerts": dict(_alerts)}
 
 
 cdef class TlsConnection(Handler):
@@ -32,6 +32,8 @@ cdef class TlsConnection(Handler):
     cdef public object reader
     cdef public Timer timer
     cdef public object name
+
+    REFUSED = alert(INTERNAL_ERROR)  # to a new connection over its source's fair share (engine.Service)
 
     def __init__(self, Service service, int fd):
         self.service = service
@@ -101,6 +103,13 @@ cdef class TlsConnection(Handler):
         self.reader = None
         self.service.reactor.close(self.fd)
         self.service.closed(self)
+
+    def shed(self):
+        """Out of descriptors (engine.Service.shed): close now if no backend was named yet."""
+        if self.reader is None:
+            return False  # routed (or closed)
+        self.close()
+        return True
 
     def relay_closed(self):
         self.service.closed(self)

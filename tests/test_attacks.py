@@ -200,6 +200,10 @@ def test_1000_stalled_clients(program, twin, hosts, proxies, backends, ca, reque
 
 NOFILE = 64  # the proxy's RLIMIT_NOFILE (soft and hard)
 BACKLOGGED = 8  # connections beyond the limit, left in the kernel's accept queue
+# The descriptors are filled by connections routed to a backend that holds them (nothing
+# the fair share may close: tests/test_fair_share.py), this many from each source (under
+# the share's floor, 8, so none is refused), then by silent clients of one each.
+HOGS_PER_SOURCE = 6
 MESSAGE = bytes(range(256)) * 4096  # 1 MiB: what the backend's /big?1048576 answers too
 
 
@@ -246,6 +250,12 @@ class Flowing:
         (self.conn if self.program == "fasthttpdir" else self.sock).close()
 
 
+def hog(proxy, source: str, data: bytes = b"") -> socket.socket:
+    sock = socket.create_connection((proxy.address, proxy.port), timeout=10, source_address=(source, 0))
+    sock.sendall(data)
+    return sock
+
+
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_out_of_descriptors(program, twin, hosts, proxies, backends):
     hello = client_hello(NAME)
@@ -259,8 +269,17 @@ def test_out_of_descriptors(program, twin, hosts, proxies, backends):
     flowing = [Flowing(program, proxy, hello) for _ in range(2)]
     free = NOFILE - open_descriptors(pid)
     assert free > 10, f"only {free} descriptors free at start"
-    # Silent clients fill every free descriptor; BACKLOGGED more wait in the accept queue.
-    hogs = [proxy.connect() for _ in range(free + BACKLOGGED)]
+    # Routed connections (two descriptors each) fill all but two or three free descriptors,
+    # silent clients the rest; BACKLOGGED more silent ones wait in the accept queue.
+    if program == "fasthttpdir":
+        holding = f"POST /hold HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 1000\r\n\r\n".encode()
+    else:
+        holding = hello
+    routed = (free - 2) // 2
+    hogs = [hog(proxy, f"127.0.3.{1 + index // HOGS_PER_SOURCE}", holding) for index in range(routed)]
+    rest = free - 2 * routed
+    wait_for(lambda: open_descriptors(pid) == NOFILE - rest, 5, "the routed connections in")
+    hogs += [hog(proxy, f"127.0.4.{1 + index}") for index in range(rest + BACKLOGGED)]
     queued = proxy.connect()  # waits in the accept queue too, until descriptors free up
     wait_for(lambda: open_descriptors(pid) == NOFILE, 5, "the proxy using all its descriptors")
     starved_at = cpu_seconds(pid)
