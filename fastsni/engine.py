@@ -703,12 +703,15 @@ class Service:
 
     def shed(self) -> None:
         """Accept found no descriptor: close the unrouted connections (hello or request head
-        incomplete) of the heaviest sources, heaviest first and oldest first, SHED_BATCH
-        at most, so that others get in (a new one from a source over its share is refused)."""
+        incomplete) of the heaviest source that has some, among the SHED_SOURCES heaviest
+        holding more than FAIR_SHARE_FLOOR, oldest first, SHED_BATCH at most, so that
+        others get in (a new one from a source over its share is refused).  Sources that
+        hold no more than the floor are never shed."""
         if self.sources is None:
             self.enter_pressure()
         sources = self.sources
         heaviest = sorted(sources, key=sources.__getitem__, reverse=True)[:SHED_SOURCES]
+        heaviest = [source for source in heaviest if sources[source] > FAIR_SHARE_FLOOR]
         candidates = list(self.owners.items())
         count = 0
         for source in heaviest:

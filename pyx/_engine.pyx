@@ -768,14 +768,16 @@ cdef class Service:
         close(fd)
 
     def shed(self):
-        """Accept found no descriptor: close the unrouted connections of the heaviest
-        sources, heaviest first and oldest first, SHED_BATCH at most (see the pure twin)."""
+        """Accept found no descriptor: close the unrouted connections of the heaviest source
+        that has some, among the heaviest holding more than the floor, oldest first,
+        SHED_BATCH at most (see the pure twin)."""
         global _shed_fair_share
         cdef Py_ssize_t count = 0
         if self.sources is None:
             self.enter_pressure()
         sources = self.sources
         heaviest = sorted(sources, key=sources.__getitem__, reverse=True)[:SHED_SOURCES]
+        heaviest = [source for source in heaviest if sources[source] > C_FAIR_SHARE_FLOOR]
         candidates = list(self.owners.items())
         for source in heaviest:
             held = sources.get(source, 0)
