@@ -48,6 +48,7 @@ from fastsni.engine import (  # not hot: the pure module's own
     out_of_descriptors,
     refusing,
     shedding,
+    source_text,
     wildcard_of,
 )
 from fastsni.engine import (
