@@ -662,7 +662,9 @@ cdef class HttpConnection(Handler):
             fd, proxy = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
             self.active = None
-            if request.complete and request.keep_alive:
+            # An upgrade request refused closes: what the client sent after it may be the new
+            # protocol already, not HTTP (RFC 9110 §7.8: it switches only with a 101).
+            if request.complete and request.keep_alive and not request.upgrade:
                 self.reader.requests.popleft()
                 self.answer(refusal(self.peer, request, exc), False, request)
                 return False

@@ -337,6 +337,22 @@ def test_connect_is_405(hosts, twin, proxies):
     assert status == 405
 
 
+@pytest.mark.parametrize("after", [b"", b"frames"])
+def test_refused_upgrade_request_closes(hosts, twin, proxies, after):
+    """A 404 to an upgrade request ends the connection at once (Connection: close), even
+    with the client's half-close or its first frames already in: what follows an upgrade
+    request may be the new protocol, not HTTP.  It used to wait out the head deadline."""
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect(timeout=5) as sock:
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: w.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + after
+        )
+        if after:
+            sock.shutdown(socket.SHUT_WR)
+        answer = recv_until_eof(sock)  # within the socket's 5 s, not the 10 s head deadline
+    assert answer.startswith(b"HTTP/1.1 404 ") and b"\r\nConnection: close\r\n" in answer, answer
+
+
 def test_head_over_64k_is_431(hosts, twin, proxies):
     proxy = proxies("fasthttpdir", hosts, twin)
     with proxy.connect() as sock:

@@ -358,3 +358,71 @@ def test_no_call_is_refused_under_load(program, twin, hosts, proxies, tmp_path):
     assert not refused, refused[:20]
     accepted = sum(1 for line in after if "accept4(" in line and "= -1" not in line)
     assert accepted >= ROUNDS * 5, accepted
+
+
+# --- the fuzz corpora, replayed against confined proxies -----------------------------------
+
+FUZZ = Path(__file__).with_name("fuzz")
+
+
+def corpus(name: str) -> list[bytes]:
+    paths = sorted((FUZZ / "corpus" / name).iterdir()) + sorted((FUZZ / "regressions" / name).glob("*"))
+    return [path.read_bytes() for path in paths]
+
+
+def replay(proxy, sent: bytes) -> None:
+    """One connection: send, half-close (so no deadline is waited out), read to the end."""
+    with proxy.connect() as sock:
+        try:
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            recv_until_eof(sock)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+
+
+def still_confined_and_clean(proxy) -> None:
+    seen = status(proxy.process.pid)
+    assert proxy.process.poll() is None and seen["Seccomp"].strip() == "2", seen
+    log = drain_log(proxy)
+    no_tracebacks(log)
+    assert not [line for line in log if "EPERM" in line], log  # a call the filter refused
+
+
+def test_fuzz_corpora_replayed_against_confined_proxies(twin, hosts, proxies):
+    """Every seed and regression of the three fuzz corpora (hellos, requests, backend
+    responses) through a running confined proxy: it answers each and nothing is refused."""
+    sys.path.insert(0, str(FUZZ))
+    try:
+        from fuzz_hello import stream_of
+        from fuzzing import cut, split_pattern
+    finally:
+        sys.path.remove(str(FUZZ))
+    for name in ("a.example", "h", "example.com"):
+        (hosts / name).mkdir()
+    echo = [UnixBackend(hosts / name / "tls-socket", answer_routed) for name in ("a.example", "example.com")]
+    http = [UnixHttpServer(hosts / name / "http-socket") for name in ("h", "example.com")]
+    responses = corpus("response")
+    answers = iter(responses)
+
+    def answer_from_corpus(conn: socket.socket) -> None:
+        conn.recv(65536)
+        sizes, rest = split_pattern(next(answers, b""))
+        for piece in cut(rest[1:], sizes):
+            conn.sendall(piece)
+
+    raw = UnixBackend(hosts / "a.example" / "http-socket", answer_from_corpus)
+    try:
+        fastsni = proxies("fastsni", hosts, twin)
+        for data in corpus("hello"):
+            replay(fastsni, b"".join(stream_of(data)))
+        still_confined_and_clean(fastsni)
+        fasthttpdir = proxies("fasthttpdir", hosts, twin)
+        for data in corpus("request"):
+            replay(fasthttpdir, split_pattern(data)[1][1:])
+        for _ in responses:
+            replay(fasthttpdir, b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        still_confined_and_clean(fasthttpdir)
+    finally:
+        for server in (*echo, *http, raw):
+            server.close()
