@@ -380,7 +380,10 @@ def readable_paths() -> list[str]:
         package = sys.modules.get(module)
         if package is not None and getattr(package, "__file__", None):
             paths.add(os.path.dirname(os.path.abspath(package.__file__)))
-    return sorted(paths)
+    # `python -m fastsni` puts the working directory, the hosts tree, first on sys.path:
+    # it stays unreadable.
+    hosts = os.path.realpath(".")
+    return sorted(p for p in paths if os.path.commonpath([os.path.realpath(p), hosts]) != hosts)
 
 
 def install_landlock(abi: int, hosts: int) -> tuple[int, int, int]:

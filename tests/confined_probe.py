@@ -83,6 +83,7 @@ def attempt(kind: str, argument: str) -> None:
 
 def main(hosts: str, tries: list[str]) -> None:
     os.chdir(hosts)
+    sys.path.insert(0, os.getcwd())  # as `python -m fastsni` started in the tree has it
     engine = twins.load("fastsni.engine", "fastsni._engine")
     if tries and tries[0] == "--landlock-only":  # one layer alone holds too
         tries = tries[1:]

@@ -141,6 +141,7 @@ def test_from_inside_everything_outside_the_job_fails(twin, world, tree):
     tcp.setblocking(False)
     port = tcp.getsockname()[1]
     inside = unix_listener(str(tree / "app.test" / "tls-socket"))
+    (tree / "app.test" / "index.html").write_text("an owner's file\n")
     abstract = unix_listener(f"\0fastsni-sandbox-{os.getpid()}")
     victim = subprocess.Popen(["sleep", "60"])  # another process of the same user
     (world / "victim").write_text("keep me\n")
@@ -167,6 +168,7 @@ def test_from_inside_everything_outside_the_job_fails(twin, world, tree):
         }
         if ABI:
             tries[f"read:{world}/secret"] = "EACCES"  # Landlock: outside the interpreter's files
+            tries[f"read:{tree}/app.test/index.html"] = "EACCES"  # the tree too, though on sys.path
         if ABI >= 6:
             tries[f"unix-connect:@fastsni-sandbox-{os.getpid()}"] = "EPERM"  # scoped
         answer = run_probe(twin, tree, list(tries))
