@@ -222,7 +222,7 @@ IOCTLS = (0x5401, 0x541B, 0x5421, 0x5451)  # TCGETS (isatty) FIONREAD FIONBIO FI
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-FS_EXECUTE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 2, 1 << 3
+FS_READ_FILE, FS_READ_DIR = 1 << 2, 1 << 3
 FS_ABI1 = (1 << 13) - 1  # execute .. make_sym
 FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV, FS_RESOLVE_UNIX = 1 << 13, 1 << 14, 1 << 15, 1 << 16
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
@@ -245,7 +245,8 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def syscall(number: int, *args: int | bytes | None) -> int:
+def landlock_call(number: int, *args: int | bytes | None) -> int:
+    """One of the three Landlock system calls (glibc has no wrappers)."""
     return _check(_libc.syscall(ctypes.c_long(number), *map(_word, args)), "landlock")
 
 
@@ -351,7 +352,7 @@ def install_seccomp(program: bytes) -> None:
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version; OSError (ENOSYS, EOPNOTSUPP: disabled at boot,
     EPERM: an outer seccomp filter) when there is none to use."""
-    return syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    return landlock_call(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
 
 
 def landlock_rights(abi: int) -> tuple[int, int, int]:
@@ -391,7 +392,7 @@ def install_landlock(abi: int, hosts: int) -> tuple[int, int, int]:
     to Unix sockets only beneath ``hosts``; returns what is handled."""
     fs, net, scoped = landlock_rights(abi)
     attr = struct.pack("<QQQ", fs, net, scoped)[: 8 if abi < 4 else 16 if abi < 6 else 24]
-    ruleset = syscall(SYS_LANDLOCK_CREATE_RULESET, attr, len(attr), 0)
+    ruleset = landlock_call(SYS_LANDLOCK_CREATE_RULESET, attr, len(attr), 0)
     try:
         rules = [(path, FS_READ_FILE | FS_READ_DIR) for path in readable_paths()]
         for path, access in rules:
@@ -405,7 +406,7 @@ def install_landlock(abi: int, hosts: int) -> tuple[int, int, int]:
                 os.close(fd)
         if fs & FS_RESOLVE_UNIX:
             _add_rule(ruleset, hosts, FS_RESOLVE_UNIX)
-        syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
+        landlock_call(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
     finally:
         os.close(ruleset)
     return fs, net, scoped
@@ -414,7 +415,7 @@ def install_landlock(abi: int, hosts: int) -> tuple[int, int, int]:
 def _add_rule(ruleset: int, fd: int, access: int) -> None:
     """struct landlock_path_beneath_attr {__u64 allowed_access; __s32 parent_fd;} (packed)."""
     beneath = struct.pack("<Qi", access, fd)
-    syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, beneath, 0)
+    landlock_call(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, beneath, 0)
 
 
 # --- all three -----------------------------------------------------------------------------

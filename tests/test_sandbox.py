@@ -119,6 +119,7 @@ def tree(world):
 
 
 def unix_listener(path: str) -> socket.socket:
+    """A non-blocking listener at ``path`` (``\\0name`` for the abstract namespace) anyone may connect to."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     if not path.startswith("\0"):
@@ -126,6 +127,33 @@ def unix_listener(path: str) -> socket.socket:
     sock.listen(8)
     sock.setblocking(False)
     return sock
+
+
+class Targets:
+    """What the probe tries to reach, held by the test: a TCP listener, an abstract and an
+    in-tree Unix listener, and another process of the same user."""
+
+    def __init__(self, tree: Path) -> None:
+        self.tcp = socket.create_server(("127.0.0.1", 0))
+        self.tcp.setblocking(False)
+        self.port = self.tcp.getsockname()[1]
+        self.abstract_name = f"fastsni-sandbox-{os.getpid()}"
+        self.abstract = unix_listener("\0" + self.abstract_name)
+        self.inside = unix_listener(str(tree / "app.test" / "tls-socket"))
+        self.victim = subprocess.Popen(["sleep", "60"])
+
+    def close(self) -> None:
+        self.victim.kill()
+        self.victim.wait()
+        for sock in (self.tcp, self.abstract, self.inside):
+            sock.close()
+
+
+@pytest.fixture
+def targets(tree):
+    held = Targets(tree)
+    yield held
+    held.close()
 
 
 def saw_nothing(listener: socket.socket) -> bool:
@@ -136,92 +164,70 @@ def saw_nothing(listener: socket.socket) -> bool:
     return False
 
 
-def test_from_inside_everything_outside_the_job_fails(twin, world, tree):
-    tcp = socket.create_server(("127.0.0.1", 0))
-    tcp.setblocking(False)
-    port = tcp.getsockname()[1]
-    inside = unix_listener(str(tree / "app.test" / "tls-socket"))
+def test_from_inside_everything_outside_the_job_fails(twin, world, tree, targets):
+    port, victim = targets.port, targets.victim
     (tree / "app.test" / "index.html").write_text("an owner's file\n")
-    abstract = unix_listener(f"\0fastsni-sandbox-{os.getpid()}")
-    victim = subprocess.Popen(["sleep", "60"])  # another process of the same user
     (world / "victim").write_text("keep me\n")
     interpreter_file = os.__file__
-    try:
-        tries = {
-            # must fail:
-            f"write:{world}/created": "EPERM",
-            f"write:{tree}/app.test/created": "EPERM",
-            f"unlink:{world}/victim": "EPERM",
-            f"mkdir:{world}/made": "EPERM",
-            f"tcp-connect:{port}": "EPERM",
-            "tcp-bind:0": "EPERM",
-            f"udp:{port}": "EPERM",
-            "exec:/bin/true": "EPERM",
-            "fork:": "EPERM",
-            f"kill:{victim.pid}": "EPERM",
-            f"ptrace:{victim.pid}": "EPERM",
-            "exec-memory:": "EPERM",
-            # must work: the interpreter's files, the tree's sockets, its own signals
-            f"read:{interpreter_file}": "ok",
-            f"unix-connect:{tree}/app.test/tls-socket": "ok",
-            "signal-self:": "ok",
-        }
-        if ABI:
-            tries[f"read:{world}/secret"] = "EACCES"  # Landlock: outside the interpreter's files
-            tries[f"read:{tree}/app.test/index.html"] = "EACCES"  # the tree too, though on sys.path
-        if ABI >= 6:
-            tries[f"unix-connect:@fastsni-sandbox-{os.getpid()}"] = "EPERM"  # scoped
-        answer = run_probe(twin, tree, list(tries))
-        assert answer["results"] == tries, answer
-        assert answer["confined"].startswith("confined: no_new_privs "), answer
-        assert "seccomp(" in answer["confined"], answer
-        if ABI:
-            assert f"landlock(abi {ABI}: fs read-only" in answer["confined"], answer
-        # and the other ends saw nothing, nothing changed
-        assert saw_nothing(tcp) and saw_nothing(abstract)
-        assert not (world / "created").exists() and not (tree / "app.test" / "created").exists()
-        assert (world / "victim").read_text() == "keep me\n" and not (world / "made").exists()
-        assert victim.poll() is None
-        assert not saw_nothing(inside)  # the control connected
-    finally:
-        victim.kill()
-        victim.wait()
-        for sock in (tcp, inside, abstract):
-            sock.close()
+    tries = {
+        # must fail:
+        f"write:{world}/created": "EPERM",
+        f"write:{tree}/app.test/created": "EPERM",
+        f"unlink:{world}/victim": "EPERM",
+        f"mkdir:{world}/made": "EPERM",
+        f"tcp-connect:{port}": "EPERM",
+        "tcp-bind:0": "EPERM",
+        f"udp:{port}": "EPERM",
+        "exec:/bin/true": "EPERM",
+        "fork:": "EPERM",
+        f"kill:{victim.pid}": "EPERM",
+        f"ptrace:{victim.pid}": "EPERM",
+        "exec-memory:": "EPERM",
+        # must work: the interpreter's files, the tree's sockets, its own signals
+        f"read:{interpreter_file}": "ok",
+        f"unix-connect:{tree}/app.test/tls-socket": "ok",
+        "signal-self:": "ok",
+    }
+    if ABI:
+        tries[f"read:{world}/secret"] = "EACCES"  # Landlock: outside the interpreter's files
+        tries[f"read:{tree}/app.test/index.html"] = "EACCES"  # the tree too, though on sys.path
+    if ABI >= 6:
+        tries[f"unix-connect:@{targets.abstract_name}"] = "EPERM"  # scoped
+    answer = run_probe(twin, tree, list(tries))
+    assert answer["results"] == tries, answer
+    assert answer["confined"].startswith("confined: no_new_privs "), answer
+    assert "seccomp(" in answer["confined"], answer
+    if ABI:
+        assert f"landlock(abi {ABI}: fs read-only" in answer["confined"], answer
+    # and the other ends saw nothing, nothing changed
+    assert saw_nothing(targets.tcp) and saw_nothing(targets.abstract)
+    assert not (world / "created").exists() and not (tree / "app.test" / "created").exists()
+    assert (world / "victim").read_text() == "keep me\n" and not (world / "made").exists()
+    assert victim.poll() is None
+    assert not saw_nothing(targets.inside)  # the control connected
 
 
 @pytest.mark.skipif(ABI < 1, reason="no Landlock in this kernel")
-def test_from_inside_landlock_alone_holds(twin, world, tree):
+def test_from_inside_landlock_alone_holds(twin, world, tree, targets):
     """Without the seccomp filter, Landlock alone still refuses writes and outside reads,
     and by its ABI TCP (4) and abstract sockets and signals outside the process (6)."""
-    tcp = socket.create_server(("127.0.0.1", 0))
-    tcp.setblocking(False)
-    port = tcp.getsockname()[1]
-    abstract = unix_listener(f"\0fastsni-landlock-{os.getpid()}")
-    inside = unix_listener(str(tree / "app.test" / "tls-socket"))
-    victim = subprocess.Popen(["sleep", "60"])
-    try:
-        tries = {
-            f"write:{world}/created": "EACCES",
-            f"mkdir:{world}/made": "EACCES",
-            f"read:{world}/secret": "EACCES",
-            f"read:{os.__file__}": "ok",
-            f"unix-connect:{tree}/app.test/tls-socket": "ok",
-        }
-        if ABI >= 4:
-            tries[f"tcp-connect:{port}"] = "EACCES"
-            tries["tcp-bind:0"] = "EACCES"
-        if ABI >= 6:
-            tries[f"unix-connect:@fastsni-landlock-{os.getpid()}"] = "EPERM"
-            tries[f"kill:{victim.pid}"] = "EPERM"
-        answer = run_probe(twin, tree, ["--landlock-only", *tries])
-        assert answer["results"] == tries, answer
-        assert saw_nothing(tcp) and saw_nothing(abstract) and not (world / "created").exists()
-    finally:
-        victim.kill()
-        victim.wait()
-        for sock in (tcp, abstract, inside):
-            sock.close()
+    port, victim = targets.port, targets.victim
+    tries = {
+        f"write:{world}/created": "EACCES",
+        f"mkdir:{world}/made": "EACCES",
+        f"read:{world}/secret": "EACCES",
+        f"read:{os.__file__}": "ok",
+        f"unix-connect:{tree}/app.test/tls-socket": "ok",
+    }
+    if ABI >= 4:
+        tries[f"tcp-connect:{port}"] = "EACCES"
+        tries["tcp-bind:0"] = "EACCES"
+    if ABI >= 6:
+        tries[f"unix-connect:@{targets.abstract_name}"] = "EPERM"
+        tries[f"kill:{victim.pid}"] = "EPERM"
+    answer = run_probe(twin, tree, ["--landlock-only", *tries])
+    assert answer["results"] == tries, answer
+    assert saw_nothing(targets.tcp) and saw_nothing(targets.abstract) and not (world / "created").exists()
 
 
 def test_from_inside_a_socket_outside_the_tree(twin, world, tree):
