@@ -652,18 +652,35 @@ class HttpConnection(Handler):
         self.timer = self.reactor.call_later(LINGER, self.shut)
 
     def linger(self) -> None:
-        """Close after the last answer without losing it (RFC 9112 §9.6): the client may
-        still be sending (a body, pipelined requests), and closing with its bytes unread
+        """Close after the last answer without losing it (RFC 9112 §9.6): if the client
+        may still be sending (a body, pipelined requests), closing with its bytes unread
         would reset the connection, which can destroy the answer before it is read.  So
         shut our side once the answer is out, then read and drop until the client closes;
-        all within LINGER seconds."""
+        all within LINGER seconds.  A client that can send nothing more is closed at once."""
         if self.closed:
+            return
+        if not self.client_may_send():
+            self.close()
             return
         self.end_exchanges()
         self.lingering = True
         self.timer = self.reactor.call_later(LINGER, self.shut)
         if not self.client.queued:
             self.begin_lingering()
+
+    def client_may_send(self) -> bool:
+        """Whether more bytes may come from the client, so that closing now could reset
+        the connection under the last answer.  Not if it has sent its end, nor after a
+        whole request whose sender said "close" (RFC 9112 §9.6: it sends no further
+        request) and nothing after it: its bytes read to the last (EAGAIN), none parsed
+        past that request, no upgrade pending."""
+        if self.client_eof:
+            return False
+        reader = self.reader
+        if reader is None or self.client.readable or reader.rejected is not None or len(reader.requests) != 1:
+            return True
+        request = reader.requests[0]
+        return request.keep_alive or request.upgrade or not request.complete or request.error is not None
 
     def begin_lingering(self) -> None:
         shutdown_write(self.fd)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backends import client_hello  # noqa: E402 (a real Python ssl ClientHello, as bench.py uses)
+from backends import client_hello, recv_until_eof  # noqa: E402 (a real Python ssl ClientHello, as bench.py uses)
 from perf_peers import PEERS, peer_command, write_peer_config  # noqa: E402
 
 FEW, MANY = 100, 600
@@ -49,6 +49,7 @@ CASES = {
     "tls-wildcard": ("fastsni", "*.example.test", (), "hello"),
     "http-keepalive": ("fasthttpdir", NAME, (), "keepalive"),
     "http-conn": ("fasthttpdir", NAME, (), "close"),
+    "http-close": ("fasthttpdir", NAME, (), "last"),  # with "Connection: close", as bench.py E-new
     "http-conn-v2": ("fasthttpdir", NAME, ("send-proxy-v2",), "close"),
     # no backend for NAME (only another name's): fastsni's alert, fasthttpdir's 404
     "tls-absent": ("fastsni", "other.test", (), "refused"),
@@ -132,6 +133,9 @@ def drive(port: int, how: str, count: int, port_is_tls: bool, name: str) -> None
             elif how == "refused":
                 sock.sendall(hello if port_is_tls else request)
                 assert sock.recv(65536)
+            elif how == "last":
+                sock.sendall(request[:-2] + b"Connection: close\r\n\r\n")
+                assert recv_until_eof(sock).endswith(b"\r\n\r\nOK")
             else:
                 sock.sendall(request)
                 assert recv_answer(sock) == b"OK"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -676,6 +677,79 @@ def test_error_answer_reaches_a_client_still_uploading(hosts, twin, proxies):
             sock, b"POST / HTTP/1.1\r\nHost: absent\r\nContent-Length: %d\r\n\r\n" % size, size
         )
     assert got.startswith(b"HTTP/1.1 404 Not Found\r\n") and got.endswith(b"404 Not Found\n")
+
+
+BIG_ANSWER = 16 << 20  # far more than the socket buffers hold: still in flight as the proxy closes
+
+
+def big_answer(conn: socket.socket) -> None:
+    """A keep-alive backend answering each request with BIG_ANSWER bytes."""
+    buffer = bytearray()
+    while read_request(conn, buffer) is not None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG_ANSWER)
+        conn.sendall(bytes(BIG_ANSWER))
+
+
+def closed_for_good(sock: socket.socket) -> bool:
+    """After the proxy's EOF: whether it closed its end outright (a byte sent now draws a
+    reset within 5 s) rather than lingering to read and drop what comes."""
+    sock.sendall(b"x")
+    poller = select.poll()
+    poller.register(sock, select.POLLERR)
+    return bool(poller.poll(5000))
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        get("a", extra="Connection: close\r\n"),
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+    ],
+    ids=["close", "close-with-body", "close-chunked", "http-1.0"],
+)
+def test_no_linger_after_a_clients_last_request(hosts, twin, proxies, backends, request_bytes):
+    """A client that said "close" (or spoke HTTP/1.0 without keep-alive) and sent its whole
+    request sends nothing more (RFC 9112 §9.6), so fasthttpdir closes at once, without
+    waiting for the client's FIN: and the answer, 16 MiB still in flight as it closes,
+    arrives whole, then EOF, never a reset."""
+    backends(hosts, "a", big_answer)
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(request_bytes)
+        got = recv_until_eof(sock)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and len(body) == BIG_ANSWER and body.count(0) == BIG_ANSWER
+        assert closed_for_good(sock)
+
+
+def test_no_linger_after_its_own_answer_to_a_last_request(hosts, twin, proxies):
+    """fasthttpdir's own answer (here 404) to a whole request that said "close": closed at once."""
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("absent", extra="Connection: close\r\n"))
+        assert recv_until_eof(sock).startswith(b"HTTP/1.1 404 Not Found\r\n")
+        assert closed_for_good(sock)
+
+
+def test_lingers_when_the_client_may_pipeline(hosts, twin, proxies, backends):
+    """The backend closes but the client did not say "close": it may have sent its next
+    request already (here it has, unread by anyone), so fasthttpdir lingers: the whole
+    first answer arrives, then EOF, and the client's own bytes draw no reset."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK"
+    backends(hosts, "a", scripted(answer, then_close=True))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("a") + get("a", "/second"))
+        assert recv_until_eof(sock) == answer
+        sock.sendall(b"x")  # read and dropped: no reset comes (a closed socket's would within ms)
+        poller = select.poll()
+        poller.register(sock, select.POLLERR)
+        assert not poller.poll(1000)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
 
 
 def test_client_closing_inside_a_body_ends_the_exchange(hosts, twin, proxies, backends):
