@@ -9,7 +9,7 @@ exchange in progress: its head and body go to the backend of its host while the
 backend's answer goes back to the client byte for byte, parsed only to find where
 it ends.  One request at a time is in flight per backend connection, so answers
 reach the client in request order; the backend connection is reused while
-consecutive requests name the same host.
+consecutive requests name the same host and it still leads to the same socket.
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ from fastsni.engine import (
     fair_share_counts,
     peer_of,
     shutdown_write,
+    socket_identity,
 )
 from fastsni.logs import failures
 from fastsni.tls import check_hostname
 
 HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
 LINGER = 5.0  # seconds a closing connection keeps reading (and dropping) what the client still sends
+RECHECK = 0.5  # seconds a name's looked-up socket stands for its kept-alive backend connections
 MAX_HEAD = 64 * 1024  # bytes of request head before 431
 BACKEND_SOCKET = "http-socket"
 TLS_SOCKET = "tls-socket"  # fastsni's: a host with only this one is redirected to https
@@ -80,6 +82,14 @@ HIGH_WATER = 64 * 1024  # bytes waiting for one side before the other side is no
 REMEMBERED_NAMES = 1024
 REMEMBERED_VALUE = 300
 _names: dict[bytes, str] = {}
+# A backend connection is kept alive across requests for one name only while the name
+# still leads to the socket it was made to (a switch of the entry, a restarted backend
+# end that): each name's socket as looked up at most RECHECK seconds ago, at most
+# REMEMBERED_NAMES of them (then forgotten all at once).  So a request that starts
+# RECHECK seconds after a switch goes to the new target, and an idle kept-alive backend
+# connection to the old one is closed within 2 x RECHECK (sweep), not left to hold it.
+_sockets: dict[str, tuple[float, tuple[int, int] | None]] = {}
+_sweeping = False  # a sweep is scheduled
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
 
@@ -149,6 +159,41 @@ def kept_in_trailers(name: bytes) -> bool:
     that frames, routes or is hop-by-hop (NOT_IN_TRAILERS), no X-Forwarded-*, no "_"."""
     lowered = name.lower()
     return lowered not in NOT_IN_TRAILERS and not lowered.startswith(b"x-forwarded-") and b"_" not in name
+
+
+def still_leads_to(name: str, identity: tuple[int, int] | None, now: float) -> bool:
+    """Whether ``name``'s http-socket (engine.socket_identity), as looked up at most
+    RECHECK seconds before ``now``, is still ``identity``; True if no lookup can be made
+    (out of descriptors): a working connection is kept rather than lost."""
+    seen = _sockets.get(name)
+    if seen is None or now - seen[0] >= RECHECK:
+        try:
+            current = socket_identity(name, BACKEND_SOCKET)
+        except OSError:
+            return True
+        if len(_sockets) >= REMEMBERED_NAMES:
+            _sockets.clear()
+        seen = _sockets[name] = (now, current)
+    return seen[1] == identity
+
+
+def sweep(service: Service) -> None:
+    """Every RECHECK seconds while a connection waits between requests with its backend
+    connection open: close the backend connections whose name leads elsewhere now, so
+    that none holds a previous target's socket (fastsni-deploy --drain waits for them);
+    their client connections stay, and their next request connects afresh."""
+    global _sweeping
+    now = service.reactor.time()
+    waiting = False
+    for connection in list(service.live):
+        if connection.backend is not None and connection.active is None:
+            if still_leads_to(connection.backend_name, connection.backend_socket, now):
+                waiting = True
+            else:
+                connection.drop_backend()
+    _sweeping = waiting
+    if waiting:
+        service.reactor.call_later(RECHECK, sweep, service)
 
 
 def error_response(status: int, close: bool) -> bytes:
@@ -474,6 +519,7 @@ class HttpConnection(Handler):
         self.reader: RequestReader | None = None
         self.backend: Side | None = None  # the backend connection, while one is open
         self.backend_name: str | None = None
+        self.backend_socket: tuple[int, int] | None = None  # the identity of its socket file
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active: Request | None = None  # the exchange in progress
         self.response = None  # the backend connection's HttpResponseParser
@@ -723,8 +769,11 @@ class HttpConnection(Handler):
             self.tail = b""
             self.close_delimited = False
             self.response_keep_alive = True
-            if self.backend is not None and self.backend_name != request.name:
-                self.drop_backend()
+            if self.backend is not None and (
+                self.backend_name != request.name
+                or not still_leads_to(request.name, self.backend_socket, self.reactor.time())
+            ):
+                self.drop_backend()  # another host, or its name leads elsewhere now
             self.reused = self.backend is not None
             if self.backend is None:
                 if not self.connect(request):
@@ -740,11 +789,20 @@ class HttpConnection(Handler):
             elif self.timer is None:  # the head's deadline holds however its bytes trickle in
                 self.kept_alive = True
                 self.arm()
+                if self.backend is not None:
+                    self.watch_backend()
+
+    def watch_backend(self) -> None:
+        """Idle with a backend connection open: the sweep runs (see _sockets)."""
+        global _sweeping
+        if not _sweeping:
+            _sweeping = True
+            self.reactor.call_later(RECHECK, sweep, self.service)
 
     def connect(self, request: Request) -> bool:
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
-            fd, proxy = connect_backend(request.name, BACKEND_SOCKET)
+            fd, proxy, identity = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
             self.active = None
             # An upgrade request refused closes: what the client sent after it may be the new
@@ -758,6 +816,7 @@ class HttpConnection(Handler):
             return True
         self.backend = Side(self.reactor, fd)
         self.backend_name = request.name
+        self.backend_socket = identity
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)

@@ -163,14 +163,15 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
     raise OSError(err, os.strerror(err), path)
 
 
-def connect_backend(name: str, leaf: str) -> tuple[int, int]:
+def connect_backend(name: str, leaf: str) -> tuple[int, int, tuple[int, int]]:
     """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
     ``<name>`` exists, to ``*.<rest>/<leaf>``, the one-label wildcard entry.
 
     Only the entry owner's socket is connected to: the socket file must belong to the
     owner of the entry (its lstat, a symlink's own owner) or to root, and an entry of
-    root's may use any socket.  Returns the connected non-blocking descriptor and the
-    PROXY protocol version the entry asks for (see _proxy_version).  Raises OSError, its
+    root's may use any socket.  Returns the connected non-blocking descriptor, the
+    PROXY protocol version the entry asks for (see _proxy_version) and the socket file's
+    identity (st_dev, st_ino: see socket_identity).  Raises OSError, its
     ``filename`` ``<entry>/<leaf>``: from lstat, openat2 (EXDEV: the path leads out of
     the tree), connect() or socket(), or ForeignSocket; the caller maps its errno to an
     answer.
@@ -181,16 +182,38 @@ def connect_backend(name: str, leaf: str) -> tuple[int, int]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         try:
-            _check_owner(path, owner, target)
+            identity = _check_owner(path, owner, target)
             sock.connect(f"/proc/self/fd/{path}")  # the very inode checked
         except OSError as exc:
             exc.filename = target
             raise
         finally:
             os.close(path)
-        return sock.detach(), _proxy_version(entry)
+        return sock.detach(), _proxy_version(entry), identity
     finally:
         sock.close()  # a no-op once detached
+
+
+def socket_identity(name: str, leaf: str) -> tuple[int, int] | None:
+    """What connect_backend would connect ``name`` to now, without connecting: the socket
+    file's (st_dev, st_ino), found and checked as connect_backend does; None if it would
+    find none.  A kept-alive backend connection whose identity is no longer this one was
+    made before a switch (a new target, a restarted backend).  OSError if the lookup
+    itself failed for want of a descriptor (OUT_OF_DESCRIPTORS): no answer then."""
+    try:
+        entry, owner = _entry(name, leaf)
+        target = f"{entry}/{leaf}"
+        path = openat2(HOSTS, target, os.O_PATH | os.O_CLOEXEC, BENEATH)
+    except OSError as exc:
+        if exc.errno in OUT_OF_DESCRIPTORS:
+            raise
+        return None
+    try:
+        return _check_owner(path, owner, target)
+    except OSError:
+        return None
+    finally:
+        os.close(path)
 
 
 def wildcard_of(name: str) -> str | None:
@@ -218,12 +241,14 @@ def _entry(name: str, leaf: str) -> tuple[str, int]:
         raise
 
 
-def _check_owner(path: int, owner: int, target: str) -> None:
+def _check_owner(path: int, owner: int, target: str) -> tuple[int, int]:
     """ForeignSocket unless the socket file ``path`` is the entry owner's or root's, or
-    the entry is root's."""
-    socket_owner = os.fstat(path).st_uid
+    the entry is root's; its (st_dev, st_ino) if it passes."""
+    status = os.fstat(path)
+    socket_owner = status.st_uid
     if owner != 0 and socket_owner != 0 and socket_owner != owner:
         raise ForeignSocket(owner, socket_owner, target)
+    return status.st_dev, status.st_ino
 
 
 def exists_beside(failed: OSError, leaf: str) -> bool:

@@ -144,6 +144,8 @@ cdef extern from "<sys/epoll.h>":
 
 cdef extern from "<sys/stat.h>":
     struct stat:
+        unsigned long long st_dev  # dev_t and ino_t: 64 bits on Linux's 64-bit ABIs
+        unsigned long long st_ino
         unsigned int st_uid
 
 cdef extern from *:
@@ -287,15 +289,40 @@ def connect_backend(str name, str leaf):
         raise _oserror(errno)
     try:
         try:
-            _check_owner(path, owner, target)
+            identity = _check_owner(path, owner, target)
             if _connect_proc_fd(fd, path) < 0:  # the very inode checked
                 raise _oserror(errno, target)
         finally:
             close(path)
-        return fd, _proxy_version(encoded)
+        return fd, _proxy_version(encoded), identity
     except BaseException:
         close(fd)
         raise
+
+
+def socket_identity(str name, str leaf):
+    """What connect_backend would connect ``name`` to now, without connecting: the socket
+    file's (st_dev, st_ino), found and checked as connect_backend does; None if it would
+    find none; OSError if the lookup failed for want of a descriptor."""
+    cdef unsigned int owner
+    cdef int path
+    cdef bytes target
+    try:
+        target = _entry(name, leaf, &owner).encode("ascii") + b"/" + leaf.encode("ascii")
+    except OSError:
+        return None
+    path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
+    if path < 0:
+        err = errno  # before any Python call can change it
+        if err in OUT_OF_DESCRIPTORS:
+            raise _oserror(err, target)
+        return None
+    try:
+        return _check_owner(path, owner, target)
+    except OSError:
+        return None
+    finally:
+        close(path)
 
 
 cdef str _entry(str name, str leaf, unsigned int* owner):
@@ -317,15 +344,15 @@ cdef str _entry(str name, str leaf, unsigned int* owner):
     raise _oserror(err, f"{wildcard}/{leaf}".encode("ascii"))
 
 
-cdef int _check_owner(int path, unsigned int owner, bytes target) except -1:
+cdef tuple _check_owner(int path, unsigned int owner, bytes target):
     """ForeignSocket unless the socket file ``path`` is the entry owner's or root's, or
-    the entry is root's."""
+    the entry is root's; its (st_dev, st_ino) if it passes."""
     cdef stat status
     if fstatat(path, b"", &status, AT_EMPTY_PATH) < 0:
         raise _oserror(errno, target)
     if owner != 0 and status.st_uid != 0 and status.st_uid != owner:
         raise ForeignSocket(owner, status.st_uid, target.decode("ascii"))
-    return 0
+    return status.st_dev, status.st_ino
 
 
 cdef int _proxy_version(bytes entry) except -1:

@@ -8,10 +8,11 @@ exchange in progress: its head and body go to the backend of its host while the
 backend's answer goes back to the client byte for byte, parsed only to find where
 it ends.  One request at a time is in flight per backend connection, so answers
 reach the client in request order; the backend connection is reused while
-consecutive requests name the same host.
+consecutive requests name the same host and it still leads to the same socket.
 """
 
 from fastsni._engine cimport Handler, Reactor, Service, Side, Timer
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import sys
 from collections import deque
@@ -19,7 +20,7 @@ from errno import errorcode
 
 import httptools
 
-from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of, shutdown_write
+from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of, shutdown_write, socket_identity
 from fastsni._tls import check_hostname
 from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
@@ -29,6 +30,7 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     HIGH_WATER,
     LINGER,
     MAX_HEAD,
+    RECHECK,
     REMEMBERED_NAMES,
     REMEMBERED_VALUE,
     Rejected,
@@ -45,11 +47,53 @@ __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
 
 
 cdef dict _names = {}  # Host values that passed, and their names: see the pure twin
+cdef dict _sockets = {}  # each name's socket as looked up lately: see the pure twin
+cdef bint _sweeping = False  # a sweep is scheduled
 
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED.
 cdef unsigned long long _routed = 0, _up = 0, _down = 0
 cdef dict _answered = {}
+
+
+cdef double _monotonic():
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+cpdef bint still_leads_to(str name, object identity, double now) except -1:
+    """Whether ``name``'s http-socket, as looked up at most RECHECK seconds before ``now``,
+    is still ``identity``; True if no lookup can be made (out of descriptors)."""
+    cdef tuple seen = _sockets.get(name)
+    if seen is None or now - <double>seen[0] >= RECHECK:
+        try:
+            current = socket_identity(name, BACKEND_SOCKET)
+        except OSError:
+            return True
+        if len(_sockets) >= REMEMBERED_NAMES:
+            _sockets.clear()
+        seen = (now, current)
+        _sockets[name] = seen
+    return seen[1] == identity
+
+
+def sweep(Service service):
+    """Every RECHECK seconds while a connection waits between requests with its backend
+    connection open: close the backend connections whose name leads elsewhere now."""
+    global _sweeping
+    cdef HttpConnection connection
+    cdef double now = _monotonic()
+    cdef bint waiting = False
+    for connection in list(service.live):
+        if connection.backend is not None and connection.active is None:
+            if still_leads_to(connection.backend_name, connection.backend_socket, now):
+                waiting = True
+            else:
+                connection.drop_backend()
+    _sweeping = waiting
+    if waiting:
+        service.reactor.schedule(RECHECK, sweep, (service,))
 
 
 def counts():
@@ -369,6 +413,7 @@ cdef class HttpConnection(Handler):
     cdef public RequestReader reader
     cdef public Side backend
     cdef public object backend_name
+    cdef public object backend_socket
     cdef public bint client_eof
     cdef public Request active
     cdef public object response
@@ -402,6 +447,7 @@ cdef class HttpConnection(Handler):
         self.reader = None
         self.backend = None  # the backend connection, while one is open
         self.backend_name = None
+        self.backend_socket = None  # the identity of its socket file
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active = None  # the exchange in progress
         self.response = None  # its HttpResponseParser
@@ -656,8 +702,11 @@ cdef class HttpConnection(Handler):
             self.tail = b""
             self.close_delimited = False
             self.response_keep_alive = True
-            if self.backend is not None and self.backend_name != request.name:
-                self.drop_backend()
+            if self.backend is not None and (
+                self.backend_name != request.name
+                or not still_leads_to(request.name, self.backend_socket, _monotonic())
+            ):
+                self.drop_backend()  # another host, or its name leads elsewhere now
             self.reused = self.backend is not None
             if self.backend is None:
                 if not self.connect(request):
@@ -673,11 +722,20 @@ cdef class HttpConnection(Handler):
             elif self.timer is None:  # the head's deadline holds however its bytes trickle in
                 self.kept_alive = True
                 self.arm()
+                if self.backend is not None:
+                    self.watch_backend()
+
+    cdef watch_backend(self):
+        """Idle with a backend connection open: the sweep runs (see the pure twin's _sockets)."""
+        global _sweeping
+        if not _sweeping:
+            _sweeping = True
+            self.reactor.schedule(RECHECK, sweep, (self.service,))
 
     cdef bint connect(self, Request request) except -1:
         """Open a backend connection for ``request``; False if answered with an error."""
         try:
-            fd, proxy = connect_backend(request.name, BACKEND_SOCKET)
+            fd, proxy, identity = connect_backend(request.name, BACKEND_SOCKET)
         except OSError as exc:
             self.active = None
             # An upgrade request refused closes: what the client sent after it may be the new
@@ -691,6 +749,7 @@ cdef class HttpConnection(Handler):
             return True
         self.backend = Side(self.reactor, fd)
         self.backend_name = request.name
+        self.backend_socket = identity
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)

@@ -73,7 +73,7 @@ cdef class TlsConnection(Handler):
         cdef Side backend
         self.timer.cancel()
         try:
-            fd, proxy = connect_backend(name, BACKEND_SOCKET)
+            fd, proxy, _ = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, failure(exc, BACKEND_SOCKET))

@@ -679,6 +679,77 @@ def test_error_answer_reaches_a_client_still_uploading(hosts, twin, proxies):
     assert got.startswith(b"HTTP/1.1 404 Not Found\r\n") and got.endswith(b"404 Not Found\n")
 
 
+def tagged(tag: bytes, ended: threading.Event | None = None, hold: tuple | None = None):
+    """A keep-alive backend answering every request with ``tag``; ``ended`` is set when the
+    proxy closes its connection; with ``hold`` (received, answer): each answer waits for
+    ``answer`` once the request is in, which ``received`` says."""
+
+    def handle(conn: socket.socket) -> None:
+        buffer = bytearray()
+        while read_request(conn, buffer) is not None:
+            if hold is not None:
+                hold[0].set()
+                assert hold[1].wait(20)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(tag), tag))
+        if ended is not None:
+            ended.set()
+
+    return handle
+
+
+def switch(hosts: Path, name: str, target: str) -> None:
+    """Point the entry ``name`` at ``target`` atomically, as fastsni-deploy does."""
+    new = hosts / f".{name}.new"
+    new.symlink_to(target)
+    os.replace(new, hosts / name)
+
+
+def test_idle_keepalive_backend_connection_follows_a_switch(hosts, twin, proxies, backends):
+    """After a switch, a kept-alive client's idle backend connection to the previous target
+    is closed within 2 x RECHECK (1 s), the client's own connection staying open, and its
+    next request goes to the new target: nothing idle holds the old version (--drain)."""
+    old_ended = threading.Event()
+    backends(hosts, "_releases/v1", tagged(b"v1", old_ended))
+    backends(hosts, "_releases/v2", tagged(b"v2"))
+    (hosts / "a").symlink_to("_releases/v1")
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        assert [body for _, _, body in exchange(sock, get("a") * 2, 2)] == [b"v1", b"v1"]
+        switch(hosts, "a", "_releases/v2")
+        assert old_ended.wait(5)  # 1 s by design; 5 s for a loaded machine
+        assert [body for _, _, body in exchange(sock, get("a") * 2, 2)] == [b"v2", b"v2"]
+
+
+def test_busy_keepalive_connection_follows_a_switch(hosts, twin, proxies, backends):
+    """A request that starts RECHECK (0.5 s) after a switch goes to the new target although
+    the client's connection was never idle (its answer from the old one was in progress)."""
+    received, answer = threading.Event(), threading.Event()
+    backends(hosts, "_releases/v1", tagged(b"v1", hold=(received, answer)))
+    backends(hosts, "_releases/v2", tagged(b"v2"))
+    (hosts / "a").symlink_to("_releases/v1")
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        sock.sendall(get("a"))
+        assert received.wait(10)
+        switch(hosts, "a", "_releases/v2")
+        time.sleep(0.6)  # the bound itself, not a race: what is asked of a request starting now
+        answer.set()
+        assert [body for _, _, body in exchange(sock, b"", 1)] == [b"v1"]  # begun before the switch
+        assert [body for _, _, body in exchange(sock, get("a"), 1)] == [b"v2"]
+
+
+def test_keepalive_backend_connection_kept_while_nothing_changes(hosts, twin, proxies, backends):
+    """Without a switch, one backend connection serves every request of a kept-alive client,
+    idle or not, across several rechecks."""
+    backend = backends(hosts, "a", tagged(b"v1"))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    with proxy.connect() as sock:
+        for _ in range(3):
+            assert [body for _, _, body in exchange(sock, get("a"), 1)] == [b"v1"]
+            time.sleep(0.6)  # idle past RECHECK: the sweep looks and keeps it
+        assert backend.accepted == 1
+
+
 BIG_ANSWER = 16 << 20  # far more than the socket buffers hold: still in flight as the proxy closes
 
 
