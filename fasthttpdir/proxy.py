@@ -40,7 +40,7 @@ from fastsni.tls import check_hostname
 
 HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
 LINGER = 5.0  # seconds a closing connection keeps reading (and dropping) what the client still sends
-RECHECK = 0.5  # seconds a name's looked-up socket stands for its kept-alive backend connections
+RECHECK = 0.25  # seconds a lookup of a name's socket stands for its kept-alive backend connections
 MAX_HEAD = 64 * 1024  # bytes of request head before 431
 BACKEND_SOCKET = "http-socket"
 TLS_SOCKET = "tls-socket"  # fastsni's: a host with only this one is redirected to https
@@ -85,9 +85,10 @@ _names: dict[bytes, str] = {}
 # A backend connection is kept alive across requests for one name only while the name
 # still leads to the socket it was made to (a switch of the entry, a restarted backend
 # end that): each name's socket as looked up at most RECHECK seconds ago, at most
-# REMEMBERED_NAMES of them (then forgotten all at once).  So a request that starts
-# RECHECK seconds after a switch goes to the new target, and an idle kept-alive backend
-# connection to the old one is closed within 2 x RECHECK (sweep), not left to hold it.
+# REMEMBERED_NAMES of them (then forgotten all at once), checked by a connection at
+# most every RECHECK seconds.  So a request that starts 2 x RECHECK after a switch goes
+# to the new target, and an idle kept-alive backend connection to the old one is closed
+# within 2 x RECHECK (sweep), not left to hold it.  No system call per request.
 _sockets: dict[str, tuple[float, tuple[int, int] | None]] = {}
 _sweeping = False  # a sweep is scheduled
 
@@ -520,6 +521,7 @@ class HttpConnection(Handler):
         self.backend: Side | None = None  # the backend connection, while one is open
         self.backend_name: str | None = None
         self.backend_socket: tuple[int, int] | None = None  # the identity of its socket file
+        self.backend_checked = 0.0  # when it was made, or last found current
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active: Request | None = None  # the exchange in progress
         self.response = None  # the backend connection's HttpResponseParser
@@ -771,7 +773,7 @@ class HttpConnection(Handler):
             self.response_keep_alive = True
             if self.backend is not None and (
                 self.backend_name != request.name
-                or not still_leads_to(request.name, self.backend_socket, self.reactor.time())
+                or not self.backend_current()
             ):
                 self.drop_backend()  # another host, or its name leads elsewhere now
             self.reused = self.backend is not None
@@ -791,6 +793,17 @@ class HttpConnection(Handler):
                 self.arm()
                 if self.backend is not None:
                     self.watch_backend()
+
+    def backend_current(self) -> bool:
+        """Whether the open backend connection may take the next request: made or found
+        current less than RECHECK seconds ago, or its name still leads to its socket."""
+        now = self.reactor.time()
+        if now - self.backend_checked < RECHECK:
+            return True
+        if not still_leads_to(self.backend_name, self.backend_socket, now):
+            return False
+        self.backend_checked = now
+        return True
 
     def watch_backend(self) -> None:
         """Idle with a backend connection open: the sweep runs (see _sockets)."""
@@ -817,6 +830,7 @@ class HttpConnection(Handler):
         self.backend = Side(self.reactor, fd)
         self.backend_name = request.name
         self.backend_socket = identity
+        self.backend_checked = self.reactor.time()
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)

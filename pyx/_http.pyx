@@ -49,6 +49,7 @@ __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
 cdef dict _names = {}  # Host values that passed, and their names: see the pure twin
 cdef dict _sockets = {}  # each name's socket as looked up lately: see the pure twin
 cdef bint _sweeping = False  # a sweep is scheduled
+cdef double C_RECHECK = RECHECK
 
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED.
@@ -66,7 +67,7 @@ cpdef bint still_leads_to(str name, object identity, double now) except -1:
     """Whether ``name``'s http-socket, as looked up at most RECHECK seconds before ``now``,
     is still ``identity``; True if no lookup can be made (out of descriptors)."""
     cdef tuple seen = _sockets.get(name)
-    if seen is None or now - <double>seen[0] >= RECHECK:
+    if seen is None or now - <double>seen[0] >= C_RECHECK:
         try:
             current = socket_identity(name, BACKEND_SOCKET)
         except OSError:
@@ -93,7 +94,7 @@ def sweep(Service service):
                 connection.drop_backend()
     _sweeping = waiting
     if waiting:
-        service.reactor.schedule(RECHECK, sweep, (service,))
+        service.reactor.schedule(C_RECHECK, sweep, (service,))
 
 
 def counts():
@@ -414,6 +415,7 @@ cdef class HttpConnection(Handler):
     cdef public Side backend
     cdef public object backend_name
     cdef public object backend_socket
+    cdef public double backend_checked
     cdef public bint client_eof
     cdef public Request active
     cdef public object response
@@ -448,6 +450,7 @@ cdef class HttpConnection(Handler):
         self.backend = None  # the backend connection, while one is open
         self.backend_name = None
         self.backend_socket = None  # the identity of its socket file
+        self.backend_checked = 0.0  # when it was made, or last found current
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active = None  # the exchange in progress
         self.response = None  # its HttpResponseParser
@@ -704,7 +707,7 @@ cdef class HttpConnection(Handler):
             self.response_keep_alive = True
             if self.backend is not None and (
                 self.backend_name != request.name
-                or not still_leads_to(request.name, self.backend_socket, _monotonic())
+                or not self.backend_current()
             ):
                 self.drop_backend()  # another host, or its name leads elsewhere now
             self.reused = self.backend is not None
@@ -725,12 +728,23 @@ cdef class HttpConnection(Handler):
                 if self.backend is not None:
                     self.watch_backend()
 
+    cdef bint backend_current(self) except -1:
+        """Whether the open backend connection may take the next request: made or found
+        current less than RECHECK seconds ago, or its name still leads to its socket."""
+        cdef double now = _monotonic()
+        if now - self.backend_checked < C_RECHECK:
+            return True
+        if not still_leads_to(self.backend_name, self.backend_socket, now):
+            return False
+        self.backend_checked = now
+        return True
+
     cdef watch_backend(self):
         """Idle with a backend connection open: the sweep runs (see the pure twin's _sockets)."""
         global _sweeping
         if not _sweeping:
             _sweeping = True
-            self.reactor.schedule(RECHECK, sweep, (self.service,))
+            self.reactor.schedule(C_RECHECK, sweep, (self.service,))
 
     cdef bint connect(self, Request request) except -1:
         """Open a backend connection for ``request``; False if answered with an error."""
@@ -750,6 +764,7 @@ cdef class HttpConnection(Handler):
         self.backend = Side(self.reactor, fd)
         self.backend_name = request.name
         self.backend_socket = identity
+        self.backend_checked = _monotonic()
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
