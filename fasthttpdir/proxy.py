@@ -771,10 +771,7 @@ class HttpConnection(Handler):
             self.tail = b""
             self.close_delimited = False
             self.response_keep_alive = True
-            if self.backend is not None and (
-                self.backend_name != request.name
-                or not self.backend_current()
-            ):
+            if self.backend is not None and (self.backend_name != request.name or not self.backend_current()):
                 self.drop_backend()  # another host, or its name leads elsewhere now
             self.reused = self.backend is not None
             if self.backend is None:
