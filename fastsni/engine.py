@@ -513,7 +513,7 @@ class Reactor(Handler):
         self.writers: set[int] = set()  # descriptors also watched for EPOLLOUT
         self.again: list[Flow] = []  # flows that yielded to others mid-work
         self.timers: dict[float, deque[Timer]] = {}  # one FIFO per delay: each is in order
-        self.earliest = math.inf  # when the first timer is due, as of next_timeout()
+        self.earliest = math.inf  # when the first timer is due (or a cancelled one was): see run_timers
         self.signals: dict[int, tuple[Callable, tuple]] = {}
         self.wakeup = -1  # read end of the pipe signal numbers arrive on
         self.stopping = False
@@ -573,27 +573,26 @@ class Reactor(Handler):
         fifo = self.timers.get(delay)
         if fifo is None:
             fifo = self.timers[delay] = deque()
+        while fifo and fifo[0].callback is None:  # cancelled ones at the head go now
+            fifo.popleft()
         fifo.append(timer)
+        if timer.when < self.earliest:
+            self.earliest = timer.when
         return timer
 
     def next_timeout(self) -> float:
-        """Seconds epoll_wait may block: 0 while flows wait their turn, else until the
-        earliest timer, or -1 (no timer).  Cancelled timers at a FIFO's head go now."""
-        earliest = math.inf
-        for fifo in self.timers.values():
-            while fifo and fifo[0].callback is None:
-                fifo.popleft()
-            if fifo and fifo[0].when < earliest:
-                earliest = fifo[0].when
-        self.earliest = earliest
+        """Seconds epoll_wait may block: 0 while flows wait their turn, else until
+        ``earliest``, or -1 (no timer).  No scan per wakeup: a timer cancelled since
+        run_timers last looked wakes the loop once for nothing, when it would have been due."""
         if self.again:
             return 0.0
-        if earliest == math.inf:
+        if self.earliest == math.inf:
             return -1.0
-        return max(0.0, earliest - self.time())
+        return max(0.0, self.earliest - self.time())
 
     def run_timers(self) -> None:
-        """Fire the timers that are due, oldest first within each delay."""
+        """Fire the timers that are due, oldest first within each delay; then find the
+        earliest one left, dropping cancelled ones at the FIFOs' heads."""
         now = self.time()
         if now < self.earliest:
             return
@@ -603,6 +602,13 @@ class Reactor(Handler):
                     fifo.popleft().fire()
                 except Exception as exc:
                     internal_error("continuing", exc)
+        earliest = math.inf
+        for fifo in self.timers.values():
+            while fifo and fifo[0].callback is None:
+                fifo.popleft()
+            if fifo and fifo[0].when < earliest:
+                earliest = fifo[0].when
+        self.earliest = earliest
 
     def add_signal_handler(self, signum: int, callback: Callable, *args) -> None:
         """``callback(*args)`` from the loop when ``signum`` arrives (as asyncio does it:

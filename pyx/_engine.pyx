@@ -649,32 +649,27 @@ cdef class Reactor(Handler):
         fifo = self.timers.get(delay)
         if fifo is None:
             fifo = self.timers[delay] = deque()
+        while fifo and (<Timer>fifo[0]).callback is None:  # cancelled ones at the head go now
+            fifo.popleft()
         fifo.append(timer)
+        if timer.when < self.earliest:
+            self.earliest = timer.when
         return timer
 
     cpdef double next_timeout(self):
-        """Seconds epoll_wait may block: 0 while flows wait their turn, else until the
-        earliest timer, or -1 (no timer).  Cancelled timers at a FIFO's head go now."""
-        cdef double earliest = INFINITY
-        cdef Timer head
-        for fifo in self.timers.values():
-            while fifo:
-                head = fifo[0]
-                if head.callback is not None:
-                    if head.when < earliest:
-                        earliest = head.when
-                    break
-                fifo.popleft()
-        self.earliest = earliest
+        """Seconds epoll_wait may block: 0 while flows wait their turn, else until
+        ``earliest``, or -1 (no timer); no scan per wakeup (see the pure twin)."""
         if self.again:
             return 0.0
-        if earliest == INFINITY:
+        if self.earliest == INFINITY:
             return -1.0
-        return max(0.0, earliest - _monotonic())
+        return max(0.0, self.earliest - _monotonic())
 
     cpdef run_timers(self):
-        """Fire the timers that are due, oldest first within each delay."""
+        """Fire the timers that are due, oldest first within each delay; then find the
+        earliest one left, dropping cancelled ones at the FIFOs' heads."""
         cdef double now = _monotonic()
+        cdef double earliest = INFINITY
         cdef Timer timer
         if now < self.earliest:
             return
@@ -685,6 +680,15 @@ cdef class Reactor(Handler):
                     timer.fire()
                 except Exception as exc:
                     internal_error("continuing", exc)
+        for fifo in self.timers.values():
+            while fifo:
+                timer = fifo[0]
+                if timer.callback is not None:
+                    if timer.when < earliest:
+                        earliest = timer.when
+                    break
+                fifo.popleft()
+        self.earliest = earliest
 
     def add_signal_handler(self, int signum, callback, *args):
         """``callback(*args)`` from the loop when ``signum`` arrives (through the wakeup pipe)."""

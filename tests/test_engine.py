@@ -77,6 +77,30 @@ def test_reactor_close_forgets_and_closes(engine):
         theirs.close()
 
 
+def test_timers_are_not_scanned_per_wakeup(engine):
+    """next_timeout() looks at one number, not at every timer: a cancelled earliest timer
+    still bounds the wait (one wakeup for nothing) until run_timers() finds the next live
+    one; cancelled timers at a FIFO's head go when the next one of that delay is set, so
+    a FIFO holds no more than the live span of its timers."""
+    reactor = engine.Reactor()
+    first = reactor.call_later(30, print)
+    live = reactor.call_later(60, print)
+    assert 29 < reactor.next_timeout() <= 30
+    first.cancel()
+    assert 29 < reactor.next_timeout() <= 30  # stale: one early wakeup, no scan
+    reactor.earliest = 0  # as if that wakeup came: run_timers looks again
+    reactor.run_timers()
+    assert 59 < reactor.next_timeout() <= 60
+    live.cancel()
+    for _ in range(1000):  # a busy proxy: each hello timer cancelled before the next is set
+        reactor.call_later(10, print).cancel()
+    assert len(reactor.timers[10]) == 1
+    assert reactor.next_timeout() <= 10
+    reactor.earliest = 0
+    reactor.run_timers()
+    assert reactor.next_timeout() == -1  # nothing live: epoll_wait blocks until an event
+
+
 def test_standalone_reactor_dispatches_runs_timers_and_stops(engine):
     """The Reactor is its own loop: events, timers in order (a cancelled one never fires), stop()."""
     reactor = engine.Reactor()
