@@ -50,6 +50,12 @@ cdef dict _names = {}  # Host values that passed, and their names: see the pure 
 cdef dict _sockets = {}  # each name's socket as looked up lately: see the pure twin
 cdef bint _sweeping = False  # a sweep is scheduled
 cdef double C_RECHECK = RECHECK
+# The shared constants as C values: compared per request without a Python object in sight.
+cdef Py_ssize_t C_HIGH_WATER = HIGH_WATER
+cdef Py_ssize_t C_MAX_HEAD = MAX_HEAD
+cdef double C_HEAD_TIMEOUT = HEAD_TIMEOUT
+cdef double C_LINGER = LINGER
+cdef frozenset C_DROPPED = DROPPED
 
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED.
@@ -236,7 +242,7 @@ cdef class RequestReader:
         except httptools.HttpParserError as exc:
             self.reject(self.rejected or Rejected(400, f"bad request: {exc}"))
             return
-        if self.in_head and self.head_size > MAX_HEAD:
+        if self.in_head and self.head_size > C_MAX_HEAD:
             self.reject(Rejected(431, "request head over 64 KiB"))
 
     cdef reject(self, rejection):
@@ -296,7 +302,7 @@ cdef class RequestReader:
         size = len(method) + len(self.target) + 12
         for pair in self.headers:
             size += len(<bytes>pair[0]) + len(<bytes>pair[1]) + 4
-        if size > MAX_HEAD:
+        if size > C_MAX_HEAD:
             raise self.fail(Rejected(431, "request head over 64 KiB"))
         if version != "1.1" and version != "1.0":
             raise self.fail(Rejected(400, f"HTTP/{version}"))
@@ -323,7 +329,7 @@ cdef class RequestReader:
             field = pair[0]
             value = pair[1]
             lowered = field.lower()
-            if lowered in DROPPED or b"_" in field or (self.reparse and lowered == b"upgrade"):
+            if lowered in C_DROPPED or b"_" in field or (self.reparse and lowered == b"upgrade"):
                 continue  # a "_" in a name: dropped, as nginx does (CGI reads "_" as "-")
             if lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp accepts only "chunked" last in a request
@@ -543,12 +549,12 @@ cdef class HttpConnection(Handler):
             return False
         if self.upgrade_wait or self.client_eof:
             return False
-        if self.backend is not None and len(self.backend.queued) > HIGH_WATER:
+        if self.backend is not None and len(self.backend.queued) > C_HIGH_WATER:
             return False
         queued = 0
         for request in reader.requests:
             queued += request.size
-        return queued <= HIGH_WATER
+        return queued <= C_HIGH_WATER
 
     cdef client_data(self, bytes data):
         reader = self.reader
@@ -605,7 +611,7 @@ cdef class HttpConnection(Handler):
     cdef arm(self):
         """The next head is due within HEAD_TIMEOUT."""
         self.stop_timer()
-        self.timer = self.reactor.schedule(HEAD_TIMEOUT, self.expire, ())
+        self.timer = self.reactor.schedule(C_HEAD_TIMEOUT, self.expire, ())
 
     cdef stop_timer(self):
         if self.timer is not None:
@@ -628,7 +634,7 @@ cdef class HttpConnection(Handler):
             self.shut()
             return
         self.closing = True
-        self.timer = self.reactor.schedule(LINGER, self.shut, ())
+        self.timer = self.reactor.schedule(C_LINGER, self.shut, ())
 
     cdef linger(self):
         """Close after the last answer without losing it (RFC 9112 §9.6): if the client
@@ -643,7 +649,7 @@ cdef class HttpConnection(Handler):
             return
         self.end_exchanges()
         self.lingering = True
-        self.timer = self.reactor.schedule(LINGER, self.shut, ())
+        self.timer = self.reactor.schedule(C_LINGER, self.shut, ())
         if not self.client.queued:
             self.begin_lingering()
 
@@ -806,7 +812,7 @@ cdef class HttpConnection(Handler):
     # backend side
 
     cdef read_backend(self):
-        while self.backend is not None and self.backend.readable and len(self.client.queued) <= HIGH_WATER:
+        while self.backend is not None and self.backend.readable and len(self.client.queued) <= C_HIGH_WATER:
             data = self.backend.read()
             if data is None:
                 return
