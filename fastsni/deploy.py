@@ -159,8 +159,8 @@ def wanted_sockets(target: str, previous: str | None, deadline: float) -> list[s
 
 def missing_socket(target: str, previous: str | None, leaf: str) -> Refused:
     return Refused(
-        f"the current target {previous} serves {leaf} but TARGET {target} has none: after the switch that "
-        "protocol would break; serve it from the new version too"
+        f"the current target {previous} serves {leaf} but TARGET {target} has none: is the new version "
+        f"running, and binding {leaf} there? Without it that protocol would break after the switch"
     )
 
 

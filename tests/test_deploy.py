@@ -599,7 +599,7 @@ def test_unprivileged_owners_in_a_sticky_hosts_directory(backends, ca):
 
 
 def test_entry_points():
-    for module in ("fastsni.deploy", "fastsni.check"):
+    for module in ("fastsni.deploy", "fastsni.check", "fastsni.release"):
         result = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=ENV
         )
@@ -607,4 +607,4 @@ def test_entry_points():
 
 
 def test_example_hook_is_valid_shell():
-    assert subprocess.run(["sh", "-n", str(ROOT / "examples" / "post-receive")]).returncode == 0
+    assert subprocess.run(["sh", "-n", str(ROOT / "examples" / "pre-receive")]).returncode == 0
