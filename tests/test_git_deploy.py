@@ -37,11 +37,12 @@ pytestmark = [
 # The app: serves "<version>" on ./http-socket and, with TLS, on ./tls-socket; files in
 # the commit break it on purpose (a build that fails, a 500 for every request, no start).
 APP = r"""
-import os, socketserver, ssl, sys, threading
+import os, socketserver, ssl, subprocess, sys, threading
 from http.server import BaseHTTPRequestHandler
 
 if os.path.exists("CRASH"):
     sys.exit("serve: crashing on purpose")
+helper = subprocess.Popen(["sleep", "600"])  # stopping the release must stop it too
 VERSION = open("version").read().strip()
 STATUS = 500 if os.path.exists("STATUS_500") else 200
 
@@ -115,7 +116,7 @@ def owner_python(base: Path) -> tuple[str, str]:
     lib = base / "lib"
     shutil.copytree(Path(fastsni.__file__).parent, lib / "fastsni", ignore=shutil.ignore_patterns("*.so"))
     shutil.copytree(Path(idna.__file__).parent, lib / "idna")
-    subprocess.run(["chmod", "-R", "a+rX", str(lib)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(lib)], check=True, timeout=30)
     for python in (sys.executable, "/usr/bin/python3"):
         try:
             probe = subprocess.run(
@@ -211,6 +212,7 @@ class Site:
             env=self.env,
             preexec_fn=as_owner(OWNER),
             check=True,
+            timeout=10,
         )
 
     def commit(self, message: str, **files: str) -> str:
@@ -260,6 +262,19 @@ class Site:
 
     def service_dirs(self) -> list[str]:
         return sorted(os.listdir(self.services))
+
+
+def processes_in(directory: Path) -> list[int]:
+    """The processes whose working directory is ``directory``: a release's."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/cwd") == str(directory):
+                    found.append(int(name))
+            except OSError:
+                pass
+    return found
 
 
 def owners_processes() -> list[int]:
@@ -336,12 +351,10 @@ def test_git_push_deploys_without_downtime_and_rejects_broken_pushes(site, all_p
     assert os.lstat(site.hosts / NAME).st_uid == OWNER
     release = site.area / f"{NAME}-{first[:12]}"
     assert oct(os.stat(release).st_mode & 0o7777) == "0o750" and os.stat(release).st_uid == OWNER
-    assert (
-        f"user:{OTHER}:rwx"
-        in subprocess.run(
-            ["getfacl", "-p", str(release / "http-socket")], capture_output=True, text=True
-        ).stdout
-    )  # the default ACL reached the socket, unmasked (umask 0007 in the run script)
+    acl = subprocess.run(
+        ["getfacl", "-p", str(release / "http-socket")], capture_output=True, text=True, timeout=10
+    )
+    assert f"user:{OTHER}:rwx" in acl.stdout.split() and "#effective" not in acl.stdout  # the default ACL, unmasked (umask 0007 in run)
     for proxy in all_proxies.values():
         assert get(proxy, context) == "v1\n"
 
@@ -364,6 +377,8 @@ def test_git_push_deploys_without_downtime_and_rejects_broken_pushes(site, all_p
         assert {body for _, body in load.results} == {"v1\n", "v2\n"}, key
         assert all(body == "v2\n" for start, body in load.results if start > pushed), key
     assert "stopped the previous release" in result.stderr
+    assert not processes_in(release)  # bin/serve and its helper: the whole process group
+    assert len(processes_in(site.area / f"{NAME}-{second[:12]}")) == 2
     assert site.releases() == sorted([f"{NAME}-{first[:12]}", f"{NAME}-{second[:12]}"])
     assert site.service_dirs() == [f"fastsni-{NAME}-{second[:12]}"]  # v1 stopped, its service gone
 
@@ -389,7 +404,9 @@ def test_git_push_deploys_without_downtime_and_rejects_broken_pushes(site, all_p
     # replace a release in the owner's area, nor deploy her name
     third = site.commit("v3", version="v3\n")
     for attempt in (["mkdir", str(site.area / f"{NAME}-{third[:12]}")], ["rm", "-rf", str(release)]):
-        denied = subprocess.run(attempt, preexec_fn=as_owner(OTHER), capture_output=True, text=True)
+        denied = subprocess.run(
+            attempt, preexec_fn=as_owner(OTHER), capture_output=True, text=True, timeout=10
+        )
         assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
     result = site.push()
     assert result.returncode == 0, result.stderr
