@@ -354,7 +354,8 @@ def test_git_push_deploys_without_downtime_and_rejects_broken_pushes(site, all_p
     acl = subprocess.run(
         ["getfacl", "-p", str(release / "http-socket")], capture_output=True, text=True, timeout=10
     )
-    assert f"user:{OTHER}:rwx" in acl.stdout.split() and "#effective" not in acl.stdout  # the default ACL, unmasked (umask 0007 in run)
+    # the release's default ACL entry reached the socket, unmasked (umask 0007 in the run script)
+    assert f"user:{OTHER}:rwx" in acl.stdout.split() and "#effective" not in acl.stdout
     for proxy in all_proxies.values():
         assert get(proxy, context) == "v1\n"
 
