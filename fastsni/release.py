@@ -28,12 +28,12 @@ import contextlib
 import fcntl
 import io
 import os
-import pwd
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fastsni import deploy, tree
@@ -101,18 +101,10 @@ def settings(args: argparse.Namespace) -> Settings:
         given = getattr(args, key.replace("-", "_"))
         env = os.environ.get("FASTSNI_" + key.upper().replace("-", "_"))
         values[key] = next((v for v in (given, env) if v is not None), None) or git_config(key) or default
-    me = pwd.getpwuid(os.geteuid()).pw_name if _has_passwd() else str(os.geteuid())
-    values["area"] = values["area"] or os.path.join(values["hosts"] or ".", f"_{me}")
+    you = tree.login(os.geteuid())
+    values["area"] = values["area"] or os.path.join(values["hosts"] or ".", f"_{you}")
     values["service-dir"] = os.path.expanduser(values["service-dir"] or "")
     return Settings(values)
-
-
-def _has_passwd() -> bool:
-    try:
-        pwd.getpwuid(os.geteuid())
-    except KeyError:
-        return False
-    return True
 
 
 def run(argv: list[str], what: str, timeout: float, **options) -> subprocess.CompletedProcess:
@@ -234,7 +226,7 @@ def wait_unlocked(path: str, seconds: float) -> None:
 MANAGERS = {"systemd": Systemd, "runit": Runit}
 
 
-def pushed(lines: io.TextIOBase, branch: str) -> str | None:
+def pushed(lines: Iterable[str], branch: str) -> str | None:
     """The commit a pre-receive (or post-receive) hook's input moves ``branch`` to; None if it
     does not (another branch, or a deletion)."""
     found = None
@@ -383,7 +375,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="fastsni-release",
         usage="fastsni-release [options] [REV]",
         description=__doc__.split("\n\n", 1)[1].split("Steps:")[0].strip(),
-        epilog="exit codes: 0 deployed (or nothing to do); 1 NOT deployed (nothing changed); 2 bad usage",
+        epilog="every option is also FASTSNI_<OPTION> in the environment and fastsni.<option> in git\n"
+        "config (e.g. FASTSNI_PROBE_PATH, git config fastsni.probe-path); the command line wins,\n"
+        "then the environment, then git config.\n\n"
+        "exit codes: 0 deployed (or nothing to do); 1 NOT deployed (nothing changed); 2 bad usage",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from test_deploy import ENV
 
-from fastsni import release
+from fastsni import release, tree
 
 EXAMPLES = ROOT / "examples"
 ANALYZE = shutil.which("systemd-analyze")
@@ -53,7 +53,7 @@ def test_settings_come_from_the_command_line_then_the_environment_then_git_confi
     config = release.settings(release.parse(["--keep", "4"]))
     assert config["keep"] == "4" and config["probe-path"] == "/health" and config["name"] == "config.example"
     assert config["insecure"] == "true" and config["hosts"] == "/srv/hosts" and config["manager"] == "systemd"
-    assert config["area"] == f"/srv/hosts/_{release.pwd.getpwuid(os.geteuid()).pw_name}"
+    assert config["area"] == f"/srv/hosts/_{tree.login(os.geteuid())}"
     monkeypatch.delenv("FASTSNI_KEEP")
     assert release.settings(release.parse([]))["keep"] == "7"
 
@@ -94,7 +94,7 @@ def run_release(
 def test_systemd_failures_leave_nothing_behind(case, repo, hosts, tmp_path):
     """Without a user manager (systemctl --user: Failed to connect to bus), or with a release
     that serves nothing: one NOT deployed line, exit 1, the release stopped and removed."""
-    area = hosts / f"_{release.pwd.getpwuid(os.geteuid()).pw_name}"
+    area = hosts / f"_{tree.login(os.geteuid())}"
     area.mkdir(mode=0o750)
     env, log = fake_systemctl(tmp_path, 1 if case == "no user manager" else 0)
     result = run_release(repo, hosts, env)
