@@ -2,7 +2,7 @@
 
 Run by the owner of NAME's entry.  TARGET is a directory holding the new version's
 tls-socket and/or http-socket, typically a release directory such as
-_releases/blog-v43 (a name the proxies never route to).  Steps:
+_alice/blog-v43 in the owner's own release area (a name the proxies never route to).  Steps:
 
 1. NAME is normalised like fastsni-hostname; its entry, if any, must be yours; TARGET must
    resolve inside the hosts tree, in directories that are yours alone (your release area
@@ -72,10 +72,11 @@ def current_target(hosts: str, entry: str) -> tuple[str | None, str | None]:
     except FileNotFoundError:
         return None, None
     if stat.S_ISDIR(info.st_mode):
+        area = f"{hosts}/_{tree.login(os.geteuid())}"
         raise Refused(
             f"{path} is a real directory, not a symlink, so it cannot be switched atomically. Convert it "
-            f"once: start the next version in a release directory (e.g. {hosts}/_releases/{entry}-v2), then "
-            f"`fastsni-deploy --convert {entry} {hosts}/_releases/{entry}-v1` moves the current one there "
+            f"once: start the next version in a release directory (e.g. {area}/{entry}-v2), then "
+            f"`fastsni-deploy --convert {entry} {area}/{entry}-v1` moves the current one there "
             "and leaves a link in its place in one atomic step (its backend keeps serving)"
         )
     if not stat.S_ISLNK(info.st_mode):
@@ -229,7 +230,10 @@ def convert(hosts: str, entry: str, destination: str) -> str:
     destination = os.path.abspath(destination)
     parent = os.path.realpath(os.path.dirname(destination))
     if not tree.inside(parent, hosts) or parent == hosts:
-        raise Refused(f"{destination} must lie in a directory under {hosts}, such as {hosts}/_releases")
+        raise Refused(
+            f"{destination} must lie in a directory under {hosts}, such as your release area "
+            f"{hosts}/_{tree.login(os.geteuid())}"
+        )
     if os.path.lexists(destination):
         raise Refused(f"{destination} already exists")
     check_own_tree(hosts, parent, f"the new place of {entry}")

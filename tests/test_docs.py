@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TEST_INSTALLED
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = "(not run here)"
@@ -154,7 +154,8 @@ def tools(directory: Path) -> dict[str, str]:
         (directory / name).chmod(0o755)
     (directory / "python3").symlink_to(sys.executable)
     env = dict(os.environ, PATH=f"{directory}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    if not TEST_INSTALLED:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     if os.geteuid() == 0:
         env["FASTSNI_ALLOW_ROOT"] = "1"  # the tour's fasthttpdir runs as whoever runs the tests
     return env
