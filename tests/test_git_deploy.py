@@ -375,6 +375,7 @@ def test_git_push_deploys_without_downtime_and_rejects_broken_pushes(site, all_p
         for load in loads.values():
             load.finish()
     for key, load in loads.items():
+        print(f"{key}: {len(load.results)} requests across the switch, {len(load.failures)} failed")
         assert not load.failures, (key, load.failures[:3])
         assert {body for _, body in load.results} == {"v1\n", "v2\n"}, key
         assert all(body == "v2\n" for start, body in load.results if start > pushed), key
