@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import grp
 import json
 import os
 import pwd
 import stat
-import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -82,18 +80,6 @@ def user_of(pid: int) -> User:
 def invoking_user() -> User:
     uid = os.geteuid()
     return User(uid, tuple({os.getegid(), *os.getgroups()}), tree.user_name(uid))
-
-
-def who(uid: int) -> str:
-    """``alice (uid 1001)``, or ``uid 1001`` for a uid without a name."""
-    name = tree.user_name(uid)
-    return name if name.startswith("uid ") else f"{name} (uid {uid})"
-
-
-def login(uid: int) -> str:
-    """A uid as setfacl and systemd's SocketUser= take it: its name, else the number."""
-    name = tree.user_name(uid)
-    return str(uid) if name.startswith("uid ") else name
 
 
 def connect_errors(hosts: int, targets: list[str], user: User) -> dict[str, int]:
@@ -162,68 +148,6 @@ def symlinks_protected() -> bool:
         return False
 
 
-# A directory's access ACL as Linux stores it (linux/posix_acl_xattr.h): a version, then
-# (tag, permissions, id) entries.  Replacing what a directory holds takes write and search.
-ACL_ACCESS = "system.posix_acl_access"
-_ACL_HEADER = struct.Struct("<I")
-_ACL_ENTRY = struct.Struct("<HHI")
-ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x02, 0x04, 0x08, 0x10, 0x20
-WRITE_SEARCH = 0o3
-EVERYONE = -1
-
-
-def acl_entries(path: str) -> list[tuple[int, int, int]] | None:
-    """The (tag, permissions, id) entries of ``path``'s access ACL; None if it has none
-    (or the filesystem keeps none): then its mode bits say it all."""
-    try:
-        data = os.getxattr(path, ACL_ACCESS)
-    except OSError:
-        return None
-    last = len(data) - _ACL_ENTRY.size
-    return [_ACL_ENTRY.unpack_from(data, pos) for pos in range(_ACL_HEADER.size, last + 1, _ACL_ENTRY.size)]
-
-
-def writers(path: str, info: os.stat_result) -> list[tuple[str, int]]:
-    """Who besides its owner may add, remove or replace what directory ``path`` holds:
-    ("group", gid), ("user", uid) or ("everyone", EVERYONE), from its ACL if it has one,
-    else from its mode bits."""
-    entries = acl_entries(path)
-    if not entries:
-        entries = [(ACL_GROUP_OBJ, info.st_mode >> 3 & 0o7, 0), (ACL_OTHER, info.st_mode & 0o7, 0)]
-    mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), 0o7)
-    found = []
-    for tag, perm, ident in entries:
-        if tag == ACL_OTHER and perm & WRITE_SEARCH == WRITE_SEARCH:
-            found.append(("everyone", EVERYONE))
-        elif tag in (ACL_USER, ACL_GROUP, ACL_GROUP_OBJ) and perm & mask & WRITE_SEARCH == WRITE_SEARCH:
-            kind = "user" if tag == ACL_USER else "group"
-            found.append((kind, info.st_gid if tag == ACL_GROUP_OBJ else ident))
-    return found
-
-
-def group_members(gid: int) -> set[int] | None:
-    """The uids in group ``gid`` (listed in it, or with it as their primary group); None
-    for a group the system does not know, whose members cannot be told."""
-    try:
-        names = grp.getgrgid(gid).gr_mem
-    except KeyError:
-        return None
-    members = {record.pw_uid for record in pwd.getpwall() if record.pw_gid == gid}
-    for name in names:
-        try:
-            members.add(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            pass
-    return members
-
-
-def group_name(gid: int) -> str:
-    try:
-        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
-    except KeyError:
-        return f"gid {gid}"
-
-
 def dns_problems(entry: str) -> list[str]:
     labels = entry.split(".")[1:] if entry.startswith(tree.WILDCARD) else entry.split(".")
     problems = []
@@ -241,11 +165,12 @@ class Checker:
         self.fd = os.open(hosts, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # as the proxies hold it
         self.root = self.where(self.fd)  # for messages and inside-the-tree tests
         self.user = user
-        self.proxy = login(user.uid) if user.uid else "fastsni"  # in the commands suggested
+        self.proxy = tree.login(user.uid) if user.uid else "fastsni"  # in the commands suggested
         self.options = options
         self.findings: list[Finding] = []
         self.sockets: list[tuple[str, str, int]] = []  # (entry, leaf, mode): connected to once, at the end
         self.protected = symlinks_protected()
+        self.areas: set[str] = set()  # release areas already looked at
 
     def close(self) -> None:
         os.close(self.fd)
@@ -279,18 +204,7 @@ class Checker:
     def untrusted_writers(self, path: str, info: os.stat_result) -> list[str]:
         """Who may change directory ``path`` other than its owner, root and the proxy's
         user (a group counts unless every member is one of those)."""
-        trusted = {0, info.st_uid, self.user.uid}
-        found = []
-        for kind, ident in writers(path, info):
-            if kind == "everyone":
-                found.append("everyone")
-            elif kind == "user" and ident not in trusted:
-                found.append(who(ident))
-            elif kind == "group":
-                members = group_members(ident)
-                if members is None or not members <= trusted:
-                    found.append(f"group {group_name(ident)}")
-        return found
+        return tree.other_writers(path, info, {0, info.st_uid, self.user.uid})
 
     def check_tree(self) -> None:
         info = os.fstat(self.fd)
@@ -346,6 +260,7 @@ class Checker:
         try:
             self.check_owner(entry, owner)
             self.check_target(entry, owner, directory)
+            self.check_area(entry, owner, directory)
             socket_directories = self.check_sockets(entry, owner, directory)
             self.check_writable(entry, owner, [self.where(directory), *socket_directories])
             self.check_proxy_header(entry)
@@ -480,12 +395,62 @@ class Checker:
             ERROR,
             entry,
             "foreign-target",
-            f"it leads into {self.shown(self.where(directory))}, owned by {who(target)}, not by the "
-            f"entry's owner {who(owner)}: that directory is {theirs}'s to change, and the proxies serve "
+            f"it leads into {self.shown(self.where(directory))}, owned by {tree.who(target)}, not by the "
+            f"entry's owner {tree.who(owner)}: that directory is {theirs}'s to change, and the proxies serve "
             f"none of {theirs}'s sockets under this name (alert 112 / 404); link only into {mine}'s own "
             f"directories, or let {theirs} own the entry (or root, "
             "who then vouches for it)",
         )
+
+    def check_area(self, entry: str, owner: int, directory: int) -> None:
+        """The directories an entry leads through to its target (its owner's release area
+        ``_<owner>/``): whoever owns one can rename or replace what it holds."""
+        relative = self.shown(self.where(directory))
+        if relative == "." or relative.startswith(".."):
+            return
+        parts = relative.split(os.sep)
+        current = self.root
+        for part in parts[:-1]:  # the target itself: check_target
+            current = os.path.join(current, part)
+            uid = os.stat(current).st_uid
+            if uid not in (0, owner):
+                mine = tree.login(owner)
+                self.add(
+                    ERROR,
+                    entry,
+                    "foreign-area",
+                    f"it leads through {self.shown(current)}, owned by {tree.who(uid)}, who can rename or "
+                    f"replace what it holds, this entry's target included; keep {mine}'s releases in "
+                    f"{mine}'s own area: install -d -o {mine} -m 0750 {self.root}/_{mine}",
+                )
+                break
+        if len(parts) > 1:
+            self.check_shared_area(os.path.join(self.root, parts[0]), used=True)
+
+    def check_shared_area(self, path: str, used: bool) -> None:
+        """A release area others may write (a shared ``_releases/``, sticky or not): they can
+        pre-create or take its owner's next release name, and that deploy fails."""
+        if path in self.areas:
+            return
+        self.areas.add(path)
+        info = os.stat(path)
+        others = self.untrusted_writers(path, info)
+        if others and (info.st_mode & stat.S_ISVTX or not used):  # else `writable` says it for each entry
+            self.add(
+                ERROR,
+                self.shown(path),
+                "shared-area",
+                f"{path} is writable by {', '.join(others)}: any of them can pre-create or replace a "
+                "release there before its owner deploys it; give each owner an area only they can write "
+                f"(install -d -o OWNER -m 0750 {self.root}/_OWNER, setfacl -m u:{self.proxy}:x on it)",
+            )
+
+    def check_areas(self) -> None:
+        """Every release area (a private top-level directory) that others may write."""
+        for name in sorted(os.listdir(self.hosts)):
+            path = os.path.join(self.root, name)
+            if tree.is_private(name) and os.path.isdir(path) and not os.path.islink(path):
+                self.check_shared_area(path, used=False)
 
     def check_sockets(self, entry: str, owner: int, directory: int) -> list[str]:
         """Each leaf as the proxies reach it; the sockets they would connect to go to
@@ -577,10 +542,11 @@ class Checker:
             ERROR,
             entry,
             "foreign-socket",
-            f"{leaf}{via} is owned by {who(socket_owner)}, not by the entry's owner {who(owner)}: the "
-            "proxies refuse it (alert 112 / 404, and a log line naming both uids); the socket must be "
+            f"{leaf}{via} is owned by {tree.who(socket_owner)}, not by the entry's owner "
+            f"{tree.who(owner)}: the proxies refuse it (alert 112 / 404, and a log line naming both "
+            "uids); the socket must be "
             f"{name}'s: bound by {name}'s backend or, for a backend under another uid, made by a systemd "
-            f"socket unit with SocketUser={login(owner)} that passes it on; or root must own the entry "
+            f"socket unit with SocketUser={tree.login(owner)} that passes it on; or root must own the entry "
             "(vouching for the backend), or one account own both",
         )
 
@@ -673,7 +639,7 @@ class Checker:
                 "not-as-user",
                 f"the connect test ran as {user.name}, not as {self.user.name}: only root can take "
                 f"another user's identity, so whether {self.user.name} may connect was not tested "
-                f"(run fastsni-check as root, or as {login(self.user.uid)})",
+                f"(run fastsni-check as root, or as {tree.login(self.user.uid)})",
             )
         targets = [f"{entry}/{leaf}" for entry, leaf, _ in self.sockets]
         errors = connect_errors(self.fd, targets, user)
@@ -814,6 +780,7 @@ def check(args: argparse.Namespace) -> list[Finding]:
         else:
             for entry in checker.entries():
                 checker.check_entry(entry)
+            checker.check_areas()
         checker.check_connections()
     finally:
         checker.close()

@@ -2,9 +2,11 @@
 
 Run by the owner of NAME's entry.  TARGET is a directory holding the new version's
 tls-socket and/or http-socket, typically a release directory such as
-_releases/blog-v43 (a name the proxies never route to).  Steps:
+_alice/blog-v43 in the owner's own release area (a name the proxies never route to).  Steps:
 
-1. NAME is normalised like fastsni-hostname; TARGET must resolve inside the hosts tree.
+1. NAME is normalised like fastsni-hostname; its entry, if any, must be yours; TARGET must
+   resolve inside the hosts tree, in directories that are yours alone (your release area
+   _<you>/).  All of this is checked before any probe.
 2. Every socket in TARGET, and each one the current target serves, is probed
    (fastsni.probe), retrying until --timeout while the new version starts.  A failure
    changes nothing.
@@ -31,7 +33,7 @@ from fastsni import probe, tree
 EXIT_OK = 0
 EXIT_PROBE_FAILED = 1  # nothing changed
 EXIT_USAGE = 2  # nothing changed
-EXIT_REFUSED = 3  # nothing changed: the entry or TARGET cannot be switched
+EXIT_REFUSED = 3  # nothing changed: not yours, or the entry or TARGET cannot be switched
 EXIT_DRAIN_TIMEOUT = 4  # switched; connections were still open on the previous target when --drain ran out
 EXIT_THEN_FAILED = 5  # switched (and drained); the --then command failed
 
@@ -41,7 +43,8 @@ DRAIN_POLL = 0.1  # seconds between looks at the kernel's socket table
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1].split("Steps:")[0].strip()
 EPILOG = """exit codes: 0 switched (and drained, and --then succeeded); 1 a probe failed;
-2 bad usage or name; 3 refused (the entry or TARGET cannot be switched);
+2 bad usage or name; 3 refused (the entry is not yours, or TARGET is not yours alone,
+or either cannot be switched; said before any probe);
 nothing changed for 1-3. 4 switched, but --drain ran out with connections open on the
 previous target (--then still ran); 5 switched, but the --then command failed.
 
@@ -69,16 +72,60 @@ def current_target(hosts: str, entry: str) -> tuple[str | None, str | None]:
     except FileNotFoundError:
         return None, None
     if stat.S_ISDIR(info.st_mode):
+        area = f"{hosts}/_{tree.login(os.geteuid())}"
         raise Refused(
             f"{path} is a real directory, not a symlink, so it cannot be switched atomically. Convert it "
-            f"once: start the next version in a release directory (e.g. {hosts}/_releases/{entry}-v2), then "
-            f"`fastsni-deploy --convert {entry} {hosts}/_releases/{entry}-v1` moves the current one there "
+            f"once: start the next version in a release directory (e.g. {area}/{entry}-v2), then "
+            f"`fastsni-deploy --convert {entry} {area}/{entry}-v1` moves the current one there "
             "and leaves a link in its place in one atomic step (its backend keeps serving)"
         )
     if not stat.S_ISLNK(info.st_mode):
         raise Refused(f"{path} is neither a symlink nor a directory; remove it or deploy another name")
     resolved = os.path.realpath(path)
     return os.readlink(path), resolved if os.path.isdir(resolved) else None
+
+
+def check_entry_owner(hosts: str, entry: str) -> None:
+    """Only the entry's owner (or root) may switch it: said at once, before any probe."""
+    uid = os.geteuid()
+    path = os.path.join(hosts, entry)
+    try:
+        owner = os.lstat(path).st_uid  # a symlink's own owner, as the proxies take it
+    except FileNotFoundError:
+        return
+    if uid not in (0, owner):
+        raise Refused(
+            f"{path} is owned by {_owner(path)}, not by you ({tree.who(uid)}): only its "
+            "owner (or root) can switch it; deploy a name of your own"
+        )
+
+
+def check_own_tree(hosts: str, path: str, what: str) -> None:
+    """Every directory from the hosts directory down to ``path`` (resolved, inside the tree)
+    must be yours and writable by nobody else: otherwise another owner could pre-create or
+    replace the release (a shared ``_releases/``, someone else's ``_<owner>/``).  Root may
+    deploy anything."""
+    uid = os.geteuid()
+    if uid == 0:
+        return
+    you = tree.who(uid)
+    area = f"{hosts}/_{tree.login(uid)}"
+    current = hosts
+    for part in os.path.relpath(path, hosts).split(os.sep):
+        current = os.path.join(current, part)
+        info = os.stat(current)
+        if info.st_uid != uid:
+            raise Refused(
+                f"{what} lies in {current}, owned by {_owner(current)}, not by you ({you}): keep your "
+                f"releases in your own area, {area} (install -d -m 0750 {area}, or ask "
+                "the administrator to make it for you)"
+            )
+        others = tree.other_writers(current, info, {0, uid})
+        if others:
+            raise Refused(
+                f"{what} lies in {current}, which {', '.join(others)} can write as well: they could "
+                f"pre-create or replace your releases; chmod go-w {current} (and setfacl -x any other writer)"
+            )
 
 
 def resolve_target(hosts: str, entry: str, target: str) -> str:
@@ -113,8 +160,8 @@ def wanted_sockets(target: str, previous: str | None, deadline: float) -> list[s
 
 def missing_socket(target: str, previous: str | None, leaf: str) -> Refused:
     return Refused(
-        f"the current target {previous} serves {leaf} but TARGET {target} has none: after the switch that "
-        "protocol would break; serve it from the new version too"
+        f"the current target {previous} serves {leaf} but TARGET {target} has none: is the new version "
+        f"running, and binding {leaf} there? Without it that protocol would break after the switch"
     )
 
 
@@ -164,10 +211,9 @@ def make_link(hosts: str, entry: str, text: str) -> None:
 
 def _owner(path: str) -> str:
     try:
-        uid = os.lstat(path).st_uid
+        return tree.who(os.lstat(path).st_uid)
     except OSError:
         return "someone else"
-    return f"{tree.user_name(uid)} (uid {uid})"
 
 
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2() swaps the two paths atomically
@@ -184,9 +230,13 @@ def convert(hosts: str, entry: str, destination: str) -> str:
     destination = os.path.abspath(destination)
     parent = os.path.realpath(os.path.dirname(destination))
     if not tree.inside(parent, hosts) or parent == hosts:
-        raise Refused(f"{destination} must lie in a directory under {hosts}, such as {hosts}/_releases")
+        raise Refused(
+            f"{destination} must lie in a directory under {hosts}, such as your release area "
+            f"{hosts}/_{tree.login(os.geteuid())}"
+        )
     if os.path.lexists(destination):
         raise Refused(f"{destination} already exists")
+    check_own_tree(hosts, parent, f"the new place of {entry}")
     destination = os.path.join(parent, os.path.basename(destination))
     text = os.path.relpath(destination, hosts)
     try:
@@ -321,6 +371,10 @@ def deploy(args: argparse.Namespace) -> int:
     hosts = os.path.realpath(args.hosts)
     if not os.path.isdir(hosts):
         return fail(entry, f"the hosts directory {args.hosts} does not exist", EXIT_USAGE)
+    try:
+        check_entry_owner(hosts, entry)
+    except Refused as exc:
+        return fail(entry, str(exc), EXIT_REFUSED)
     if args.convert:
         try:
             text = convert(hosts, entry, args.target)
@@ -332,6 +386,7 @@ def deploy(args: argparse.Namespace) -> int:
         previous_text, previous = current_target(hosts, entry)
         target_path = recorded_previous(hosts, previous, entry) if args.rollback else args.target
         target = resolve_target(hosts, entry, target_path)
+        check_own_tree(hosts, target, "TARGET")
         options = probe.options_from(args)
         deadline = time.monotonic() + options.timeout
         leaves = wanted_sockets(target, previous, deadline)

@@ -6,6 +6,7 @@ path lies inside the tree, and how many connections the kernel holds on a socket
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import socket
@@ -50,6 +51,96 @@ def user_name(uid: int) -> str:
 def inside(path: str, root: str) -> bool:
     """Whether the resolved ``path`` is ``root`` or lies below it (both absolute, resolved)."""
     return os.path.commonpath([path, root]) == root
+
+
+# A directory's access ACL as Linux stores it (linux/posix_acl_xattr.h): a version, then
+# (tag, permissions, id) entries.  Replacing what a directory holds takes write and search.
+ACL_ACCESS = "system.posix_acl_access"
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x02, 0x04, 0x08, 0x10, 0x20
+WRITE_SEARCH = 0o3
+EVERYONE = -1
+
+
+def acl_entries(path: str) -> list[tuple[int, int, int]] | None:
+    """The (tag, permissions, id) entries of ``path``'s access ACL; None if it has none
+    (or the filesystem keeps none): then its mode bits say it all."""
+    try:
+        data = os.getxattr(path, ACL_ACCESS)
+    except OSError:
+        return None
+    last = len(data) - _ACL_ENTRY.size
+    return [_ACL_ENTRY.unpack_from(data, pos) for pos in range(_ACL_HEADER.size, last + 1, _ACL_ENTRY.size)]
+
+
+def writers(path: str, info: os.stat_result) -> list[tuple[str, int]]:
+    """Who besides its owner may add, remove or replace what directory ``path`` holds:
+    ("group", gid), ("user", uid) or ("everyone", EVERYONE), from its ACL if it has one,
+    else from its mode bits."""
+    entries = acl_entries(path)
+    if not entries:
+        entries = [(ACL_GROUP_OBJ, info.st_mode >> 3 & 0o7, 0), (ACL_OTHER, info.st_mode & 0o7, 0)]
+    mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), 0o7)
+    found = []
+    for tag, perm, ident in entries:
+        if tag == ACL_OTHER and perm & WRITE_SEARCH == WRITE_SEARCH:
+            found.append(("everyone", EVERYONE))
+        elif tag in (ACL_USER, ACL_GROUP, ACL_GROUP_OBJ) and perm & mask & WRITE_SEARCH == WRITE_SEARCH:
+            kind = "user" if tag == ACL_USER else "group"
+            found.append((kind, info.st_gid if tag == ACL_GROUP_OBJ else ident))
+    return found
+
+
+def who(uid: int) -> str:
+    """``alice (uid 1001)``, or ``uid 1001`` for a uid without a name."""
+    name = user_name(uid)
+    return name if name.startswith("uid ") else f"{name} (uid {uid})"
+
+
+def login(uid: int) -> str:
+    """A uid as setfacl and systemd's SocketUser= take it: its name, else the number."""
+    name = user_name(uid)
+    return str(uid) if name.startswith("uid ") else name
+
+
+def group_members(gid: int) -> set[int] | None:
+    """The uids in group ``gid`` (listed in it, or with it as their primary group); None
+    for a group the system does not know, whose members cannot be told."""
+    try:
+        names = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return None
+    members = {record.pw_uid for record in pwd.getpwall() if record.pw_gid == gid}
+    for name in names:
+        try:
+            members.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+    return members
+
+
+def group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def other_writers(path: str, info: os.stat_result, trusted: set[int]) -> list[str]:
+    """Who may change directory ``path`` other than the uids ``trusted`` (a group counts
+    unless every member is trusted), as people name them."""
+    found = []
+    for kind, ident in writers(path, info):
+        if kind == "everyone":
+            found.append("everyone")
+        elif kind == "user" and ident not in trusted:
+            found.append(who(ident))
+        elif kind == "group":
+            members = group_members(ident)
+            if members is None or not members <= trusted:
+                found.append(f"group {group_name(ident)}")
+    return found
 
 
 # Connections on a socket file, from the kernel's sock_diag (linux/unix_diag.h): every

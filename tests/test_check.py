@@ -548,3 +548,33 @@ def test_writable_socket_directories(base, backends):
     link(hosts / "root.test", "_releases/group")
     _, findings, _ = run("--hosts", str(hosts), "--user", str(NOBODY), "root.test")
     assert "serve a socket of their own under this name, since root owns the entry" in findings[0]["message"]
+
+
+@needs_root
+def test_release_areas(base, backends):
+    """Each owner's releases belong in an area only she can write (_<owner>/): a shared one
+    (sticky or not) lets others pre-create her next release, another owner's lets him
+    replace it.  Both are errors, whether an entry uses the area yet or not."""
+    hosts = directory(base / "hosts")
+    own = directory(hosts / "_alice", ALICE, 0o755)  # the proxy's user (here: everyone) may search it
+    live(backends, directory(own / "alice-v1", ALICE) / "http-socket", ALICE)
+    link(hosts / "alice.test", "_alice/alice-v1", ALICE)
+    shared = directory(hosts / "_releases", mode=0o1777)
+    live(backends, directory(shared / "shop-v1", ALICE) / "http-socket", ALICE)
+    link(hosts / "shop.test", "_releases/shop-v1", ALICE)
+    bobs = directory(hosts / "_bob", BOB)
+    live(backends, directory(bobs / "blog-v1", ALICE) / "http-socket", ALICE)
+    link(hosts / "blog.test", "_bob/blog-v1", ALICE)
+    directory(hosts / "_open", mode=0o777)  # nobody's entry uses it yet
+    code, findings, err = run("--hosts", str(hosts), "--user", str(NOBODY))
+    assert codes(findings) == [
+        ("_open", "shared-area", "error"),
+        ("_releases", "shared-area", "error"),
+        ("blog.test", "foreign-area", "error"),
+    ], err
+    assert code == 1
+    said = {(f["entry"], f["code"]): f["message"] for f in findings}
+    assert said["_releases", "shared-area"].startswith(f"{shared} is writable by everyone: any of them can")
+    assert f"install -d -o OWNER -m 0750 {hosts}/_OWNER" in said["_releases", "shared-area"]
+    assert said["blog.test", "foreign-area"].startswith(f"it leads through _bob, owned by uid {BOB}, who can")
+    assert f"install -d -o {ALICE} -m 0750 {hosts}/_{ALICE}" in said["blog.test", "foreign-area"]

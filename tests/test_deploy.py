@@ -18,7 +18,7 @@ import pytest
 from backends import http_backend, reap, recv_exactly, recv_until_eof, run_as, tls_http_backend
 from conftest import ROOT, TEST_INSTALLED
 
-from fastsni import deploy
+from fastsni import deploy, tree
 
 NAME = "app.example"
 ENV = dict(os.environ)  # the commands as installed, or from the source tree:
@@ -508,52 +508,99 @@ UID_ALICE, UID_BOB = 65534, 65533  # any unused uids: setuid() needs no passwd e
 
 
 def test_unprivileged_owners_in_a_sticky_hosts_directory(backends, ca):
+    """Each owner deploys from her own release area _<owner>/; another owner's name is
+    refused (exit 3) before any probe, for deploy, --rollback and --convert alike; a shared
+    or foreign area is refused too, and nobody else can pre-create a release there."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run the deploys as two other uids")
     base = Path(tempfile.mkdtemp(prefix="fastsni-sticky-"))  # /tmp: searchable by every uid
     try:
         base.chmod(0o755)
         hosts = base / "hosts"
-        releases = hosts / "_releases"
-        releases.mkdir(parents=True)
+        hosts.mkdir()
         hosts.chmod(0o1777)
-        releases.chmod(0o1777)
+        shared = hosts / "_releases"
+        shared.mkdir(mode=0o1777)
+        shared.chmod(0o1777)
         cafile = base / "ca.pem"
         ca.cert_pem.write_to_path(str(cafile))
         cafile.chmod(0o644)
         targets = {}
         for owner, uid, name in (("alice", UID_ALICE, "alice.example"), ("bob", UID_BOB, "bob.example")):
+            area = hosts / f"_{owner}"
+            area.mkdir(mode=0o755)
+            os.chown(area, uid, uid)
             for version in ("v1", "v2"):
-                directory = releases / f"{owner}-{version}"
+                directory = area / f"{name}-{version}"
                 backends(directory / "tls-socket", tls_http_backend(ca, name, label=f"{owner}-{version}"))
                 os.chown(directory, uid, uid)
                 (directory / "tls-socket").chmod(0o666)  # the owner (and the proxy) may connect
                 targets[owner, version] = str(directory)
+        silent_target = hosts / "_alice" / "never-listens"  # a probe of it would wait out --timeout
+        silent_target.mkdir()
+        os.chown(silent_target, UID_ALICE, UID_ALICE)
+        in_shared = shared / "alice-v3"
+        backends(in_shared / "tls-socket", tls_http_backend(ca, "alice.example", label="shared"))
+        os.chown(in_shared, UID_ALICE, UID_ALICE)
+        (in_shared / "tls-socket").chmod(0o666)
 
-        def deploy_as(uid: int, name: str, target: str) -> tuple[int, str]:
-            argv = ["--hosts", str(hosts), "--cafile", str(cafile), name, target]
-            return run_as(uid, lambda: deploy.deploy(deploy.parse(argv)))
+        "x".encode("idna")  # the child cannot import codecs lazily where nobody may read the interpreter
 
-        code, text = deploy_as(UID_ALICE, "alice.example", targets["alice", "v1"])
+        def deploy_as(uid: int, *args: str) -> tuple[int, str, float]:
+            argv = ["--hosts", str(hosts), "--cafile", str(cafile), "--timeout", "20", *args]
+            start = time.monotonic()
+            code, text = run_as(uid, lambda: deploy.deploy(deploy.parse(argv)))
+            return code, text, time.monotonic() - start
+
+        code, text, _ = deploy_as(UID_ALICE, "alice.example", targets["alice", "v1"])
         assert code == 0, text
         assert os.lstat(hosts / "alice.example").st_uid == UID_ALICE
-        code, text = deploy_as(UID_BOB, "bob.example", targets["bob", "v1"])
+        code, text, _ = deploy_as(UID_BOB, "bob.example", targets["bob", "v1"])
         assert code == 0, text
-        # bob cannot switch alice's name, even to a target that would pass its probe
-        code, text = deploy_as(UID_BOB, "alice.example", targets["alice", "v2"])
+        # bob cannot switch alice's name: refused at once, before any probe (a target that
+        # never listens would otherwise take the whole --timeout), for every kind of switch
+        for args in (
+            ("alice.example", targets["alice", "v2"]),
+            ("alice.example", str(silent_target)),
+            ("--rollback", "alice.example"),
+            ("--convert", "alice.example", str(hosts / "_bob" / "taken")),
+        ):
+            code, text, took = deploy_as(UID_BOB, *args)
+            assert code == deploy.EXIT_REFUSED, (args, text)
+            assert f"owned by {tree.who(UID_ALICE)}, not by you ({tree.who(UID_BOB)})" in text, text
+            assert "only its owner (or root) can switch it" in text and "probe" not in text, text
+            assert took < 5, (args, took)
+        assert os.readlink(hosts / "alice.example") == "_alice/alice.example-v1"
+        # a release in a shared area, or in another owner's, is refused before any probe
+        code, text, _ = deploy_as(UID_ALICE, "alice.example", str(in_shared))
         assert code == deploy.EXIT_REFUSED, text
-        assert f"not allowed to replace {hosts}/alice.example (owned by" in text
-        assert os.readlink(hosts / "alice.example") == "_releases/alice-v1"
-        code, text = deploy_as(UID_ALICE, "alice.example", targets["alice", "v2"])
+        assert f"TARGET lies in {shared}, owned by {tree.who(0)}, not by you" in text, text
+        code, text, _ = deploy_as(UID_ALICE, "alice.example", targets["bob", "v2"])
+        assert code == deploy.EXIT_REFUSED, text
+        assert f"TARGET lies in {hosts}/_bob, owned by {tree.who(UID_BOB)}, not by you" in text, text
+        os.chmod(hosts / "_alice", 0o775)  # her group may write it: she alone must
+        code, text, _ = deploy_as(UID_ALICE, "alice.example", targets["alice", "v2"])
+        assert code == deploy.EXIT_REFUSED, text
+        assert "can write as well: they could pre-create or replace your releases" in text, text
+        os.chmod(hosts / "_alice", 0o755)
+        # bob cannot pre-create (or replace) a release in alice's area
+        for attempt in (
+            lambda: os.mkdir(hosts / "_alice" / "alice.example-v3"),
+            lambda: os.rename(hosts / "_bob" / "bob.example-v2", hosts / "_alice" / "alice.example-v2"),
+            lambda: shutil.rmtree(hosts / "_alice" / "alice.example-v2"),
+        ):
+            code, text = run_as(UID_BOB, lambda attempt=attempt: attempt() or 0)
+            assert code == 70 and "PermissionError" in text, text
+        code, text, _ = deploy_as(UID_ALICE, "alice.example", targets["alice", "v2"])
         assert code == 0, text
-        assert os.readlink(hosts / "alice.example") == "_releases/alice-v2"
+        assert os.readlink(hosts / "alice.example") == "_alice/alice.example-v2"
         assert not leftovers(hosts)
     finally:
         shutil.rmtree(base)
 
 
 def test_entry_points():
-    for module in ("fastsni.deploy", "fastsni.check"):
+    for module in ("fastsni.deploy", "fastsni.check", "fastsni.release"):
         result = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=ENV
         )
@@ -561,4 +608,4 @@ def test_entry_points():
 
 
 def test_example_hook_is_valid_shell():
-    assert subprocess.run(["sh", "-n", str(ROOT / "examples" / "post-receive")]).returncode == 0
+    assert subprocess.run(["sh", "-n", str(ROOT / "examples" / "pre-receive")]).returncode == 0

@@ -33,6 +33,7 @@ LAYERS = {
     "fastsni.listen": TOOL,
     "fastsni.deploy": TOOL,
     "fastsni.check": TOOL,
+    "fastsni.release": TOOL,
     "fastsni.probe": TOOL,
     "fastsni.tree": TOOL,
     "fastsni.demo": TOOL,
