@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from backends import client_hello, recv_exactly, recv_until_eof
+from backends import client_hello, reap, recv_exactly, recv_until_eof
 from test_counters import counters
 
 LINE = re.compile(
@@ -210,3 +211,24 @@ def test_a_receiver_that_never_reads_or_is_gone_breaks_nothing(
     if receiver_kind == "gone":
         assert sent == 0
     assert time.monotonic() - started < 60  # a bound, not a measurement
+
+
+def test_the_receiver_in_docs_logs_md_prints_each_line(twin, hosts, proxies, backends):
+    """The one-line Python receiver of docs/logs.md, run as written, in the entry's directory."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "logs.md").read_text()
+    command = text.split("<!-- receiver -->\n```sh\n", 1)[1].split("\n```", 1)[0]
+    assert command.startswith("python3 -c ") and command.endswith(" log-socket")
+    entry = hosts / "doc.test"
+    backends(entry / "http-socket", answer_http)
+    receiver = subprocess.Popen(["sh", "-c", "exec " + command], cwd=entry, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (entry / "log-socket").exists():
+            assert time.monotonic() < deadline and receiver.poll() is None
+            time.sleep(0.02)
+        proxy = proxies("fasthttpdir", hosts, twin)
+        port, _ = exchange("fasthttpdir", proxy, "doc.test")
+        line = receiver.stdout.readline()
+        assert LINE.match(line.rstrip("\n")) and f"client=127.0.0.1:{port} " in line, line
+    finally:
+        reap(receiver, 5)
