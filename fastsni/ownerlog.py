@@ -49,14 +49,12 @@ class OwnerLog:
     ``send(fd, data)``: one datagram to it, dropped (and counted) if it cannot go now."""
 
     def __init__(self) -> None:
-        self.sock: socket.socket | None = None
+        self.enabled = False  # set by the server at start: lookups begin
+        self.sock: socket.socket | None = None  # the one unbound datagram socket lines leave through
         self.found: dict[str, tuple[float, int]] = {}  # name -> (trusted until, descriptor or -1)
 
     def open(self) -> None:
-        """The one unbound datagram socket lines leave through; before confinement."""
-        self.sock = socket.socket(
-            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-        )
+        self.enabled = True
 
     def target(self, name: str) -> int:
         now = time.monotonic()
@@ -68,7 +66,12 @@ class OwnerLog:
                 os.close(known[1])
         elif len(self.found) >= MAX_NAMES:
             self.forget()
-        fd = lookup(name) if self.sock is not None else -1
+        fd = lookup(name) if self.enabled else -1
+        if fd >= 0 and self.sock is None:  # made when first needed (socket(2) of AF_UNIX, which
+            # confinement allows), so a proxy no owner logs from holds no socket for it
+            self.sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            )
         self.found[name] = (now + FRESH, fd)
         return fd
 
