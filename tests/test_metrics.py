@@ -264,3 +264,26 @@ def test_exposition_parses_and_matches_the_lines(capsys):
     assert re.search(r"^# TYPE fastsni_accepted_total counter$", text, re.M)
     families = {family.name: family for family in parser.text_string_to_metric_families(text)}
     assert families["fastsni_accepted"].type == "counter" and families["fastsni_open"].type == "gauge"
+
+
+def test_every_connect_failure_has_one_cause(twin):
+    """fastsni.engine.cause, which the counters and the owners' logs use (EACCES cannot be
+    met as root, so it is checked here)."""
+    import errno
+
+    engine = twin.module("fastsni.engine", "fastsni._engine")
+    absent = OSError(errno.ENOENT, "x", "a.test/tls-socket")
+    absent.no_entry = True
+    cases = {
+        "no_entry": absent,
+        "no_socket": OSError(errno.ENOENT, "x", "a.test/tls-socket"),
+        "denied": OSError(errno.EACCES, "x", "a.test/tls-socket"),
+        "refused": OSError(errno.ECONNREFUSED, "x", "a.test/tls-socket"),
+        "outside_tree": OSError(errno.EXDEV, "x", "a.test/tls-socket"),
+        "not_owner": engine.ForeignSocket(1000, 2000, "a.test/tls-socket"),
+        "error": OSError(errno.EPROTOTYPE, "x", "a.test/tls-socket"),
+    }
+    for why, exc in cases.items():
+        assert engine.cause(exc) == why
+        assert "a.test/tls-socket: " in engine.failure(exc, "tls-socket")
+    assert "see fastsni-check --user" in engine.failure(cases["denied"], "tls-socket")
