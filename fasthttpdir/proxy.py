@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import re
+import time
 from collections import deque
 
 import httptools
@@ -27,6 +28,7 @@ from fastsni.engine import (
     Relay,
     Service,
     Side,
+    cause,
     connect_backend,
     exists_beside,
     failure,
@@ -36,6 +38,7 @@ from fastsni.engine import (
     socket_identity,
 )
 from fastsni.logs import failures
+from fastsni.ownerlog import line, owner_log
 from fastsni.tls import check_hostname
 
 HEAD_TIMEOUT = 10.0  # seconds from accept (or the end of the previous answer) to a complete head
@@ -250,20 +253,40 @@ def _percent_encoded(match: re.Match) -> bytes:
     return b"%%%02X" % match[0][0]
 
 
-def refusal(client: tuple | None, request, exc: OSError) -> int:
+def refusal(client: tuple | None, request, exc: OSError, started: float) -> int:
     """The status to answer when connect_backend failed for ``request``: 308 to https if
     only fastsni serves the name (no http-socket, a tls-socket), else 404, 503 or 502
-    (logged)."""
+    (logged); counted by cause, and told to the owner's log."""
     if exc.errno in ABSENT and exists_beside(exc, TLS_SOCKET):
-        return 308
-    if exc.errno in NOT_FOUND:
-        status = 404
-    elif exc.errno in UNAVAILABLE:
-        status = 503
+        status, why = 308, "https_redirect"
     else:
-        status = 502
-    log(client, request.name, failure(exc, BACKEND_SOCKET))
+        if exc.errno in NOT_FOUND:
+            status = 404
+        elif exc.errno in UNAVAILABLE:
+            status = 503
+        else:
+            status = 502
+        why = cause(exc)
+        log(client, request.name, failure(exc, BACKEND_SOCKET))
+    failed(client, request.name, status, why, started)
     return status
+
+
+def failed(client: tuple | None, name: str | None, status: int, why: str, started: float) -> None:
+    """Count an answer's cause (``status_503_refused``); tell the owner of ``name``."""
+    key = f"status_{status}_{why}"
+    CAUSES[key] = CAUSES.get(key, 0) + 1
+    if name is not None and why != "no_entry":
+        tell_owner(client, name, f"status_{status}", started, cause=why)
+
+
+def tell_owner(client: tuple | None, name: str, outcome: str, started: float, **fields) -> None:
+    """One line to the owner's log of ``name``, if its entry has one (fastsni.ownerlog)."""
+    target = owner_log.target(name)
+    if target >= 0:
+        seconds = f"{time.monotonic() - started:.3f}"
+        where = describe(client) if client else UNKNOWN_CLIENT
+        owner_log.send(target, line("fasthttpdir", where, name, outcome, **fields, duration=seconds))
 
 
 def response(status: int, request, close: bool) -> bytes:
@@ -484,18 +507,23 @@ def frame(data: bytes, ip: str = "192.0.2.1") -> list[tuple]:
 
 
 # The counters of the SIGUSR1 line (fastsni.server): requests routed to a backend, bytes
-# of requests forwarded to backends (up) and of answers forwarded to clients (down), and
-# the answers fasthttpdir gave itself, by status.
-COUNTS = {"routed": 0, "up": 0, "down": 0}
+# of requests forwarded to backends (up) and of answers forwarded to clients (down),
+# upgraded relays the backend ended with a reset, the answers fasthttpdir gave itself, by
+# status, and by cause (``status_503_denied``: fastsni.engine.cause; https_redirect,
+# closed_early, bad_answer).  CAUSES is shared with the compiled twin (not hot).
+COUNTS = {"routed": 0, "up": 0, "down": 0, "relay_resets": 0}
 ANSWERED: dict[int, int] = {}
+CAUSES: dict[str, int] = {}
+ENDINGS = frozenset((errno.EPIPE, errno.ECONNRESET))  # how relays end: counted, not logged
+UNKNOWN_CLIENT = "(closed before its address was read)"
 
 
 def counts() -> dict:
-    return {**COUNTS, **fair_share_counts(), "answered": dict(ANSWERED)}
+    return {**COUNTS, **fair_share_counts(), "answered": dict(ANSWERED), "causes": dict(CAUSES)}
 
 
 def log(client: tuple | None, name: str | None, reason: str) -> None:
-    where = describe(client) if client else "(gone)"
+    where = describe(client) if client else UNKNOWN_CLIENT
     failures.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
 
 
@@ -527,6 +555,8 @@ class HttpConnection(Handler):
         self.response = None  # the backend connection's HttpResponseParser
         self.status = 0  # status of the response being parsed
         self.forwarded = 0  # bytes of the current answer sent to the client
+        self.sent = 0  # bytes of the current request sent to its backend
+        self.begun = 0.0  # when the current request began, for the owner's log
         self.final = False  # the final (non-1xx) answer is complete
         self.close_delimited = False
         self.response_keep_alive = True
@@ -766,6 +796,8 @@ class HttpConnection(Handler):
             self.active = request
             self.status = 0
             self.forwarded = 0
+            self.sent = 0
+            self.begun = time.monotonic()
             self.final = False
             self.overrun = False
             self.tail = b""
@@ -819,9 +851,9 @@ class HttpConnection(Handler):
             # protocol already, not HTTP (RFC 9110 §7.8: it switches only with a 101).
             if request.complete and request.keep_alive and not request.upgrade:
                 self.reader.requests.popleft()
-                self.answer(refusal(self.peer, request, exc), False, request)
+                self.answer(refusal(self.peer, request, exc, self.begun), False, request)
                 return False
-            self.answer(refusal(self.peer, request, exc), True, request)
+            self.answer(refusal(self.peer, request, exc, self.begun), True, request)
             self.linger()
             return True
         self.backend = Side(self.reactor, fd)
@@ -844,6 +876,7 @@ class HttpConnection(Handler):
         request.data = []
         request.size = 0
         COUNTS["up"] += len(data)
+        self.sent += len(data)
         self.send_backend(data)
 
     def send_backend(self, data: bytes) -> None:
@@ -946,6 +979,7 @@ class HttpConnection(Handler):
     def answered(self) -> None:
         """The final answer went out: the exchange ends once the request is all sent."""
         request = self.active
+        self.routed(request)
         if not (self.response_keep_alive and request.keep_alive) or not request.complete:
             # the request is not all here (an early answer) or either side closes
             self.linger()
@@ -974,6 +1008,7 @@ class HttpConnection(Handler):
         if self.active is None or self.final:
             return
         if self.close_delimited:
+            self.routed(self.active)
             self.linger()  # EOF ends a body without a length
             return
         request = self.active
@@ -985,16 +1020,32 @@ class HttpConnection(Handler):
             if not self.connect(request):
                 self.next()
             return
-        self.fail_answer("backend closed before its answer was complete")
+        self.fail_answer("backend closed before its answer was complete", "closed_early")
 
-    def fail_answer(self, reason: str) -> None:
+    def routed(self, request: Request) -> None:
+        """The backend's answer to ``request`` is out: one line to the owner's log."""
+        tell_owner(
+            self.peer,
+            request.name,
+            "routed",
+            self.begun,
+            status=self.status,
+            up=self.sent,
+            down=self.forwarded,
+        )
+
+    def fail_answer(self, reason: str, why: str = "bad_answer") -> None:
         """The backend failed the request in progress: 502 if nothing went out yet, else cut."""
-        log(self.peer, self.active.name if self.active else None, reason)
+        name = self.active.name if self.active else None
+        log(self.peer, name, reason)
         self.drop_backend()
         if self.forwarded == 0:
+            failed(self.peer, name, 502, why, self.begun)
             self.answer(502, True, self.active)
             self.linger()
         else:
+            if name is not None:
+                tell_owner(self.peer, name, "cut", self.begun, cause=why, up=self.sent, down=self.forwarded)
             self.shut()
 
     def fail_request(self, rejection: Rejected) -> None:
@@ -1023,13 +1074,20 @@ class HttpConnection(Handler):
         self.active = None
         self.relayed = True
         self.reactor.remove(backend.fd)  # the Relay adds it as its own
+        tell_owner(
+            self.peer, self.backend_name, "routed", self.begun, status=101, up=self.sent, down=len(answer)
+        )
         Relay(self.reactor, client, backend, self.relay_closed, self.backend_failed)
 
     def relay_closed(self) -> None:
         self.service.closed(self)
 
     def backend_failed(self, err: int) -> None:
-        """The backend reset (or failed) while relaying after a 101: one line."""
+        """The backend failed while relaying after a 101: a reset or broken pipe is how
+        relays end (counted); anything else gets one line."""
+        if err in ENDINGS:
+            COUNTS["relay_resets"] += 1
+            return
         reason = f"{BACKEND_SOCKET}: {errno.errorcode.get(err, err)} while relaying"
         log(self.peer, self.backend_name, reason)
 

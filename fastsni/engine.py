@@ -233,11 +233,13 @@ def _entry(name: str, leaf: str) -> tuple[str, int]:
         wildcard = wildcard_of(name)
         if exc.errno != errno.ENOENT or wildcard is None:
             exc.filename = f"{name}/{leaf}"
+            exc.no_entry = exc.errno == errno.ENOENT
             raise
     try:
         return wildcard, os.stat(wildcard, dir_fd=HOSTS, follow_symlinks=False).st_uid
     except OSError as exc:
         exc.filename = f"{wildcard}/{leaf}"
+        exc.no_entry = exc.errno == errno.ENOENT  # neither the name nor its wildcard: see cause()
         raise
 
 
@@ -277,19 +279,50 @@ def _proxy_version(entry: str) -> int:
     return 0
 
 
+# What each cause() means for the operator, in a few words, with what to do.
+HINTS = {
+    "no_entry": "no entry for this name, nor a wildcard entry: nobody serves it here",
+    "no_socket": "no socket there: start the backend (fastsni-check NAME says more)",
+    "denied": "the proxy's user may not connect: see fastsni-check --user USER NAME",
+    "refused": "nobody listens on the socket (stale): start the backend",
+    "error": "not a stream socket the proxy can connect to: see fastsni-check NAME",
+}
+
+
+def cause(exc: OSError) -> str:
+    """Why connect_backend failed, in one word, for counters and owners' logs: no_entry,
+    no_socket, denied (EACCES), refused (ECONNREFUSED), outside_tree (EXDEV, ELOOP),
+    not_owner (another owner's socket), error (anything else, e.g. a datagram socket)."""
+    if isinstance(exc, ForeignSocket):
+        return "not_owner"
+    err = exc.errno
+    if err == errno.ENOENT or err == errno.ENOTDIR:
+        return "no_entry" if getattr(exc, "no_entry", False) else "no_socket"
+    if err == errno.EACCES:
+        return "denied"
+    if err == errno.ECONNREFUSED:
+        return "refused"
+    if err == errno.EXDEV or err == errno.ELOOP:
+        return "outside_tree"
+    return "error"
+
+
 def failure(exc: OSError, leaf: str) -> str:
-    """How connect_backend failed, for a log line: ``tls-socket: ECONNREFUSED``, or what
-    the isolation refused and why."""
+    """How connect_backend failed, for a log line: the path tried (the wildcard's, if it
+    stood in), the errno, and what it means and what to do; or what the isolation
+    refused and why."""
     if isinstance(exc, ForeignSocket):
         return (
             f"{exc.filename}: socket owned by uid {exc.socket_uid}, not by the entry's owner "
-            f"uid {exc.entry_uid}: not served"
+            f"uid {exc.entry_uid}: not served; the owner must bind it"
         )
     if exc.errno == errno.EXDEV:
-        return f"{exc.filename}: leads out of the hosts tree (EXDEV): not followed"
+        return (
+            f"{exc.filename}: leads out of the hosts tree (EXDEV): not followed; keep links inside the tree"
+        )
     if exc.errno == errno.ELOOP:
         return f"{exc.filename}: too many symbolic links, or one into /proc (ELOOP): not followed"
-    return f"{leaf}: {errno_name(exc)}"
+    return f"{exc.filename or leaf}: {errno_name(exc)}: {HINTS[cause(exc)]}"
 
 
 def errno_name(exc: OSError) -> str:
@@ -875,6 +908,7 @@ class Flow:
         self.can_splice = upward or SPLICE_DOWN  # False once the kernel refused a pipe, too
         self.eof = False  # src has sent everything
         self.done = False  # ... and all of it reached dst
+        self.moved = 0  # bytes written to dst, for the owner's log (Relay.up, Relay.down)
 
     def pump(self) -> None:
         """Move bytes until src has none, dst takes no more, or PUMP_ROUNDS chunks went."""
@@ -944,6 +978,7 @@ class Flow:
                 self.relay.fail(self.dst)
                 return False
         self.piped -= moved
+        self.moved += moved
         COUNTS[self.way] += moved
         COUNTS[self.way_spliced] += moved
         if not self.piped:
@@ -960,6 +995,7 @@ class Flow:
         if count < 0:
             self.relay.fail(self.dst)
             return False
+        self.moved += count
         COUNTS[self.way] += count
         return not self.dst.queued
 
@@ -1014,6 +1050,7 @@ class Relay(Handler):
         self.on_close = on_close
         self.on_backend_error = on_backend_error
         self.closed = False
+        self.up = self.down = 0  # bytes relayed each way, once closed
         self.upstream = Flow(self, client, backend, True)
         self.downstream = Flow(self, backend, client, False)
         reactor.handlers[client.fd] = self
@@ -1059,5 +1096,6 @@ class Relay(Handler):
         self.reactor.close(self.backend.fd)
         self.upstream.release()
         self.downstream.release()
+        self.up, self.down = self.upstream.moved, self.downstream.moved
         self.upstream = self.downstream = None  # each refers back to the relay: unlink them,
         self.on_close()  # so refcounting frees all three now, not the cyclic GC later

@@ -24,11 +24,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fastsni import __version__
+from fastsni import __version__, metrics
 from fastsni.addresses import describe
 from fastsni.engine import ignore_signal
 
-USAGE = """usage: fastsni-listen [--user USER] [--copies N] [--cpus LIST] [HOST:]PORT COMMAND [ARG...]
+USAGE = """usage: fastsni-listen [--user USER] [--copies N] [--cpus LIST] [--metrics FILE]
+                      [HOST:]PORT COMMAND [ARG...]
 
 Bind a listening TCP socket on HOST:PORT (SO_REUSEADDR) and give it to COMMAND on fd 0.
 HOST is an IPv4 address, a bracketed IPv6 address such as [::1], or a name such as
@@ -41,20 +42,28 @@ without HOST the socket listens on every address, IPv4 and IPv6 (dual-stack).
                 SIGTERM/SIGINT stop them all, SIGUSR1 is passed on, a copy that dies is
                 restarted (after 1 s, doubling up to 30 s while it keeps dying), and
                 SIGHUP starts N fresh copies, waits until each has printed its
-                "listening on" line, then sends SIGHUP to the old ones, which drain
+                "listening on" line, then sends SIGHUP to the old ones, which drain;
+                SIGUSR1 also writes the counters of all copies added up, including
+                those that exited since the start (their last line)
   --cpus LIST   pin copy i to the i-th CPU of LIST (e.g. 0,1 or 0-3); implies
                 --copies with one copy per CPU
+  --metrics FILE  with --copies or --cpus: every 15 s, ask the copies for their
+                counters and write the totals to FILE in the Prometheus text format
+                (atomically: for node_exporter's textfile collector, FILE ending .prom)
 
 Without --copies or --cpus, fastsni-listen execs COMMAND in its place.
 Examples: fastsni-listen --user fastsni 443 fastsni
           fastsni-listen --user fastsni --cpus 0,1 443 fastsni"""
 
+USAGE_LINE = " ".join(part.strip() for part in USAGE.splitlines()[:2])
 READY_TEXT = b"listening on"  # both proxies' start line: "<program> <version> (...) listening on ..."
 READY_TIMEOUT = 30.0  # seconds a new copy has to print it before an upgrade is abandoned
 RESTART_DELAY = 1.0  # seconds before a copy that died is started again ...
 RESTART_DELAY_MAX = 30.0  # ... doubling while it keeps dying, up to this
 STABLE_AFTER = 60.0  # a copy that ran this long before dying starts the doubling afresh
 STOP_TIMEOUT = 15.0  # seconds copies have to exit after SIGTERM/SIGINT before SIGKILL
+ANSWER_TIMEOUT = 2.0  # seconds copies have to answer SIGUSR1 before the totals are written anyway
+METRICS_EVERY = 15.0  # seconds between two --metrics files
 LINE_MAX = 65536  # bytes of a copy's unfinished stderr line held before it is passed on anyway
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -71,6 +80,7 @@ class Options:
     user: str | None = None
     copies: int | None = None  # None: exec COMMAND (no supervision)
     cpus: list[int] | None = None
+    metrics: str | None = None  # where to write the Prometheus text, with copies
 
 
 def parse_cpus(text: str) -> list[int]:
@@ -102,7 +112,7 @@ def parse_arguments(args: list[str]) -> Options:
     values: dict[str, str] = {}
     while args and args[0].startswith("--") and args[0] != "--":
         name, equals, value = args[0][2:].partition("=")
-        if name not in ("user", "copies", "cpus"):
+        if name not in ("user", "copies", "cpus", "metrics"):
             raise UsageError(f"unknown option {args[0]!r}")
         if not equals:
             if len(args) < 2:
@@ -115,6 +125,7 @@ def parse_arguments(args: list[str]) -> Options:
     if len(args) < 2:
         raise UsageError("expected [HOST:]PORT and a COMMAND")
     options = Options(address=args[0], command=args[1:], user=values.get("user"))
+    options.metrics = values.get("metrics")
     if "cpus" in values:
         options.cpus = parse_cpus(values["cpus"])
         options.copies = len(options.cpus)
@@ -127,6 +138,8 @@ def parse_arguments(args: list[str]) -> Options:
                 f"--copies {copies} with {len(options.cpus)} CPUs in --cpus: give one CPU per copy"
             )
         options.copies = int(copies)
+    if options.metrics is not None and options.copies is None:
+        raise UsageError("--metrics needs --copies or --cpus: without them fastsni-listen execs COMMAND")
     return options
 
 
@@ -271,8 +284,23 @@ class Supervisor:
     signal's number to.  Reaping is on SIGCHLD.
     """
 
-    def __init__(self, sock: socket.socket, command: list[str], copies: int, cpus: list[int] | None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        command: list[str],
+        copies: int,
+        cpus: list[int] | None,
+        metrics_file: str | None = None,
+    ) -> None:
         self.sock = sock
+        self.metrics_file = metrics_file
+        self.counted: dict[int, tuple[str, dict[str, int]]] = {}  # pid -> its latest counters line
+        self.exited_totals: dict[str, dict[str, int]] = {}  # program -> last lines of exited copies
+        self.exited_copies: dict[str, int] = {}
+        self.asked: set[int] = set()  # copies asked for counters that have not answered yet
+        self.asked_deadline = 0.0
+        self.loud = False  # the operator asked (SIGUSR1): pass their lines on, write the totals
+        self.metrics_due = time.monotonic() + 1.0 if metrics_file else None
         self.command = command
         self.copies = copies
         self.cpus = cpus
@@ -396,10 +424,99 @@ class Supervisor:
             end = len(copy.line)
         if end:
             lines, copy.line = bytes(copy.line[:end]), copy.line[end:]
-            write_all(2, lines)
+            write_all(2, self.take_counters(copy, lines))
+            if self.asked_deadline and not self.asked:
+                self.answered()  # after the last copy's line, which it adds up
             if not copy.ready and READY_TEXT in lines:
                 copy.ready = True
                 self.became_ready(copy)
+        if not chunk:
+            self.retire(copy)
+
+    # -- counters
+
+    def take_counters(self, copy: Copy, lines: bytes) -> bytes:
+        """Note each counters line of ``copy``; what to pass on (all but the ones a
+        --metrics poll asked for)."""
+        if b" counters " not in lines:
+            return lines
+        kept = []
+        for text in lines.splitlines(keepends=True):
+            parsed = metrics.parse(text.decode("utf-8", "replace"))
+            if parsed is None:
+                kept.append(text)
+                continue
+            self.counted[copy.process.pid] = parsed
+            if self.loud or copy.process.pid not in self.asked:
+                kept.append(text)
+            self.asked.discard(copy.process.pid)
+        return b"".join(kept)
+
+    def retire(self, copy: Copy) -> None:
+        """A copy closed its stderr (it exits): its last counters line stays in the totals."""
+        self.asked.discard(copy.process.pid)
+        known = self.counted.pop(copy.process.pid, None)
+        if known is not None:
+            program, fields = known
+            metrics.add(self.exited_totals.setdefault(program, {}), {**fields, "open": 0})
+            self.exited_copies[program] = self.exited_copies.get(program, 0) + 1
+        if self.asked_deadline and not self.asked:
+            self.answered()
+
+    def ask_counters(self, loud: bool) -> None:
+        """SIGUSR1 to every copy that handles it (ready); the totals once all answered."""
+        self.loud = self.loud or loud
+        ready = [copy for copy in self.all_copies() if copy.ready and copy.process.returncode is None]
+        for copy in ready:
+            self.kill(copy, signal.SIGUSR1)
+            self.asked.add(copy.process.pid)
+        self.asked_deadline = time.monotonic() + ANSWER_TIMEOUT
+        if not self.asked:
+            self.answered()
+
+    def answered(self) -> None:
+        """Every copy asked has answered (or the time is up): the totals line, the file."""
+        loud, self.loud = self.loud, False
+        self.asked.clear()
+        self.asked_deadline = 0.0
+        totals = self.totals()
+        if loud:
+            for program, fields in sorted(totals.items()):
+                text = " ".join(f"{key}={value}" for key, value in fields.items())
+                self.say(f"{program} totals {text}")
+        if self.metrics_file is not None:
+            self.write_metrics(totals)
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Per program: the copies running (their latest lines) and those that exited."""
+        totals: dict[str, dict[str, int]] = {}
+        running: dict[str, int] = {}
+        for program, fields in self.counted.values():
+            metrics.add(totals.setdefault(program, {}), fields)
+            running[program] = running.get(program, 0) + 1
+        for program, fields in self.exited_totals.items():
+            metrics.add(totals.setdefault(program, {}), fields)
+        return {
+            program: {
+                "copies": running.get(program, 0),
+                "exited": self.exited_copies.get(program, 0),
+                **fields,
+            }
+            for program, fields in totals.items()
+        }
+
+    def write_metrics(self, totals: dict[str, dict[str, int]]) -> None:
+        """The Prometheus text, written beside FILE and renamed over it (never half a file)."""
+        text = "".join(metrics.exposition(program, fields) for program, fields in sorted(totals.items()))
+        path = self.metrics_file
+        temporary = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
+        try:
+            with open(temporary, "w") as out:
+                out.write(text)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        except OSError as exc:
+            self.say(f"--metrics {path}: {exc.strerror}; trying again in {METRICS_EVERY:g} s")
 
     def became_ready(self, copy: Copy) -> None:
         if self.upgrade is not None and copy in self.upgrade:
@@ -474,8 +591,7 @@ class Supervisor:
                 for copy in self.all_copies():
                     self.kill(copy, signum)
             elif signum == signal.SIGUSR1:
-                for copy in self.all_copies():
-                    self.kill(copy, signum)
+                self.ask_counters(loud=True)
 
     # -- the loop
 
@@ -485,6 +601,8 @@ class Supervisor:
             now = time.monotonic()
             if self.stop_deadline is not None:
                 if not self.all_copies():
+                    if self.metrics_file is not None:
+                        self.write_metrics(self.totals())
                     self.say("every copy has exited; exiting")
                     return 0
                 if now >= self.stop_deadline:
@@ -495,6 +613,11 @@ class Supervisor:
                 waiting = self.pids(copy for copy in self.upgrade if not copy.ready)
                 self.abandon_upgrade(f"{waiting} said no {READY_TEXT.decode()!r} within {READY_TIMEOUT:g} s")
             self.restart_due(now)
+            if self.asked_deadline and now >= self.asked_deadline:
+                self.answered()  # some copy did not answer: the totals as far as known
+            if self.metrics_due is not None and now >= self.metrics_due and not self.asked_deadline:
+                self.metrics_due = now + METRICS_EVERY
+                self.ask_counters(loud=False)
             for key, _ in self.selector.select(self.timeout(now)):
                 if key.data is None:
                     self.handle_signals()
@@ -508,6 +631,10 @@ class Supervisor:
             deadlines.append(self.upgrade_deadline)
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
+        if self.asked_deadline:
+            deadlines.append(self.asked_deadline)
+        if self.metrics_due is not None:
+            deadlines.append(self.metrics_due)
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def all_copies(self) -> list[Copy]:
@@ -550,9 +677,7 @@ def main(argv: list[str] | None = None) -> None:
         host, port = parse_address(options.address)
         family, sockaddr = resolve(host, port)
     except UsageError as exc:
-        sys.stderr.write(
-            f"fastsni-listen: {exc}\n{USAGE.splitlines()[0]}\n(fastsni-listen --help says more)\n"
-        )
+        sys.stderr.write(f"fastsni-listen: {exc}\n{USAGE_LINE}\n(fastsni-listen --help says more)\n")
         raise SystemExit(2) from None
     try:
         sock = bind(family, sockaddr)
@@ -567,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
         drop_privileges(options.user)
     if options.copies is None:
         exec_command(sock, options.command)
-    supervisor = Supervisor(sock, options.command, options.copies, options.cpus)
+    supervisor = Supervisor(sock, options.command, options.copies, options.cpus, options.metrics)
     try:
         supervisor.start()
     except OSError as exc:  # later failures (restarts, upgrades) are said and retried

@@ -3,11 +3,13 @@
 Every failed connection is worth one line in normal times, but a flood of bad clients
 must not fill the journal or the disk: lines are let through by a token bucket (BURST
 at once after a quiet spell, RATE a second on average), and what it holds back is
-counted and reported in one line at most once a second.  Not hot: pure only.
+counted and reported in one line at most once a second.  Each line starts with the time
+(UTC) unless stderr is the journal, which stamps lines itself.  Not hot: pure only.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +17,22 @@ from collections.abc import Callable
 RATE = 20.0  # failure lines a second, on average
 BURST = 100  # failure lines at once, after a quiet spell
 REPORT_AFTER = 1.0  # seconds from the first line held back to the line that counts them
+
+
+def timestamp(now: float) -> str:
+    """``2026-12-05T23:50:01.123Z``: UTC with milliseconds (RFC 3339)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def under_journal() -> bool:
+    """Whether stderr is the journal: systemd sets JOURNAL_STREAM to its device:inode
+    (systemd.exec(5)); a stderr passed on elsewhere (a pipe, a file) is not it."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(2)
+    except OSError:
+        return False
+    return bool(stream) and stream == f"{info.st_dev}:{info.st_ino}"
 
 
 class FailureLog:
@@ -28,11 +46,17 @@ class FailureLog:
         self.held = 0  # lines held back since the last report
         self.held_since = 0.0
         self.call_later: Callable | None = None  # the loop's, once the server runs one
+        self.stamped = False  # lines start with the time (stderr is not the journal)
 
     def start(self, program: str, call_later: Callable) -> None:
         """Report held-back lines through ``call_later(delay, callback)`` (the server's loop)."""
         self.program = program
         self.call_later = call_later
+        self.stamped = not under_journal()
+
+    def say(self, line: str) -> None:
+        """Write ``line`` now, stamped like failure lines (start warnings, counters)."""
+        sys.stderr.write(f"{timestamp(time.time())} {line}" if self.stamped else line)
 
     def write(self, line: str) -> None:
         now = self.clock()
@@ -40,7 +64,7 @@ class FailureLog:
         self.updated = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
-            sys.stderr.write(line)
+            self.say(line)
             return
         if not self.held:
             self.held_since = now
@@ -51,7 +75,7 @@ class FailureLog:
     def flush(self) -> None:
         if self.held:
             seconds = self.clock() - self.held_since
-            sys.stderr.write(
+            self.say(
                 f"{self.program}: {self.held} more failure lines not written in the last {seconds:.1f} s "
                 f"(at most {RATE:g} a second, {BURST} at once)\n"
             )

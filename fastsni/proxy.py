@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from fastsni.addresses import describe, of_descriptor, proxy_header
 from fastsni.engine import (
@@ -15,36 +16,80 @@ from fastsni.engine import (
     Relay,
     Service,
     Side,
+    cause,
     connect_backend,
     failure,
     fair_share_counts,
+    peer_of,
 )
 from fastsni.logs import failures
-from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, HelloReader, alert
+from fastsni.ownerlog import line, owner_log
+from fastsni.tls import (
+    INTERNAL_ERROR,
+    MARK_ECH,
+    MARK_GREASE,
+    UNRECOGNIZED_NAME,
+    USER_CANCELED,
+    HelloError,
+    HelloReader,
+    alert,
+)
 
 HELLO_TIMEOUT = 10.0  # seconds from accept to a complete ClientHello
 BACKEND_SOCKET = "tls-socket"
 # Failures that mean "nobody serves this name here" (RFC 6066 §3 unrecognized_name): no
 # backend (absent, leading out of the tree, another owner's socket), or none listening.
 ABSENT = NO_BACKEND | {errno.EACCES, errno.ECONNREFUSED}
+# A relay that ends with one of these from the backend ended normally: counted, not logged.
+ENDINGS = frozenset((errno.EPIPE, errno.ECONNRESET))
 
 
 # The counters of the SIGUSR1 line (fastsni.server): connections routed to a backend,
-# closed by the client before naming one, and the fatal alerts sent, by description.
-COUNTS = {"routed": 0, "closed_early": 0}
+# closed by the client before naming one, ClientHellos offering ECH or GREASE, relays
+# the backend ended with a reset, the fatal alerts sent, by description, and by cause
+# ("alert_112_refused": fastsni.engine.cause, hello_cause).
+COUNTS = {"routed": 0, "closed_early": 0, "hello_ech": 0, "hello_grease": 0, "relay_resets": 0}
 ALERTS: dict[int, int] = {}
+CAUSES: dict[str, int] = {}
 
 
 def counts() -> dict:
-    return {**COUNTS, **fair_share_counts(), "alerts": dict(ALERTS)}
+    return {**COUNTS, **fair_share_counts(), "alerts": dict(ALERTS), "causes": dict(CAUSES)}
+
+
+def hello_cause(exc: HelloError) -> str | None:
+    """Why a hello named no routable host (alert 112): no_sni or invalid_name."""
+    if exc.alert != UNRECOGNIZED_NAME:
+        return None
+    return "invalid_name" if exc.reason.startswith("invalid") else "no_sni"
+
+
+def client_of(fd: int) -> str:
+    """The client's address for a log line (one getpeername), or how it is unknown."""
+    try:
+        return describe(of_descriptor(fd)[0])
+    except OSError:
+        return "(closed before its address was read)"
 
 
 def log(fd: int, name: str | None, reason: str) -> None:
-    try:
-        client = describe(of_descriptor(fd)[0])
-    except OSError:
-        client = "(gone)"
-    failures.write(f"fastsni: {client} {name or '-'}: {reason}\n")
+    failures.write(f"fastsni: {client_of(fd)} {name or '-'}: {reason}\n")
+
+
+def counted(code: int, why: str | None) -> None:
+    """One more alert ``code``, and one more of its cause ``why`` (if any)."""
+    ALERTS[code] = ALERTS.get(code, 0) + 1
+    if why is not None:
+        key = f"alert_{code}_{why}"
+        CAUSES[key] = CAUSES.get(key, 0) + 1
+
+
+def tell_owner(name: str, client: str, outcome: str, started: float, **fields) -> None:
+    """One line to the owner's log of ``name``, if its entry has one (ownerlog)."""
+    target = owner_log.target(name)
+    if target >= 0:
+        seconds = f"{time.monotonic() - started:.3f}"
+        owner_log.send(target, line("fastsni", client, name, outcome, **fields, duration=seconds))
 
 
 class TlsConnection(Handler):
@@ -58,6 +103,9 @@ class TlsConnection(Handler):
         self.client = Side(service.reactor, fd)
         self.reader: HelloReader | None = HelloReader()
         self.name: str | None = None  # once routed
+        self.started = time.monotonic()  # for the owner's log
+        self.peer: str | None = None  # the client, once routed to an entry with an owner's log
+        self.relay: Relay | None = None
         service.reactor.add(fd, self)
         self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
@@ -76,7 +124,7 @@ class TlsConnection(Handler):
             try:
                 name = self.reader.feed(data)
             except HelloError as exc:
-                self.fail(exc.alert, None, exc.reason)
+                self.fail(exc.alert, None, exc.reason, hello_cause(exc))
                 return
             if name is not None:
                 self.route(name)
@@ -90,24 +138,36 @@ class TlsConnection(Handler):
             fd, proxy, _ = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
-            self.fail(code, name, failure(exc, BACKEND_SOCKET))
+            self.fail(code, name, failure(exc, BACKEND_SOCKET), cause(exc))
             return
         backend = Side(self.service.reactor, fd)
         backend.queued = bytes(self.reader.received)  # the hello goes first, untouched
+        marks = self.reader.marks()
+        if marks:
+            COUNTS["hello_ech"] += marks & MARK_ECH
+            COUNTS["hello_grease"] += (marks & MARK_GREASE) >> 1
         self.reader = None
+        if owner_log.target(name) >= 0:  # its address now: the line goes when the relay ends
+            try:
+                self.peer = describe(peer_of(self.fd, self.service.family))
+            except OSError:
+                self.peer = "(closed before its address was read)"
         if proxy:  # in one write with the hello
             backend.queued = proxy_header(proxy, self.fd, self.service.family, name) + backend.queued
         COUNTS["routed"] += 1
         self.name = name
-        Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
+        self.relay = Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
 
     def expire(self) -> None:
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
 
-    def fail(self, code: int, name: str | None, reason: str) -> None:
-        """Answer with one fatal alert, log one line, close."""
-        ALERTS[code] = ALERTS.get(code, 0) + 1
-        log(self.fd, name, reason)
+    def fail(self, code: int, name: str | None, reason: str, why: str | None = None) -> None:
+        """Answer with one fatal alert, log one line (and one to the owner's log), close."""
+        counted(code, why)
+        client = client_of(self.fd)
+        failures.write(f"fastsni: {client} {name or '-'}: {reason}\n")
+        if name is not None and why != "no_entry":
+            tell_owner(name, client, f"alert_{code}", self.started, cause=why)
         try:
             os.write(self.fd, alert(code))
         except OSError:
@@ -128,10 +188,18 @@ class TlsConnection(Handler):
         return True
 
     def relay_closed(self) -> None:
+        relay, self.relay = self.relay, None  # it refers back to us: let both go now
+        if self.peer is not None:  # (no relay yet: it closed as it began)
+            up, down = (relay.up, relay.down) if relay is not None else (None, None)
+            tell_owner(self.name, self.peer, "routed", self.started, up=up, down=down)
         self.service.closed(self)
 
     def backend_failed(self, err: int) -> None:
-        """The backend reset (or failed) while relaying: one line, then the relay closes."""
+        """The backend failed while relaying: a reset or broken pipe is how relays end
+        (counted); anything else gets one line.  Then the relay closes."""
+        if err in ENDINGS:
+            COUNTS["relay_resets"] += 1
+            return
         log(self.fd, self.name, f"{BACKEND_SOCKET}: {errno.errorcode.get(err, err)} while relaying")
 
     def drain(self) -> None:

@@ -20,6 +20,9 @@ from fastsni import __version__, twins
 from fastsni.addresses import describe
 from fastsni.confine import confine
 from fastsni.logs import failures
+from fastsni.ownerlog import counts as owner_log_counts
+from fastsni.ownerlog import owner_log
+from fastsni.tls import check_hostname
 
 DRAIN_SECONDS = 10.0
 DRAIN_POLL = 0.05  # seconds between looks at whether the drain is done
@@ -144,6 +147,12 @@ def hold_hosts(program: str, engine: ModuleType) -> int:
             )
         elif str(exc.filename).startswith("/proc/"):
             why = f"/proc/self/fd is not there ({code}): backends are connected through it; mount /proc"
+        elif exc.errno == errno.EACCES:
+            why = (
+                f"uid {os.geteuid()} may not search the working directory, the hosts directory (EACCES): "
+                "let the proxy's user search it and every directory above it (chmod o+x, or "
+                "setfacl -m u:USER:x)"
+            )
         else:
             why = f"cannot open the working directory, the hosts directory ({code}): {exc.strerror}"
         sys.stderr.write(f"{program}: {why}; refusing to start\n")
@@ -158,26 +167,56 @@ def raise_nofile_limit() -> None:
 
 
 def counters_line(program: str, started: float, live: int, engine: ModuleType, proxy: ModuleType) -> str:
-    """The SIGUSR1 line: what this copy of the proxy did since it started, as key=value."""
+    """The SIGUSR1 line (and the last line of a copy): what this copy of the proxy did
+    since it started, as key=value; ``alert_N`` or ``status_N`` each followed by its
+    causes (``alert_112_refused``), which add up to it where every cause is known."""
     moved, done = engine.counts(), proxy.counts()
     by_reason = done.pop("alerts", None)
     key = "alert"
     if by_reason is None:
         by_reason, key = done.pop("answered"), "status"
+    causes = done.pop("causes")
     up, down = moved["up"] + done.pop("up", 0), moved["down"] + done.pop("down", 0)
+    answers = []
+    for reason, count in sorted(by_reason.items()):
+        answers.append(f"{key}_{reason}={count}")
+        prefix = f"{key}_{reason}_"
+        answers.extend(f"{name}={value}" for name, value in sorted(causes.items()) if name.startswith(prefix))
     fields = [
         f"pid={os.getpid()}",
         f"uptime={time.monotonic() - started:.0f}s",
         f"accepted={moved['accepted']}",
         f"open={live}",
         *(f"{name}={value}" for name, value in done.items()),
-        *(f"{key}_{reason}={count}" for reason, count in sorted(by_reason.items())),
+        *(f"{name}={value}" for name, value in owner_log_counts().items()),
+        *answers,
         f"bytes_up={up}",
         f"bytes_up_spliced={moved['up_spliced']}",
         f"bytes_down={down}",
         f"bytes_down_spliced={moved['down_spliced']}",
     ]
     return f"{program}: counters " + " ".join(fields) + "\n"
+
+
+def start_warnings(program: str) -> list[str]:
+    """What would make every connection fail, to say after the start line: a hosts
+    directory without a single entry a name could be routed to (one the proxy's user
+    cannot search is refused by hold_hosts).  Looked at before confinement, which makes
+    the tree unreadable."""
+    where = os.getcwd()
+    try:
+        names = os.listdir(".")
+    except OSError:
+        return []  # searchable but not listable: the entries cannot be counted, and need not be
+    for entry in names:
+        name = entry[2:] if entry.startswith("*.") else entry
+        if check_hostname(name.encode("ascii", "replace")) == name:
+            return []
+    return [
+        f"{program}: warning: the hosts directory {where} has no entry a name could be routed to "
+        "(a directory named after a host, holding its socket): every connection will be refused "
+        "until one is made (fastsni-deploy, or see the README)\n"
+    ]
 
 
 def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
@@ -208,10 +247,12 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
             loop.stop()
 
     failures.start(program, loop.call_later)
+    warnings = start_warnings(program)
+    owner_log.open()
     started = time.monotonic()
 
     def report() -> None:
-        sys.stderr.write(counters_line(program, started, len(live), engine, twin))
+        failures.say(counters_line(program, started, len(live), engine, twin))
 
     loop.add_signal_handler(signal.SIGUSR1, report)
     loop.add_signal_handler(signal.SIGHUP, stop, "drain")
@@ -222,6 +263,8 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     confined = confine(hosts)
     # The start line comes once every signal is handled: whoever waits for it may signal.
     sys.stderr.write(f"{program} {__version__} ({kind}, epoll) {where}; {confined}\n")
+    for warning in warnings:
+        failures.say(warning)
     loop.run_forever()
     service.listener.close()
     if stopping == ["drain"]:
@@ -245,5 +288,6 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
         loop.run_forever()
     cut = len(live)
     failures.flush()
+    report()  # the last word on what this copy did, for the journal and fastsni-listen
     sys.stderr.write(f"{program}: exiting, {cut} connections cut\n" if cut else f"{program}: exiting\n")
     raise SystemExit(0)

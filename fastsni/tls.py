@@ -31,6 +31,9 @@ CONTENT_HANDSHAKE = 22  # RFC 8446 §5.1 ContentType.handshake
 HANDSHAKE_CLIENT_HELLO = 1  # RFC 8446 §4 HandshakeType.client_hello
 EXTENSION_SERVER_NAME = 0  # RFC 6066 §3
 NAME_TYPE_HOST_NAME = 0  # RFC 6066 §3
+EXTENSION_ECH = 0xFE0D  # RFC 9849 §5: encrypted_client_hello
+MARK_ECH = 1  # HelloReader.marks(): the hello offers ECH ...
+MARK_GREASE = 2  # ... or a GREASE cipher suite or extension (RFC 8701)
 
 _HOST_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789.-")
 _LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
@@ -99,6 +102,11 @@ def _host_name(hello: bytes | bytearray, pos: int, end: int) -> str:
             return name
         pos += length
     raise HelloError(UNRECOGNIZED_NAME, "empty server_name list")
+
+
+def is_grease(value: int) -> bool:
+    """RFC 8701 §2: the reserved values 0x0A0A, 0x1A1A, ..., 0xFAFA."""
+    return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF
 
 
 class HelloReader:
@@ -219,6 +227,36 @@ class HelloReader:
             self.field = field + 1
         self.at = at
         return None
+
+    def marks(self) -> int:
+        """MARK_ECH and MARK_GREASE among the cipher suites and extension types of the
+        hello received so far (for the counters; once per routed hello).  Lengths were
+        checked by _walk as far as it read; past that, only what has arrived is looked at."""
+        handshake = self.handshake
+        have = min(len(handshake), self.hello_end)
+        marks = 0
+        at = 4 + 2 + 32  # handshake header, legacy_version, random
+        if at + 1 > have:
+            return 0
+        at += 1 + handshake[at]  # legacy_session_id
+        if at + 2 > have:
+            return 0
+        end = at + 2 + (handshake[at] << 8 | handshake[at + 1])
+        for suite in range(at + 2, min(end, have) - 1, 2):
+            if is_grease(handshake[suite] << 8 | handshake[suite + 1]):
+                marks |= MARK_GREASE
+                break
+        if end + 1 > have:
+            return marks
+        at = end + 1 + handshake[end] + 2  # legacy_compression_methods, extensions length
+        while at + 4 <= have:
+            kind = handshake[at] << 8 | handshake[at + 1]
+            if kind == EXTENSION_ECH:
+                marks |= MARK_ECH
+            elif is_grease(kind):
+                marks |= MARK_GREASE
+            at += 4 + (handshake[at + 2] << 8 | handshake[at + 3])
+        return marks
 
 
 def server_name(data: bytes) -> str | None:

@@ -38,6 +38,7 @@ from collections import deque
 from fastsni.engine import (  # not hot: the pure module's own
     ForeignSocket,
     abandon,
+    cause,
     peer_of as _socket_peer_of,
     errno_name,
     exists_beside,
@@ -336,12 +337,16 @@ cdef str _entry(str name, str leaf, unsigned int* owner):
     err = errno  # before any Python call can change it
     wildcard = wildcard_of(name)
     if err != ENOENT or wildcard is None:
-        raise _oserror(err, f"{name}/{leaf}".encode("ascii"))
+        exc = _oserror(err, f"{name}/{leaf}".encode("ascii"))
+        exc.no_entry = err == ENOENT  # see the pure twin's cause()
+        raise exc
     if fstatat(C_HOSTS, wildcard.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
         owner[0] = status.st_uid
         return wildcard
     err = errno
-    raise _oserror(err, f"{wildcard}/{leaf}".encode("ascii"))
+    exc = _oserror(err, f"{wildcard}/{leaf}".encode("ascii"))
+    exc.no_entry = err == ENOENT
+    raise exc
 
 
 cdef tuple _check_owner(int path, unsigned int owner, bytes target):
@@ -937,6 +942,7 @@ cdef class Flow:
     cdef public bint eof
     cdef public bint done
     cdef public int way  # UP or DOWN: towards the backend or the client, for _counts
+    cdef public unsigned long long moved  # bytes written to dst, for the owner's log (Relay.up, .down)
 
     def __init__(self, Relay relay, Side src, Side dst, bint upward):
         self.relay = relay
@@ -949,6 +955,7 @@ cdef class Flow:
         self.can_splice = upward or C_SPLICE_DOWN  # False once the kernel refused a pipe, too
         self.eof = False
         self.done = False
+        self.moved = 0
 
     cpdef pump(self):
         """Move bytes until src has none, dst takes no more, or PUMP_ROUNDS chunks went."""
@@ -1015,6 +1022,7 @@ cdef class Flow:
                     return False
                 moved = 0
         self.piped -= moved
+        self.moved += moved
         _counts[self.way] += moved
         _counts[self.way + 2] += moved  # UP_SPLICED or DOWN_SPLICED
         if not self.piped:
@@ -1031,6 +1039,7 @@ cdef class Flow:
         if count < 0:
             self.relay.fail(self.dst)
             return False
+        self.moved += count
         _counts[self.way] += count
         return not self.dst.queued
 
@@ -1066,6 +1075,7 @@ cdef class Relay(Handler):
     cdef public bint closed
     cdef public Flow upstream
     cdef public Flow downstream
+    cdef public unsigned long long up, down  # bytes relayed each way, once closed
 
     def __init__(self, Reactor reactor, Side client, Side backend, on_close, on_backend_error=None):
         self.reactor = reactor
@@ -1120,5 +1130,6 @@ cdef class Relay(Handler):
         self.reactor.close(self.backend.fd)
         self.upstream.release()
         self.downstream.release()
+        self.up, self.down = self.upstream.moved, self.downstream.moved
         self.upstream = self.downstream = None  # each refers back to the relay: unlink them,
         self.on_close()  # so refcounting frees all three now, not the cyclic GC later

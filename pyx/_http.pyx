@@ -17,6 +17,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 import sys
 from collections import deque
 from errno import errorcode
+from time import monotonic
 
 import httptools
 
@@ -25,7 +26,9 @@ from fastsni._tls import check_hostname
 from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
+    CAUSES,
     DROPPED,
+    ENDINGS,
     HEAD_TIMEOUT,
     HIGH_WATER,
     LINGER,
@@ -35,12 +38,14 @@ from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on
     REMEMBERED_VALUE,
     Rejected,
     error_response,
+    failed,
     https_path,  # with redirect_response: what refusal() answers for a TLS-only host
     kept_in_trailers,
     log,
     redirect_response,
     refusal,
     response,
+    tell_owner,
 )
 
 __all__ = ["HttpConnection", "Rejected", "host_name", "frame"]
@@ -58,8 +63,9 @@ cdef double C_LINGER = LINGER
 cdef frozenset C_DROPPED = DROPPED
 
 
-# The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED.
-cdef unsigned long long _routed = 0, _up = 0, _down = 0
+# The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED (and its
+# CAUSES, shared: counted only where a request failed).
+cdef unsigned long long _routed = 0, _up = 0, _down = 0, _relay_resets = 0
 cdef dict _answered = {}
 
 
@@ -104,7 +110,15 @@ def sweep(Service service):
 
 
 def counts():
-    return {"routed": _routed, "up": _up, "down": _down, **fair_share_counts(), "answered": dict(_answered)}
+    return {
+        "routed": _routed,
+        "up": _up,
+        "down": _down,
+        "relay_resets": _relay_resets,
+        **fair_share_counts(),
+        "answered": dict(_answered),
+        "causes": dict(CAUSES),
+    }
 
 
 def _authority_name(authority):
@@ -443,6 +457,8 @@ cdef class HttpConnection(Handler):
     cdef public bint closed
     cdef public bint kept_alive
     cdef public bint draining
+    cdef public Py_ssize_t sent
+    cdef public double begun
 
     REFUSED = error_response(503, True)  # to a new connection over its source's fair share (engine.Service)
 
@@ -462,6 +478,8 @@ cdef class HttpConnection(Handler):
         self.response = None  # its HttpResponseParser
         self.status = 0  # status of the response being parsed
         self.forwarded = 0  # bytes of the current answer sent to the client
+        self.sent = 0  # bytes of the current request sent to its backend
+        self.begun = 0.0  # when the current request began, for the owner's log
         self.final = False  # the final (non-1xx) answer is complete
         self.close_delimited = False
         self.response_keep_alive = True
@@ -706,6 +724,8 @@ cdef class HttpConnection(Handler):
             self.active = request
             self.status = 0
             self.forwarded = 0
+            self.sent = 0
+            self.begun = monotonic()
             self.final = False
             self.overrun = False
             self.tail = b""
@@ -762,9 +782,9 @@ cdef class HttpConnection(Handler):
             # protocol already, not HTTP (RFC 9110 §7.8: it switches only with a 101).
             if request.complete and request.keep_alive and not request.upgrade:
                 self.reader.requests.popleft()
-                self.answer(refusal(self.peer, request, exc), False, request)
+                self.answer(refusal(self.peer, request, exc, self.begun), False, request)
                 return False
-            self.answer(refusal(self.peer, request, exc), True, request)
+            self.answer(refusal(self.peer, request, exc, self.begun), True, request)
             self.linger()
             return True
         self.backend = Side(self.reactor, fd)
@@ -788,6 +808,7 @@ cdef class HttpConnection(Handler):
         request.data = []
         request.size = 0
         _up += len(data)
+        self.sent += len(data)
         self.send_backend(data)
 
     cdef send_backend(self, bytes data):
@@ -892,6 +913,7 @@ cdef class HttpConnection(Handler):
     cdef answered(self):
         """The final answer went out: the exchange ends once the request is all sent."""
         cdef Request request = self.active
+        self.routed(request)
         if not (self.response_keep_alive and request.keep_alive) or not request.complete:
             # the request is not all here (an early answer) or either side closes
             self.linger()
@@ -920,6 +942,7 @@ cdef class HttpConnection(Handler):
         if self.active is None or self.final:
             return
         if self.close_delimited:
+            self.routed(self.active)
             self.linger()  # EOF ends a body without a length
             return
         request = self.active
@@ -931,16 +954,24 @@ cdef class HttpConnection(Handler):
             if not self.connect(request):
                 self.next()
             return
-        self.fail_answer("backend closed before its answer was complete")
+        self.fail_answer("backend closed before its answer was complete", "closed_early")
 
-    cdef fail_answer(self, str reason):
+    cdef routed(self, Request request):
+        """The backend's answer to ``request`` is out: one line to the owner's log."""
+        tell_owner(self.peer, request.name, "routed", self.begun, status=self.status, up=self.sent, down=self.forwarded)
+
+    cdef fail_answer(self, str reason, str why="bad_answer"):
         """The backend failed the request in progress: 502 if nothing went out yet, else cut."""
-        log(self.peer, self.active.name if self.active else None, reason)
+        name = self.active.name if self.active else None
+        log(self.peer, name, reason)
         self.drop_backend()
         if self.forwarded == 0:
+            failed(self.peer, name, 502, why, self.begun)
             self.answer(502, True, self.active)
             self.linger()
         else:
+            if name is not None:
+                tell_owner(self.peer, name, "cut", self.begun, cause=why, up=self.sent, down=self.forwarded)
             self.shut()
 
     cdef fail_request(self, rejection):
@@ -969,13 +1000,19 @@ cdef class HttpConnection(Handler):
         self.active = None
         self.relayed = True
         self.reactor.remove(backend.fd)  # the Relay adds it as its own
+        tell_owner(self.peer, self.backend_name, "routed", self.begun, status=101, up=self.sent, down=len(answer))
         Relay(self.reactor, client, backend, self.relay_closed, self.backend_failed)
 
     def relay_closed(self):
         self.service.closed(self)
 
     def backend_failed(self, int err):
-        """The backend reset (or failed) while relaying after a 101: one line."""
+        """The backend failed while relaying after a 101: a reset or broken pipe is how
+        relays end (counted); anything else gets one line."""
+        global _relay_resets
+        if err in ENDINGS:
+            _relay_resets += 1
+            return
         reason = f"{BACKEND_SOCKET}: {errorcode.get(err, err)} while relaying"
         log(self.peer, self.backend_name, reason)
 

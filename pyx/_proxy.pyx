@@ -6,21 +6,51 @@ from posix.unistd cimport write
 from fastsni._engine cimport Handler, Service, Side, Timer
 
 from errno import errorcode
+from time import monotonic
 
-from fastsni._engine import Relay, connect_backend, fair_share_counts
-from fastsni.addresses import proxy_header
-from fastsni.engine import failure
+from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of
+from fastsni.addresses import describe, proxy_header
+from fastsni.engine import cause, failure
+from fastsni.logs import failures
+from fastsni.ownerlog import owner_log
 from fastsni._tls import HelloReader
-from fastsni.proxy import ABSENT, BACKEND_SOCKET, HELLO_TIMEOUT, log
-from fastsni.tls import INTERNAL_ERROR, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, alert
+from fastsni.proxy import (  # not hot: the pure twin's own
+    ABSENT,
+    BACKEND_SOCKET,
+    ENDINGS,
+    HELLO_TIMEOUT,
+    client_of,
+    hello_cause,
+    log,
+    tell_owner,
+)
+from fastsni.tls import INTERNAL_ERROR, MARK_ECH, MARK_GREASE, UNRECOGNIZED_NAME, USER_CANCELED, HelloError, alert
 
-# The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ALERTS.
-cdef unsigned long long _routed = 0, _closed_early = 0
+# The counters of the SIGUSR1 line, as in the pure twin's COUNTS, ALERTS and CAUSES.
+cdef unsigned long long _routed = 0, _closed_early = 0, _hello_ech = 0, _hello_grease = 0, _relay_resets = 0
 cdef dict _alerts = {}
+cdef dict _causes = {}
 
 
 def counts():
-    return {"routed": _routed, "closed_early": _closed_early, **fair_share_counts(), "alerts": dict(_alerts)}
+    return {
+        "routed": _routed,
+        "closed_early": _closed_early,
+        "hello_ech": _hello_ech,
+        "hello_grease": _hello_grease,
+        "relay_resets": _relay_resets,
+        **fair_share_counts(),
+        "alerts": dict(_alerts),
+        "causes": dict(_causes),
+    }
+
+
+def counted(int code, why):
+    """One more alert ``code``, and one more of its cause ``why`` (if any)."""
+    _alerts[code] = _alerts.get(code, 0) + 1
+    if why is not None:
+        key = f"alert_{code}_{why}"
+        _causes[key] = _causes.get(key, 0) + 1
 
 
 cdef class TlsConnection(Handler):
@@ -32,6 +62,9 @@ cdef class TlsConnection(Handler):
     cdef public object reader
     cdef public Timer timer
     cdef public object name
+    cdef public double started
+    cdef public object peer
+    cdef public object relay
 
     REFUSED = alert(INTERNAL_ERROR)  # to a new connection over its source's fair share (engine.Service)
 
@@ -41,6 +74,9 @@ cdef class TlsConnection(Handler):
         self.client = Side(service.reactor, fd)
         self.reader = HelloReader()
         self.name = None
+        self.started = monotonic()
+        self.peer = None
+        self.relay = None
         service.reactor.add(fd, self)
         self.timer = service.reactor.schedule(HELLO_TIMEOUT, self.expire, ())
 
@@ -60,7 +96,7 @@ cdef class TlsConnection(Handler):
             try:
                 name = self.reader.feed(data)
             except HelloError as exc:
-                self.fail(exc.alert, None, exc.reason)
+                self.fail(exc.alert, None, exc.reason, hello_cause(exc))
                 return
             if name is not None:
                 self.route(name)
@@ -69,31 +105,44 @@ cdef class TlsConnection(Handler):
     cdef route(self, str name):
         """Connect to the backend for ``name``; the client may have sent more already
         (``client.readable``), which the Relay reads."""
-        global _routed
+        global _routed, _hello_ech, _hello_grease
         cdef Side backend
+        cdef int marks
         self.timer.cancel()
         try:
             fd, proxy, _ = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
-            self.fail(code, name, failure(exc, BACKEND_SOCKET))
+            self.fail(code, name, failure(exc, BACKEND_SOCKET), cause(exc))
             return
         backend = Side(self.service.reactor, fd)
         backend.queued = bytes(self.reader.received)  # the hello goes first, untouched
+        marks = self.reader.marks()
+        if marks:
+            _hello_ech += marks & MARK_ECH
+            _hello_grease += (marks & MARK_GREASE) >> 1
         self.reader = None
+        if owner_log.target(name) >= 0:  # its address now: the line goes when the relay ends
+            try:
+                self.peer = describe(peer_of(self.fd, self.service.family))
+            except OSError:
+                self.peer = "(closed before its address was read)"
         if proxy:  # in one write with the hello
             backend.queued = proxy_header(proxy, self.fd, self.service.family, name) + backend.queued
         _routed += 1
         self.name = name
-        Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
+        self.relay = Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
 
     def expire(self):
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
 
-    cpdef fail(self, int code, name, str reason):
-        """Answer with one fatal alert, log one line, close."""
-        _alerts[code] = _alerts.get(code, 0) + 1
-        log(self.fd, name, reason)
+    cpdef fail(self, int code, name, str reason, why=None):
+        """Answer with one fatal alert, log one line (and one to the owner's log), close."""
+        counted(code, why)
+        client = client_of(self.fd)
+        failures.write(f"fastsni: {client} {name or '-'}: {reason}\n")
+        if name is not None and why != "no_entry":
+            tell_owner(name, client, f"alert_{code}", self.started, cause=why)
         cdef bytes answer = alert(code)
         write(self.fd, <const char*>answer, len(answer))
         self.close()
@@ -112,10 +161,19 @@ cdef class TlsConnection(Handler):
         return True
 
     def relay_closed(self):
+        relay, self.relay = self.relay, None  # it refers back to us: let both go now
+        if self.peer is not None:  # (no relay yet: it closed as it began)
+            up, down = (relay.up, relay.down) if relay is not None else (None, None)
+            tell_owner(self.name, self.peer, "routed", self.started, up=up, down=down)
         self.service.closed(self)
 
     def backend_failed(self, int err):
-        """The backend reset (or failed) while relaying: one line, then the relay closes."""
+        """The backend failed while relaying: a reset or broken pipe is how relays end
+        (counted); anything else gets one line.  Then the relay closes."""
+        global _relay_resets
+        if err in ENDINGS:
+            _relay_resets += 1
+            return
         log(self.fd, self.name, f"{BACKEND_SOCKET}: {errorcode.get(err, err)} while relaying")
 
     def drain(self):

@@ -11,6 +11,9 @@ from cpython.unicode cimport PyUnicode_DecodeASCII
 from fastsni.tls import (
     CONTENT_HANDSHAKE,
     DECODE_ERROR,
+    EXTENSION_ECH,
+    MARK_ECH,
+    MARK_GREASE,
     EXTENSION_SERVER_NAME,
     HANDSHAKE_CLIENT_HELLO,
     INTERNAL_ERROR,
@@ -28,6 +31,17 @@ from fastsni.tls import (
 )
 
 cdef Py_ssize_t C_MAX_HELLO = MAX_HELLO
+cdef unsigned int C_EXTENSION_ECH = EXTENSION_ECH
+cdef int C_MARK_ECH = MARK_ECH, C_MARK_GREASE = MARK_GREASE
+
+
+cdef inline bint _grease(unsigned int value) noexcept:
+    """RFC 8701 §2: the reserved values 0x0A0A, 0x1A1A, ..., 0xFAFA."""
+    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+
+
+def is_grease(unsigned int value):
+    return _grease(value)
 cdef Py_ssize_t C_MAX_FRAGMENT = MAX_FRAGMENT
 cdef Py_ssize_t C_MAX_HOSTNAME = MAX_HOSTNAME
 cdef enum:
@@ -227,7 +241,40 @@ cdef class HelloReader:
         self.at = at
         return None
 
+    cpdef int marks(self):
+        """MARK_ECH and MARK_GREASE among the cipher suites and extension types of the
+        hello received so far (see the pure twin)."""
+        cdef const unsigned char* p = self.handshake
+        cdef Py_ssize_t have = min(len(self.handshake), self.hello_end)
+        cdef Py_ssize_t at = 4 + 2 + 32, end, suite
+        cdef unsigned int kind
+        cdef int marks = 0
+        if at + 1 > have:
+            return 0
+        at += 1 + p[at]
+        if at + 2 > have:
+            return 0
+        end = at + 2 + (p[at] << 8 | p[at + 1])
+        suite = at + 2
+        while suite < min(end, have) - 1:
+            if _grease(p[suite] << 8 | p[suite + 1]):
+                marks |= C_MARK_GREASE
+                break
+            suite += 2
+        if end + 1 > have:
+            return marks
+        at = end + 1 + p[end] + 2
+        while at + 4 <= have:
+            kind = p[at] << 8 | p[at + 1]
+            if kind == C_EXTENSION_ECH:
+                marks |= C_MARK_ECH
+            elif _grease(kind):
+                marks |= C_MARK_GREASE
+            at += 4 + (p[at + 2] << 8 | p[at + 3])
+        return marks
+
 
 def server_name(data):
     """Read the host name from ``data``, the start of a TLS connection (a one-shot HelloReader)."""
     return HelloReader().feed(data)
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import queue
+import re
 import resource
 import socket
 import subprocess
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent  # the source tree
 # Processes the tests start import ROOT's packages, unless FASTSNI_TEST_INSTALLED=1: then
 # they import whatever the interpreter has installed (CI's run against the built wheel).
 TEST_INSTALLED = os.environ.get("FASTSNI_TEST_INSTALLED", "") not in ("", "0")
+# The time the proxies put in front of a line when stderr is not the journal (fastsni/logs.py)
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class Proxy:
         self.nofile = nofile  # RLIMIT_NOFILE, soft and hard, for the proxy process
         self.wrapper = wrapper  # a command that runs the proxy: strace, a unit's restrictions
         self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
+        self.log: list[str] = []  # the lines expect() went past, without their time
+        self.stamped: list[str] = []  # every line as written, with its time if any
         self.process: subprocess.Popen | None = None  # the newest copy
         self.processes: list[subprocess.Popen] = []
         self.start()
@@ -126,7 +130,8 @@ class Proxy:
 
     def _read(self, process: subprocess.Popen) -> None:
         for line in process.stderr:
-            self.lines.put(line.rstrip("\n"))
+            self.stamped.append(line.rstrip("\n"))
+            self.lines.put(STAMP.sub("", line.rstrip("\n")))
 
     def expect(self, text: str, timeout: float = 10) -> str:
         """Wait (bounded) for a stderr line containing ``text``; return it."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import re
 import select
 import signal
 import socket
@@ -324,11 +323,15 @@ def test_backend_resets_or_answers_garbage(program, handler, twin, hosts, proxie
             )  # relayed untouched: TLS is the backend's
         else:
             assert answer in (b"", b"(reset)"), answer
-            # A backend that resets is one log line: ECONNRESET if it closed with the hello
-            # unread, EPIPE if it was gone before the hello was written (a race either way).
-            line = proxy.expect(f":{port} ")
-            assert re.search(rf"{re.escape(SICK)}: tls-socket: (ECONNRESET|EPIPE) while relaying", line), line
         check_unharmed(program, proxy, healthy, port)
+    if program == "fastsni" and handler is reset_at_once:
+        # A backend that resets ends the relay: ECONNRESET if it closed with the hello unread,
+        # EPIPE if it was gone before the hello was written (a race either way); counted, not
+        # logged (nobody can act on it).
+        from test_counters import counters
+
+        assert counters(proxy, open_wanted=0)["relay_resets"] == "3"
+        assert not [line for line in proxy.log if "while relaying" in line], proxy.log
 
 
 # -- the host entry renamed, its socket replaced, the hosts directory replaced -------------------

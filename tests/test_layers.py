@@ -20,6 +20,8 @@ LAYERS = {
     "fastsni._tls": CORE,
     "fastsni.addresses": CORE,
     "fastsni.logs": CORE,
+    "fastsni.ownerlog": CORE,
+    "fastsni.metrics": CORE,
     "fastsni.twins": CORE,
     "fastsni.server": CORE,
     "fastsni.confine": CORE,

@@ -10,6 +10,7 @@ def test_burst_then_rate_then_one_counting_line(capsys):
     scheduled: list = []
     log = FailureLog(clock=lambda: now[0])
     log.start("fasthttpdir", lambda delay, callback: scheduled.append((delay, callback)))
+    log.stamped = False  # as under the journal: the lines as given (tests/test_metrics.py: the time)
     for i in range(BURST + 50):  # all at one instant: the burst passes, the rest is held
         log.write(f"line {i}\n")
     assert scheduled and scheduled[0][0] == REPORT_AFTER and len(scheduled) == 1
