@@ -17,12 +17,12 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 import sys
 from collections import deque
 from errno import errorcode
-from time import monotonic
 
 import httptools
 
 from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of, shutdown_write, socket_identity
 from fastsni._tls import check_hostname
+from fastsni.ownerlog import owner_log
 from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
@@ -67,6 +67,16 @@ cdef frozenset C_DROPPED = DROPPED
 # CAUSES, shared: counted only where a request failed).
 cdef unsigned long long _routed = 0, _up = 0, _down = 0, _relay_resets = 0
 cdef dict _answered = {}
+
+
+cdef dict _owner_logs = owner_log.found  # the one dict OwnerLog keeps (forget() clears it)
+
+
+cdef inline bint no_owner_log(str name, double now):
+    """What owner_log.target(name) would answer without a lookup, at C cost: True if
+    ``name`` is known, for now, to have no log socket (the common case)."""
+    cdef tuple known = _owner_logs.get(name)
+    return known is not None and <long>known[1] < 0 and <double>known[0] > now
 
 
 cdef double _monotonic():
@@ -725,7 +735,7 @@ cdef class HttpConnection(Handler):
             self.status = 0
             self.forwarded = 0
             self.sent = 0
-            self.begun = monotonic()
+            self.begun = _monotonic()
             self.final = False
             self.overrun = False
             self.tail = b""
@@ -958,7 +968,8 @@ cdef class HttpConnection(Handler):
 
     cdef routed(self, Request request):
         """The backend's answer to ``request`` is out: one line to the owner's log."""
-        tell_owner(self.peer, request.name, "routed", self.begun, status=self.status, up=self.sent, down=self.forwarded)
+        if not no_owner_log(request.name, _monotonic()):
+            tell_owner(self.peer, request.name, "routed", self.begun, status=self.status, up=self.sent, down=self.forwarded)
 
     cdef fail_answer(self, str reason, str why="bad_answer"):
         """The backend failed the request in progress: 502 if nothing went out yet, else cut."""

@@ -1,12 +1,12 @@
 # cython: language_level=3
 """Compiled twin of fastsni/proxy.py: read the ClientHello, route by SNI, relay."""
 
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport write
 
 from fastsni._engine cimport Handler, Service, Side, Timer
 
 from errno import errorcode
-from time import monotonic
 
 from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of
 from fastsni.addresses import describe, proxy_header
@@ -53,6 +53,22 @@ def counted(int code, why):
         _causes[key] = _causes.get(key, 0) + 1
 
 
+cdef dict _owner_logs = owner_log.found  # the one dict OwnerLog keeps (forget() clears it)
+
+
+cdef double _monotonic():
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+cdef inline bint no_owner_log(str name, double now):
+    """What owner_log.target(name) would answer without a lookup, at C cost: True if
+    ``name`` is known, for now, to have no log socket (the common case)."""
+    cdef tuple known = _owner_logs.get(name)
+    return known is not None and <long>known[1] < 0 and <double>known[0] > now
+
+
 cdef class TlsConnection(Handler):
     """An accepted client connection until its ClientHello names a backend; then a Relay."""
 
@@ -74,7 +90,7 @@ cdef class TlsConnection(Handler):
         self.client = Side(service.reactor, fd)
         self.reader = HelloReader()
         self.name = None
-        self.started = monotonic()
+        self.started = _monotonic()
         self.peer = None
         self.relay = None
         service.reactor.add(fd, self)
@@ -122,7 +138,7 @@ cdef class TlsConnection(Handler):
             _hello_ech += marks & MARK_ECH
             _hello_grease += (marks & MARK_GREASE) >> 1
         self.reader = None
-        if owner_log.target(name) >= 0:  # its address now: the line goes when the relay ends
+        if not no_owner_log(name, _monotonic()) and owner_log.target(name) >= 0:  # its address now: the line goes when the relay ends
             try:
                 self.peer = describe(peer_of(self.fd, self.service.family))
             except OSError:

@@ -71,6 +71,10 @@ RUN_ELSEWHERE = {
         '"--cpus"',
     ),
 }
+RUN_ELSEWHERE[
+    "python3 -c 'import socket,sys;s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM);s.bind(sys.argv[1]);"
+    '[print(s.recv(4096).decode(),end="",flush=True) for _ in iter(int,1)]\' log-socket'
+] = ("tests/test_owner_log.py", "test_the_receiver_in_docs_logs_md_prints_each_line", '"logs.md"')
 GIT_DEPLOY = "tests/test_git_deploy.py"  # as the owner, with its own paths and name
 RUN_ELSEWHERE.update(
     {
