@@ -92,25 +92,22 @@ class OwnerLog:
 
 def lookup(name: str) -> int:
     """``<entry>/log-socket`` for the entry serving ``name`` (exact, else its wildcard),
-    beneath the tree, a socket owned by the entry's owner or root: its O_PATH
-    descriptor, or -1."""
+    beneath the tree, a socket that passes the backend sockets' owner rule
+    (engine._check_owner): its O_PATH descriptor, or -1."""
     try:
         entry, owner = engine._entry(name, LEAF)
-        fd = engine.openat2(engine.HOSTS, f"{entry}/{LEAF}", os.O_PATH | os.O_CLOEXEC, engine.BENEATH)
+        target = f"{entry}/{LEAF}"
+        fd = engine.openat2(engine.HOSTS, target, os.O_PATH | os.O_CLOEXEC, engine.BENEATH)
     except OSError:
         return -1
     try:
-        info = os.fstat(fd)
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            engine._check_owner(fd, owner, target)  # ForeignSocket (an OSError) if not the owner's
+            return fd
     except OSError:
-        info = None
-    if (
-        info is None
-        or not stat.S_ISSOCK(info.st_mode)
-        or (owner not in (0, info.st_uid) and info.st_uid != 0)
-    ):
-        os.close(fd)
-        return -1
-    return fd
+        pass
+    os.close(fd)
+    return -1
 
 
 owner_log = OwnerLog()
