@@ -1,14 +1,17 @@
 """``fastsni-check [options] [NAME...]``: say what the proxies will do with each hosts entry, and why.
 
 One line per finding, with a severity: ``error`` (the proxies cannot serve the entry,
-or another owner can take it over), ``warning`` (it works today but something is
-fragile or unreachable), ``info`` (what the proxies will do: PROXY headers,
-wildcards, redirects to https, probe results).  A clean tree prints nothing.  Exit
-status 1 when any error was found, 2 for bad usage, else 0.
+another owner can take it over, or its owner's log socket gets no line), ``warning``
+(it works today but something is fragile or unreachable), ``info`` (what the proxies
+will do: PROXY headers, wildcards, redirects to https, the owner's log, probe
+results).  A clean tree prints nothing.  Exit status 1 when any error was found, 2 for
+bad usage, else 0.
 
 Paths are resolved as the proxies resolve them (fastsni.engine): beneath the hosts
 directory with openat2(2), so a link that leads out of the tree is not followed, and a
-socket counts only if the entry's owner or root owns it (or root owns the entry).
+socket counts only if the entry's owner or root owns it (or root owns the entry).  An
+entry's ``log-socket`` (fastsni.ownerlog) is checked as its backend sockets are, with
+codes of its own (``log-...``), and connected to as the datagram socket it must be.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import errno
 import json
 import os
 import pwd
+import socket
 import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-from fastsni import engine, probe, tree
+from fastsni import engine, ownerlog, probe, tree
 from fastsni.tls import MAX_HOSTNAME
 
 DNS_MAX_LABEL = 63  # RFC 1035 §2.3.4: labels are 63 octets or less
@@ -32,6 +36,41 @@ ERROR, WARNING, INFO = "error", "warning", "info"
 TREE = "."  # the entry name of findings about the hosts directory itself
 PATH_ONLY = os.O_PATH | os.O_CLOEXEC  # how the proxies open what they resolve
 ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR))  # no http-socket: fasthttpdir's 308 if a tls-socket is
+LOG = ownerlog.LEAF  # the owner's log socket: a fault costs its lines, not the entry
+LOGGED = f"each connection (fastsni) or request (fasthttpdir) is logged to {LOG}"
+# A log socket the proxies find but cannot send to (the errno of a datagram connect):
+# (severity, code, message).  EACCES is no-access's, as for the backend sockets.
+LOG_FAULTS = {
+    errno.ECONNREFUSED: (
+        WARNING,
+        "log-unbound",
+        f"nobody has bound {LOG} (sendto gets ECONNREFUSED): the proxies drop this entry's lines "
+        "(counted as owner_log_dropped); start its receiver: remove the file and bind it with "
+        "socket.SOCK_DGRAM",
+    ),
+    errno.EPROTOTYPE: (
+        ERROR,
+        "log-not-datagram",
+        f"{LOG} is not a datagram socket (a stream or seqpacket one: sendto gets EPROTOTYPE), so the "
+        "proxies drop every line; bind it with socket.SOCK_DGRAM (socat: UNIX-RECV)",
+    ),
+}
+
+
+def code_of(leaf: str | None, code: str) -> str:
+    """A finding's code: ``log-`` in front for the log socket, whose faults leave the entry served."""
+    return f"log-{code}" if leaf == LOG else code
+
+
+def lost(leaf: str | None, answer: str) -> str:
+    """What the proxies do when they cannot use ``leaf``: the client gets ``answer``, or
+    for the log socket, a line is lost."""
+    return "no line is sent to it" if leaf == LOG else answer
+
+
+def binder(leaf: str | None) -> str:
+    """What binds ``leaf``, in the fixes."""
+    return "receiver (with socket.SOCK_DGRAM)" if leaf == LOG else "backend"
 
 
 @dataclass(frozen=True)
@@ -125,12 +164,23 @@ def _connect_errno(hosts: int, target: str) -> int:
     except OSError as exc:
         return exc.errno or errno.EIO
     try:
-        probe.connect_unix(f"/proc/self/fd/{path}", CONNECT_TIMEOUT).close()
+        _connect(f"/proc/self/fd/{path}", os.path.basename(target))
     except OSError as exc:
         return exc.errno or errno.EIO
     finally:
         os.close(path)
     return 0
+
+
+def _connect(path: str, leaf: str) -> None:
+    """Connect to ``path`` as the proxies use ``leaf``: a stream to a backend; for the log
+    socket a datagram socket, which a connect checks as each sendto(2) would (its
+    permission, a receiver bound, of its type) without sending the owner a line."""
+    if leaf != LOG:
+        probe.connect_unix(path, CONNECT_TIMEOUT).close()
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(path)
 
 
 PROTECTED_SYMLINKS = "/proc/sys/fs/protected_symlinks"
@@ -313,27 +363,34 @@ class Checker:
             raise failed
         return None
 
-    def not_followed(self, entry: str, link: str, text: str | None, directory: str, exc: OSError) -> bool:
+    def not_followed(
+        self, entry: str, link: str, text: str | None, directory: str, exc: OSError, leaf: str | None = None
+    ) -> bool:
         """Report why the proxies follow no path through ``link`` (its target ``text``, in
-        the resolved ``directory``): out of the tree, a loop, or nothing there.  False for
-        any other error."""
+        the resolved ``directory``; on the way to ``leaf``, if not to the entry itself): out
+        of the tree, a loop, or nothing there.  False for any other error."""
         described = f"{link} -> {text}" if text is not None else link
         if exc.errno == errno.EXDEV:
-            self.leads_outside(entry, described, text, directory)
+            self.leads_outside(entry, described, text, directory, leaf)
         elif exc.errno == errno.ELOOP:
             self.add(
                 ERROR,
                 entry,
-                "link-loop",
-                f"{described} loops, or passes too many links: the proxies get ELOOP (112 / 404)",
+                code_of(leaf, "link-loop"),
+                f"{described} loops, or passes too many links: "
+                f"the proxies get ELOOP ({lost(leaf, '112 / 404')})",
             )
         elif exc.errno in ABSENT:
-            self.add(ERROR, entry, "dangling-link", f"{described} leads nowhere ({exc.strerror})")
+            self.add(
+                ERROR, entry, code_of(leaf, "dangling-link"), f"{described} leads nowhere ({exc.strerror})"
+            )
         else:
             return False
         return True
 
-    def leads_outside(self, entry: str, described: str, text: str | None, directory: str) -> None:
+    def leads_outside(
+        self, entry: str, described: str, text: str | None, directory: str, leaf: str | None
+    ) -> None:
         """A path the proxies will not follow (EXDEV), and the fix: a relative link to the
         same place if it lies inside the tree, else a move into the tree; never a path out."""
         why, target = "a symlink on its way leads out", None
@@ -358,9 +415,9 @@ class Checker:
         self.add(
             ERROR,
             entry,
-            "leads-outside",
+            code_of(leaf, "leads-outside"),
             f"{described} leads out of the hosts tree ({why}): the proxies resolve every path beneath "
-            f"{self.root} and do not follow it (EXDEV: alert 112 / 404); {fix}",
+            f"{self.root} and do not follow it (EXDEV: {lost(leaf, 'alert 112 / 404')}); {fix}",
         )
 
     def check_owner(self, entry: str, owner: int) -> None:
@@ -453,45 +510,22 @@ class Checker:
                 self.check_shared_area(path, used=False)
 
     def check_sockets(self, entry: str, owner: int, directory: int) -> list[str]:
-        """Each leaf as the proxies reach it; the sockets they would connect to go to
-        self.sockets.  Returns the directories those sockets are in (resolved)."""
-        parent = os.fstat(directory)
-        here = self.where(directory)
-        reached = {}  # leaf: 0 if the proxies reach a file there, else their errno
-        found = False  # a leaf exists, if only as a symlink
+        """Each leaf, and the log socket, as the proxies reach them; the sockets they would
+        use go to self.sockets.  Returns the directories those sockets are in (resolved)."""
+        reached = {}  # leaf: None if there is no such file, 0 if the proxies reach one, else their errno
         socket_directories = []
-        for leaf in probe.LEAVES:
-            reached[leaf] = errno.ENOENT
-            try:
-                info = os.stat(leaf, dir_fd=directory, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            found = True
-            text = os.readlink(leaf, dir_fd=directory) if stat.S_ISLNK(info.st_mode) else None
-            if text is not None and self.protected_link(entry, leaf, text, info, parent, here):
-                reached[leaf] = errno.EACCES
-                continue
-            try:
-                path = self.beneath(f"{entry}/{leaf}")
-            except OSError as exc:
-                reached[leaf] = exc.errno
-                if not self.not_followed(entry, f"the symlink {leaf}", text, here, exc):
-                    raise
-                continue
-            reached[leaf] = 0
-            try:
-                if self.serves(entry, leaf, text, owner, path):
-                    socket_directories.append(os.path.dirname(self.where(path)))
-            finally:
-                os.close(path)
-        if not found:
+        for leaf in (*probe.LEAVES, LOG):
+            reached[leaf], used = self.check_socket(entry, leaf, owner, directory)
+            if used is not None:
+                socket_directories.append(used)
+        if all(reached[leaf] is None for leaf in probe.LEAVES):
             self.add(
                 ERROR,
                 entry,
                 "no-socket",
                 "neither tls-socket nor http-socket: fastsni answers 112, fasthttpdir 404",
             )
-        elif reached["tls-socket"] == 0 and reached["http-socket"] in ABSENT:  # engine.exists_beside
+        elif reached["tls-socket"] == 0 and reached["http-socket"] in (None, *ABSENT):  # engine.exists_beside
             self.add(
                 INFO,
                 entry,
@@ -500,6 +534,32 @@ class Checker:
                 "with a 308 redirect to https (same host, path and query)",
             )
         return socket_directories
+
+    def check_socket(
+        self, entry: str, leaf: str, owner: int, directory: int
+    ) -> tuple[int | None, str | None]:
+        """``leaf`` in the entry's ``directory`` as the proxies reach it: (None if there is
+        no such file, 0 if they reach one, else their errno; the directory, resolved, of the
+        socket they would use, or None)."""
+        try:
+            info = os.stat(leaf, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return None, None
+        here = self.where(directory)
+        text = os.readlink(leaf, dir_fd=directory) if stat.S_ISLNK(info.st_mode) else None
+        if text is not None and self.protected_link(entry, leaf, text, info, os.fstat(directory), here):
+            return errno.EACCES, None
+        try:
+            path = self.beneath(f"{entry}/{leaf}")
+        except OSError as exc:
+            if not self.not_followed(entry, f"the symlink {leaf}", text, here, exc, leaf):
+                raise
+            return exc.errno, None
+        try:
+            used = self.serves(entry, leaf, text, owner, path)
+            return 0, os.path.dirname(self.where(path)) if used else None
+        finally:
+            os.close(path)
 
     def protected_link(
         self, entry: str, leaf: str, text: str, info: os.stat_result, parent: os.stat_result, here: str
@@ -512,20 +572,26 @@ class Checker:
         self.add(
             ERROR,
             entry,
-            "link-protected",
+            code_of(leaf, "link-protected"),
             f"the proxies ({self.user.name}) may not follow the symlink {leaf} -> {text}: "
             f"fs.protected_symlinks is 1 and {here} is sticky and writable by everyone, where a symlink "
             "is followed as the last component of a path only by its owner or when the directory's "
-            f"owner owns it (they get EACCES: alert 112 / 503); chmod 0750 {here}",
+            f"owner owns it (they get EACCES: {lost(leaf, 'alert 112 / 503')}); chmod 0750 {here}",
         )
         return True
 
     def serves(self, entry: str, leaf: str, text: str | None, owner: int, path: int) -> bool:
-        """Whether the proxies would connect to the file at descriptor ``path``: a socket
-        that passes their owner rule (engine._check_owner).  Reports why not."""
+        """Whether the proxies would connect (or send) to the file at descriptor ``path``: a
+        socket that passes their owner rule (engine._check_owner).  Reports why not."""
         info = os.fstat(path)
         if not stat.S_ISSOCK(info.st_mode):
-            self.add(ERROR, entry, "not-socket", f"{leaf} is not a socket: connecting fails (ECONNREFUSED)")
+            self.add(
+                ERROR,
+                entry,
+                code_of(leaf, "not-socket"),
+                f"{leaf} is not a socket: {lost(leaf, 'connecting fails (ECONNREFUSED)')}; remove it and "
+                f"let the entry's {binder(leaf)} bind it",
+            )
             return False
         try:
             engine._check_owner(path, owner, f"{entry}/{leaf}")
@@ -541,13 +607,13 @@ class Checker:
         self.add(
             ERROR,
             entry,
-            "foreign-socket",
+            code_of(leaf, "foreign-socket"),
             f"{leaf}{via} is owned by {tree.who(socket_owner)}, not by the entry's owner "
-            f"{tree.who(owner)}: the proxies refuse it (alert 112 / 404, and a log line naming both "
-            "uids); the socket must be "
-            f"{name}'s: bound by {name}'s backend or, for a backend under another uid, made by a systemd "
+            f"{tree.who(owner)}: the proxies refuse it "
+            f"({lost(leaf, 'alert 112 / 404, and a log line naming both uids')}); the socket must be "
+            f"{name}'s: bound by {name}'s {binder(leaf)} or, for one under another uid, made by a systemd "
             f"socket unit with SocketUser={tree.login(owner)} that passes it on; or root must own the entry "
-            "(vouching for the backend), or one account own both",
+            "(vouching for it), or one account own both",
         )
 
     def check_writable(self, entry: str, owner: int, directories: list[str]) -> None:
@@ -625,53 +691,74 @@ class Checker:
         )
 
     def check_connections(self) -> None:
-        """Connect to every socket the proxies would serve, as the proxy's user; probe the
-        ones that answer.  Unprivileged and asked about another user, connect as oneself:
+        """Connect to every socket the proxies would use, as the proxy's user; probe the
+        backends that answer.  Unprivileged and asked about another user, connect as oneself:
         whether anyone listens is the same for every user, access is not."""
         if not self.sockets:
             return
-        user = self.user
-        if user.uid != os.geteuid() and os.geteuid() != 0:
-            user = invoking_user()
-            self.add(
-                WARNING,
-                TREE,
-                "not-as-user",
-                f"the connect test ran as {user.name}, not as {self.user.name}: only root can take "
-                f"another user's identity, so whether {self.user.name} may connect was not tested "
-                f"(run fastsni-check as root, or as {tree.login(self.user.uid)})",
-            )
+        user = self.connecting_user()
         targets = [f"{entry}/{leaf}" for entry, leaf, _ in self.sockets]
         errors = connect_errors(self.fd, targets, user)
         deadline = time.monotonic() + (self.options.timeout if self.options else 0)
         for entry, leaf, mode in self.sockets:
             code = errors[f"{entry}/{leaf}"]
-            if code == errno.ECONNREFUSED:
-                self.add(ERROR, entry, "stale-socket", f"nobody listens on {leaf} (connection refused)")
-            elif code in (errno.EACCES, errno.EPERM):
+            if code in (errno.EACCES, errno.EPERM):
                 if user is self.user:
                     self.no_access(entry, leaf, mode)
-            elif code:
-                self.add(ERROR, entry, "connect-failed", f"connecting to {leaf} fails: {os.strerror(code)}")
-            elif self.options is not None:
-                path = os.path.join(self.hosts, entry, leaf)
-                try:
-                    result = probe.probe(path, probe.probe_name(entry), self.options, deadline)
-                except probe.ProbeFailed as exc:
-                    self.add(ERROR, entry, "probe-failed", str(exc))
-                else:
-                    self.add(INFO, entry, "probe-ok", f"probe {leaf}: ok, {result}")
+            elif leaf == LOG:
+                self.log_connected(entry, code)
+            else:
+                self.connected(entry, leaf, code, deadline)
+
+    def connecting_user(self) -> User:
+        """The proxy's user, or, unprivileged and asked about another one, oneself (said)."""
+        if self.user.uid == os.geteuid() or os.geteuid() == 0:
+            return self.user
+        user = invoking_user()
+        self.add(
+            WARNING,
+            TREE,
+            "not-as-user",
+            f"the connect test ran as {user.name}, not as {self.user.name}: only root can take "
+            f"another user's identity, so whether {self.user.name} may connect was not tested "
+            f"(run fastsni-check as root, or as {tree.login(self.user.uid)})",
+        )
+        return user
+
+    def connected(self, entry: str, leaf: str, code: int, deadline: float) -> None:
+        """A backend socket connected to (``code`` 0) or not (its errno); probed if asked."""
+        if code == errno.ECONNREFUSED:
+            self.add(ERROR, entry, "stale-socket", f"nobody listens on {leaf} (connection refused)")
+        elif code:
+            self.add(ERROR, entry, "connect-failed", f"connecting to {leaf} fails: {os.strerror(code)}")
+        elif self.options is not None:
+            path = os.path.join(self.hosts, entry, leaf)
+            try:
+                result = probe.probe(path, probe.probe_name(entry), self.options, deadline)
+            except probe.ProbeFailed as exc:
+                self.add(ERROR, entry, "probe-failed", str(exc))
+            else:
+                self.add(INFO, entry, "probe-ok", f"probe {leaf}: ok, {result}")
+
+    def log_connected(self, entry: str, code: int) -> None:
+        """The log socket connected to as a datagram socket (``code`` 0) or not (its errno)."""
+        if not code:
+            self.add(INFO, entry, "owner-log", LOGGED)
+            return
+        failed = (ERROR, "log-connect-failed", f"sending to {LOG} fails: {os.strerror(code)}")
+        severity, name, message = LOG_FAULTS.get(code, failed)
+        self.add(severity, entry, name, message)
 
     def no_access(self, entry: str, leaf: str, mode: int) -> None:
         self.add(
             ERROR,
             entry,
-            "no-access",
+            code_of(leaf, "no-access"),
             f"{self.user.name} cannot connect to {leaf} ({stat.filemode(mode)}; a connect needs write "
             "permission on the socket and search on every directory on its way): let the proxy's user "
             f"alone in, by an ACL (setfacl -m u:{self.proxy}:rw {leaf}, and u:{self.proxy}:x on each "
             f"directory it cannot search) or by a group that holds only {self.proxy} (the socket's "
-            "directory 2750 in that group, the backend's umask 0007)",
+            "directory 2750 in that group, bound under umask 0007)",
         )
 
 

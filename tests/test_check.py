@@ -3,7 +3,8 @@
 Hostile trees (issue 16): paths that leave the tree, sockets and directories of other
 owners, directories others can write; their owners are made with chown as root, so
 those tests need root.  One test holds check's verdicts against a running fasthttpdir
-(both twins).
+(both twins).  Owners' log sockets (issue 19) are checked as the backend sockets are,
+and as datagram sockets.
 """
 
 from __future__ import annotations
@@ -578,3 +579,111 @@ def test_release_areas(base, backends):
     assert f"install -d -o OWNER -m 0750 {hosts}/_OWNER" in said["_releases", "shared-area"]
     assert said["blog.test", "foreign-area"].startswith(f"it leads through _bob, owned by uid {BOB}, who can")
     assert f"install -d -o {ALICE} -m 0750 {hosts}/_{ALICE}" in said["blog.test", "foreign-area"]
+
+
+@pytest.fixture
+def datagrams():
+    """Factory: datagrams(path, owner, mode) -> a bound Unix datagram socket at ``path``
+    (an owner's log receiver, never read); all closed at teardown."""
+    bound: list[socket.socket] = []
+
+    def bind(path: Path, owner: int | None = None, mode: int = 0o666) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        bound.append(sock)
+        sock.bind(str(path))
+        path.chmod(mode)
+        if owner is not None:
+            os.chown(path, owner, owner)
+        return sock
+
+    yield bind
+    for sock in bound:
+        sock.close()
+
+
+# An owner's log socket (docs/logs.md) in each entry, and what check says of it; each
+# entry also serves an http-socket, so every finding is the log socket's.
+LOG_SOCKETS = {
+    "out.test": ("log-leads-outside", "error"),  # an absolute link out of the tree
+    "dangle.test": ("log-dangling-link", "error"),
+    "file.test": ("log-not-socket", "error"),
+    "foreign.test": ("log-foreign-socket", "error"),  # alice's entry, bob's socket
+    "private.test": ("log-no-access", "error"),  # srwxr-xr-x, root's: nobody may not send
+    "unbound.test": ("log-unbound", "warning"),  # the file stays, its receiver is gone
+    "stream.test": ("log-not-datagram", "error"),  # a listening stream socket
+    "logged.test": ("owner-log", "info"),
+    "team.test": ("owner-log", "info"),  # root's entry: bob's receiver is vouched for
+    "rooted.test": ("owner-log", "info"),  # alice's entry, root's socket
+}
+ALICES = {"foreign.test", "rooted.test"}  # the other entries are root's
+
+
+def log_socket_tree(base: Path, backends, datagrams) -> Path:
+    hosts = directory(base / "hosts")
+    entries = {name: directory(hosts / name, ALICE if name in ALICES else None) for name in LOG_SOCKETS}
+    for name, path in entries.items():
+        live(backends, path / "http-socket", ALICE if name in ALICES else None)
+    datagrams(directory(base / "outside") / "log-socket")
+    link(entries["out.test"] / "log-socket", base / "outside" / "log-socket")
+    link(entries["dangle.test"] / "log-socket", "missing-socket")
+    (entries["file.test"] / "log-socket").write_text("not a socket")
+    datagrams(entries["foreign.test"] / "log-socket", BOB)
+    datagrams(entries["private.test"] / "log-socket", mode=0o755)
+    datagrams(entries["unbound.test"] / "log-socket").close()
+    live(backends, entries["stream.test"] / "log-socket")
+    datagrams(entries["logged.test"] / "log-socket")
+    datagrams(entries["team.test"] / "log-socket", BOB)
+    datagrams(entries["rooted.test"] / "log-socket")
+    return hosts
+
+
+@needs_root
+def test_log_socket_findings(base, backends, datagrams, monkeypatch):
+    """Each entry's log-socket is checked as its backend sockets are (resolved beneath the
+    tree, a socket, its owner's or root's, the proxy's user may send to it) and as the
+    datagram socket it must be; its findings have codes of their own.  Where check says
+    the socket is found, the proxies' own lookup (fastsni.ownerlog) finds it too."""
+    hosts = log_socket_tree(base, backends, datagrams)
+    code, findings, err = run("--hosts", str(hosts), "--user", str(NOBODY))
+    assert codes(findings) == sorted((entry, *found) for entry, found in LOG_SOCKETS.items()), err
+    assert code == 1
+    said = {f["entry"]: f["message"] for f in findings}
+    assert "log-socket -> " in said["out.test"] and "(EXDEV: no line is sent to it); move" in said["out.test"]
+    assert said["file.test"].startswith(
+        "log-socket is not a socket: no line is sent to it; remove it and let"
+    )
+    assert said["foreign.test"].startswith(
+        f"log-socket is owned by uid {BOB}, not by the entry's owner uid {ALICE}: the proxies refuse it "
+        "(no line is sent to it)"
+    )
+    assert said["private.test"].startswith("nobody cannot connect to log-socket (srwxr-xr-x")
+    assert "setfacl -m u:nobody:rw log-socket" in said["private.test"]
+    assert said["unbound.test"].startswith("nobody has bound log-socket (sendto gets ECONNREFUSED)")
+    assert said["unbound.test"].endswith("bind it with socket.SOCK_DGRAM")
+    assert "EPROTOTYPE" in said["stream.test"] and "bind it with socket.SOCK_DGRAM" in said["stream.test"]
+    assert said["logged.test"] == "each connection (fastsni) or request (fasthttpdir) is logged to log-socket"
+
+    from fastsni import engine, ownerlog
+
+    refused = {"out.test", "dangle.test", "file.test", "foreign.test"}  # found, the proxies send nothing
+    held = os.open(hosts, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    monkeypatch.setattr(engine, "HOSTS", held)
+    try:
+        for name in LOG_SOCKETS:
+            fd = ownerlog.lookup(name)
+            if fd >= 0:
+                os.close(fd)
+            assert (fd < 0) == (name in refused), name
+    finally:
+        os.close(held)
+
+
+def test_a_working_log_socket_is_info_only(base, backends, datagrams):
+    """A datagram socket bound in an entry: one info finding, no error, as the invoking
+    user and as the proxy's (for whom its mode lets it send)."""
+    hosts = clean_tree(base, backends)
+    datagrams(hosts / "good.example" / "log-socket")
+    expected = [("good.example", "owner-log", "info"), ("www.good.example", "owner-log", "info")]  # its link
+    for options in ((), ("--user", str(NOBODY))):
+        code, findings, err = run("--hosts", str(hosts), *options)
+        assert (code, codes(findings)) == (0, expected), err
