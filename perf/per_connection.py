@@ -1,17 +1,19 @@
 """Per-connection cost of one proxy tree, in user instructions (callgrind) and system
 calls (strace): not a wall-clock benchmark, repeatable on a busy machine.
 
-    python3 perf/per_connection.py TREE [--tool callgrind|strace] [--case CASE ...] [--keep DIR]
+    python3 perf/per_connection.py TREE [--tool callgrind|strace] [--pure] [--case CASE ...] [--keep DIR]
     python3 perf/per_connection.py TREE --peer PEER [--tool callgrind|strace] [--case CASE ...]
 
 TREE is a source tree with its extensions built in place (``setup.py build_ext
---inplace``); the compiled twin runs.  Each case runs the proxy twice, for FEW and for
-MANY sequential connections (or keep-alive requests), and prints the difference divided
-by MANY - FEW, so start-up and shut-down cancel out.  Only loopback and Unix sockets.
-With ``--keep DIR`` the raw outputs stay in DIR (``callgrind_annotate --inclusive=yes
-DIR/callgrind-tls-600.out`` shows where the instructions go).  With ``--peer`` a peer of
-perf/bench.py (its perf/perf_peers.py configuration, routing echo.test) runs instead, for
-its system calls and user instructions per connection side by side with ours.
+--inplace``); the compiled twin runs (the pure one with ``--pure``).  Each case runs the
+proxy twice, for FEW and for MANY sequential connections (or keep-alive requests), and
+prints the difference divided by MANY - FEW, so start-up and shut-down cancel out.  Only
+loopback and Unix sockets.  The ``-log`` cases give the entry an owner's log socket
+(docs/logs.md), read by a receiver.  With ``--keep DIR`` the raw outputs stay in DIR
+(``callgrind_annotate --inclusive=yes DIR/callgrind-tls-600.out`` shows where the
+instructions go).  With ``--peer`` a peer of perf/bench.py (its perf/perf_peers.py
+configuration, routing echo.test) runs instead, for its system calls and user
+instructions per connection side by side with ours.
 """
 
 from __future__ import annotations
@@ -41,16 +43,20 @@ PEER_NAME = "echo.test"  # the name perf_peers.py's configurations route
 HELLOS = {NAME: client_hello(NAME), PEER_NAME: client_hello(PEER_NAME)}
 HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
 
-# case: (program, directory entry that serves NAME, marker files in it, what a client does)
+# case: (program, directory entry that serves NAME, files in it, what a client does); the
+# files are send-proxy markers, or LOG: the owner's log socket, with a receiver that reads
+LOG = "log-socket"
 CASES = {
     "tls": ("fastsni", NAME, (), "hello"),
     "tls-v1": ("fastsni", NAME, ("send-proxy-v1",), "hello"),
     "tls-v2": ("fastsni", NAME, ("send-proxy-v2",), "hello"),
     "tls-wildcard": ("fastsni", "*.example.test", (), "hello"),
+    "tls-log": ("fastsni", NAME, (LOG,), "hello"),
     "http-keepalive": ("fasthttpdir", NAME, (), "keepalive"),
     "http-conn": ("fasthttpdir", NAME, (), "close"),
     "http-close": ("fasthttpdir", NAME, (), "last"),  # with "Connection: close", as bench.py E-new
     "http-conn-v2": ("fasthttpdir", NAME, ("send-proxy-v2",), "close"),
+    "http-keepalive-log": ("fasthttpdir", NAME, (LOG,), "keepalive"),
     # no backend for NAME (only another name's): fastsni's alert, fasthttpdir's 404
     "tls-absent": ("fastsni", "other.test", (), "refused"),
     "http-absent": ("fasthttpdir", "other.test", (), "refused"),
@@ -67,7 +73,7 @@ def serve_backend(path: Path, program: str, markers: tuple, hello: bytes) -> soc
         with conn:
             if "send-proxy-v2" in markers:  # skip the header: 16 bytes and what they announce
                 recv_exactly(conn, int.from_bytes(recv_exactly(conn, 16)[14:16], "big"))
-            elif markers:  # a v1 line
+            elif "send-proxy-v1" in markers:  # a v1 line
                 while not recv_exactly(conn, 1) == b"\n":
                     pass
             data = b""
@@ -95,6 +101,22 @@ def serve_backend(path: Path, program: str, markers: tuple, hello: bytes) -> soc
 
     threading.Thread(target=accept, daemon=True).start()
     return listener
+
+
+def serve_owner_log(path: Path) -> socket.socket:
+    """An owner's log receiver at ``path`` that reads every line, in a thread."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+
+    def read() -> None:
+        try:
+            while receiver.recv(65536):
+                pass
+        except OSError:
+            return
+
+    threading.Thread(target=read, daemon=True).start()
+    return receiver
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -162,14 +184,16 @@ def proxy_pid(process: subprocess.Popen, tool: str) -> int:
     return int(children[0])
 
 
-def run(tree: Path, tool: str, case: str, count: int, work: Path, peer: str | None) -> collections.Counter:
+def run(
+    tree: Path, tool: str, case: str, count: int, work: Path, peer: str | None, pure: bool = False
+) -> collections.Counter:
     program, entry, markers, how = CASES[case]
     name = NAME if peer is None else PEER_NAME
     if peer is not None:
         entry = PEER_NAME if entry == NAME else entry
     hosts = work / f"hosts-{case}-{count}"
     (hosts / entry).mkdir(parents=True)
-    for marker in markers:
+    for marker in set(markers) - {LOG}:
         (hosts / entry / marker).write_text("")
     leaf = "tls-socket" if program == "fastsni" else "http-socket"
     backend = serve_backend(hosts / entry / leaf, program, markers, HELLOS[name])
@@ -180,11 +204,14 @@ def run(tree: Path, tool: str, case: str, count: int, work: Path, peer: str | No
         wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={out}.log"]
     else:
         wrapper = ["strace", "-f", "-c", "-o", str(out)]
+    receivers = [serve_owner_log(hosts / entry / LOG)] if LOG in markers else []
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1024)
     env = dict(os.environ, PYTHONPATH=str(tree), FASTSNI_ALLOW_ROOT="1")
     env.pop("FASTSNI_NO_EXTENSIONS", None)
+    if pure:
+        env["FASTSNI_NO_EXTENSIONS"] = "1"
     if tool == "callgrind":  # valgrind's translated code needs executable memory the filter refuses
         env["FASTSNI_NO_CONFINE"] = "1"
     process = subprocess.Popen(
@@ -198,7 +225,7 @@ def run(tree: Path, tool: str, case: str, count: int, work: Path, peer: str | No
     try:
         for line in process.stderr:  # until the proxy says it listens
             if "listening on" in line:
-                assert "(compiled," in line, line
+                assert f"({'pure' if pure else 'compiled'}," in line, line
                 break
         else:
             raise SystemExit(f"{program} did not start")
@@ -208,6 +235,8 @@ def run(tree: Path, tool: str, case: str, count: int, work: Path, peer: str | No
         process.wait(timeout=300)
         listener.close()
         backend.close()
+        for receiver in receivers:
+            receiver.close()
     return read_counts(out, tool)
 
 
@@ -286,6 +315,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tree", type=Path)
     parser.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
+    parser.add_argument("--pure", action="store_true", help="run the pure twin (FASTSNI_NO_EXTENSIONS=1)")
     parser.add_argument("--case", action="append", choices=sorted(CASES))
     parser.add_argument("--keep", type=Path, help="an empty directory for the raw outputs")
     parser.add_argument("--peer", choices=sorted(peer.name for peer in PEERS), help="run this peer instead")
@@ -295,8 +325,8 @@ def main() -> None:
             args.keep.mkdir(parents=True, exist_ok=True)
             tmp = str(args.keep)
         for case in args.case or CASES:
-            few = run(args.tree.resolve(), args.tool, case, FEW, Path(tmp), args.peer)
-            many = run(args.tree.resolve(), args.tool, case, MANY, Path(tmp), args.peer)
+            few = run(args.tree.resolve(), args.tool, case, FEW, Path(tmp), args.peer, args.pure)
+            many = run(args.tree.resolve(), args.tool, case, MANY, Path(tmp), args.peer, args.pure)
             per = {key: (many[key] - few[key]) / (MANY - FEW) for key in sorted(set(few) | set(many))}
             shown = ", ".join(f"{key} {value:.2f}" for key, value in per.items() if abs(value) >= 0.05)
             if args.tool == "callgrind":
