@@ -89,6 +89,8 @@ cdef class Side:
     cdef public bytes queued
     cdef public bint readable
     cdef public bint closing
+    cdef public bint shut
+    cdef public bint ended
     cdef public bint writable
     cdef public int error
 

@@ -60,6 +60,8 @@ SPLICE_DOWN = False
 READABLE = select.EPOLLIN
 WRITABLE = select.EPOLLOUT
 CLOSING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read to learn what it is
+SHUT = select.EPOLLRDHUP  # the peer shut its writing side: after its last bytes, EOF...
+FAILED = select.EPOLLERR  # ...unless an error is pending, which only a read can tell
 EDGE = READABLE | select.EPOLLRDHUP | select.EPOLLET  # writability only once a write fell short
 # Level-triggered (a batch cut short comes back) and exclusive: when several copies share
 # the socket, a new connection wakes one copy blocked in epoll_wait, not all (Linux 4.5,
@@ -98,6 +100,10 @@ V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
 PROXY_MARKERS = ((2, "send-proxy-v2"), (1, "send-proxy-v1"))  # in this order: v2 wins over v1
+# An entry's markers are looked up again when its socket, its lstat (a switched link, a
+# directory whose files changed) or MARKERS_FRESH seconds say they may have changed.
+MARKERS_FRESH = 1.0
+MARKERS_KEPT = 256  # entries remembered at once; then all are forgotten (a wildcard serves any)
 
 # The hosts tree is the working directory at start, held as an O_PATH descriptor
 # (open_hosts); every path a connection names is resolved beneath it with openat2(2)
@@ -170,26 +176,26 @@ def connect_backend(name: str, leaf: str) -> tuple[int, int, tuple[int, int]]:
     Only the entry owner's socket is connected to: the socket file must belong to the
     owner of the entry (its lstat, a symlink's own owner) or to root, and an entry of
     root's may use any socket.  Returns the connected non-blocking descriptor, the
-    PROXY protocol version the entry asks for (see _proxy_version) and the socket file's
+    PROXY protocol version the entry asks for (see _markers_of) and the socket file's
     identity (st_dev, st_ino: see socket_identity).  Raises OSError, its
     ``filename`` ``<entry>/<leaf>``: from lstat, openat2 (EXDEV: the path leads out of
     the tree), connect() or socket(), or ForeignSocket; the caller maps its errno to an
     answer.
     """
-    entry, owner = _entry(name, leaf)
+    entry, status = _entry(name, leaf)
     target = f"{entry}/{leaf}"
     path = openat2(HOSTS, target, os.O_PATH | os.O_CLOEXEC, BENEATH)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         try:
-            identity = _check_owner(path, owner, target)
+            identity = _check_owner(path, status.st_uid, target)
             sock.connect(f"/proc/self/fd/{path}")  # the very inode checked
         except OSError as exc:
             exc.filename = target
             raise
         finally:
             os.close(path)
-        return sock.detach(), _proxy_version(entry), identity
+        return sock.detach(), _markers_of(entry, status, identity), identity
     finally:
         sock.close()  # a no-op once detached
 
@@ -201,7 +207,7 @@ def socket_identity(name: str, leaf: str) -> tuple[int, int] | None:
     made before a switch (a new target, a restarted backend).  OSError if the lookup
     itself failed for want of a descriptor (OUT_OF_DESCRIPTORS): no answer then."""
     try:
-        entry, owner = _entry(name, leaf)
+        entry, status = _entry(name, leaf)
         target = f"{entry}/{leaf}"
         path = openat2(HOSTS, target, os.O_PATH | os.O_CLOEXEC, BENEATH)
     except OSError as exc:
@@ -209,7 +215,7 @@ def socket_identity(name: str, leaf: str) -> tuple[int, int] | None:
             raise
         return None
     try:
-        return _check_owner(path, owner, target)
+        return _check_owner(path, status.st_uid, target)
     except OSError:
         return None
     finally:
@@ -223,12 +229,12 @@ def wildcard_of(name: str) -> str | None:
     return None if dot < 0 else "*" + name[dot:]
 
 
-def _entry(name: str, leaf: str) -> tuple[str, int]:
-    """The entry that serves ``name`` and its owner: ``<name>`` if the hosts directory
-    lists it (any kind, even a dangling symlink: a specific name is never served by
-    ``*.`` by accident), else its wildcard entry."""
+def _entry(name: str, leaf: str) -> tuple[str, os.stat_result]:
+    """The entry that serves ``name`` and its lstat (``st_uid``: its owner): ``<name>`` if
+    the hosts directory lists it (any kind, even a dangling symlink: a specific name is
+    never served by ``*.`` by accident), else its wildcard entry."""
     try:
-        return name, os.stat(name, dir_fd=HOSTS, follow_symlinks=False).st_uid
+        return name, os.stat(name, dir_fd=HOSTS, follow_symlinks=False)
     except OSError as exc:
         wildcard = wildcard_of(name)
         if exc.errno != errno.ENOENT or wildcard is None:
@@ -236,7 +242,7 @@ def _entry(name: str, leaf: str) -> tuple[str, int]:
             exc.no_entry = exc.errno == errno.ENOENT
             raise
     try:
-        return wildcard, os.stat(wildcard, dir_fd=HOSTS, follow_symlinks=False).st_uid
+        return wildcard, os.stat(wildcard, dir_fd=HOSTS, follow_symlinks=False)
     except OSError as exc:
         exc.filename = f"{wildcard}/{leaf}"
         exc.no_entry = exc.errno == errno.ENOENT  # neither the name nor its wildcard: see cause()
@@ -264,6 +270,27 @@ def exists_beside(failed: OSError, leaf: str) -> bool:
     except OSError:
         return False
     return True
+
+
+_markers: dict[str, tuple[tuple[int, int, int, int], int, float]] = {}  # entry -> (stamp, version, until)
+
+
+def _markers_of(entry: str, status: os.stat_result, identity: tuple[int, int]) -> int:
+    """_proxy_version(entry), remembered while nothing says it may have changed: the same
+    socket file (``identity``), the same lstat of the entry (a link switched by rename is a
+    new inode; a file made or removed in an entry directory changes its ctime) and at most
+    MARKERS_FRESH seconds.  A switch to a release brings that release's markers at once;
+    a marker added beside a running socket counts within a second."""
+    now = time.monotonic()
+    stamp = (identity[0], identity[1], status.st_ino, status.st_ctime_ns)
+    known = _markers.get(entry)
+    if known is not None and known[0] == stamp and known[2] > now:
+        return known[1]
+    if known is None and len(_markers) >= MARKERS_KEPT:
+        _markers.clear()
+    version = _proxy_version(entry)
+    _markers[entry] = (stamp, version, now + MARKERS_FRESH)
+    return version
 
 
 def _proxy_version(entry: str) -> int:
@@ -460,7 +487,7 @@ class Side:
     Both proxies' connections and the Relay read and write only through it.
     """
 
-    __slots__ = ("reactor", "fd", "queued", "readable", "closing", "writable", "error")
+    __slots__ = ("reactor", "fd", "queued", "readable", "closing", "shut", "ended", "writable", "error")
 
     def __init__(self, reactor: Reactor, fd: int) -> None:
         self.reactor = reactor
@@ -468,6 +495,8 @@ class Side:
         self.queued = b""  # bytes for this side that it did not take yet
         self.readable = False  # may have bytes to read
         self.closing = False  # reported hang-up or error: read until it says which
+        self.shut = False  # reported that the peer shut its writing side, and no error
+        self.ended = False  # shut, and a short read took the last bytes: EOF is next
         self.writable = True  # may take bytes
         self.error = 0  # errno of the read or write that failed
 
@@ -477,13 +506,18 @@ class Side:
             self.readable = True
             if events & CLOSING:
                 self.closing = True
+                self.shut = (self.shut or bool(events & SHUT)) and not events & FAILED
         if events & (WRITABLE | CLOSING):
             self.writable = True
 
     def read(self, size: int = CHUNK) -> bytes | None:
         """Up to ``size`` bytes; b"" at EOF or on an error (its errno in ``error``); None
         if there are none now.  A short read clears ``readable`` too, unless the side is
-        closing: bytes that come later bring a new edge."""
+        closing: bytes that come later bring a new edge.  A short read after the peer shut
+        its side (a FIN: everything it sent was queued before it) took the last bytes, so
+        the EOF after them costs no read(2)."""
+        if self.ended:
+            return b""
         try:
             data = os.read(self.fd, size)
         except RETRY:
@@ -492,8 +526,11 @@ class Side:
         except OSError as exc:
             self.error = exc.errno
             return b""
-        if len(data) < size and not self.closing:
-            self.readable = False
+        if len(data) < size:
+            if not self.closing:
+                self.readable = False
+            elif self.shut and data:
+                self.ended = True
         return data
 
     def send(self, data: bytes) -> int:

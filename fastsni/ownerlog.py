@@ -95,14 +95,14 @@ def lookup(name: str) -> int:
     beneath the tree, a socket that passes the backend sockets' owner rule
     (engine._check_owner): its O_PATH descriptor, or -1."""
     try:
-        entry, owner = engine._entry(name, LEAF)
+        entry, status = engine._entry(name, LEAF)
         target = f"{entry}/{LEAF}"
         fd = engine.openat2(engine.HOSTS, target, os.O_PATH | os.O_CLOEXEC, engine.BENEATH)
     except OSError:
         return -1
     try:
         if stat.S_ISSOCK(os.fstat(fd).st_mode):
-            engine._check_owner(fd, owner, target)  # ForeignSocket (an OSError) if not the owner's
+            engine._check_owner(fd, status.st_uid, target)  # ForeignSocket (an OSError) if not the owner's
             return fd
     except OSError:
         pass

@@ -11,7 +11,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, EINTR, ENOENT, errno
 from libc.math cimport INFINITY, ceil
-from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 from posix.fcntl cimport O_CLOEXEC
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -66,11 +65,15 @@ from fastsni.engine import (
     PIPE_SIZE,
     EDGE,
     LISTENING,
+    MARKERS_FRESH,
+    MARKERS_KEPT,
     MAX_EVENTS,
     OUT_OF_DESCRIPTORS,
     PUMP_ROUNDS,
     READABLE,
     RESUME_ACCEPT_AFTER,
+    SHUT,
+    FAILED,
     WRITABLE,
 )
 
@@ -148,6 +151,7 @@ cdef extern from "<sys/stat.h>":
         unsigned long long st_dev  # dev_t and ino_t: 64 bits on Linux's 64-bit ABIs
         unsigned long long st_ino
         unsigned int st_uid
+        timespec st_ctim
 
 cdef extern from *:
     """
@@ -194,13 +198,14 @@ cdef enum:
     C_RELAY_CHUNK = 256 * 1024
     C_PIPE_SIZE = 512 * 1024
     C_MARKER_PATH = 272  # <entry>/send-proxy-vN: an entry of up to 255 bytes, a marker, the NUL
-    C_PROC_FD_PATH = 32  # /proc/self/fd/N
 
 assert CHUNK == C_CHUNK and RELAY_CHUNK == C_RELAY_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
+cdef double C_MARKERS_FRESH = MARKERS_FRESH
+cdef Py_ssize_t C_MARKERS_KEPT = MARKERS_KEPT
 cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
 cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOSING, C_EDGE = EDGE
-cdef unsigned int C_LISTENING = LISTENING
+cdef unsigned int C_LISTENING = LISTENING, C_SHUT = SHUT, C_FAILED = FAILED
 cdef unsigned long long C_BENEATH = BENEATH
 cdef int C_HOSTS = -1  # the hosts directory's O_PATH descriptor, once open_hosts() ran
 cdef bint C_SPLICE_DOWN = SPLICE_DOWN
@@ -250,9 +255,21 @@ cdef int _connect_proc_fd(int fd, int path) noexcept:
     """connect(2) to the Unix socket file held by the O_PATH descriptor ``path``, through
     /proc/self/fd/N: 0, or -1 with errno set."""
     cdef sockaddr_un address
-    cdef int length
+    cdef char digits[12]
+    cdef int count = 0, length = 14  # len("/proc/self/fd/")
     address.sun_family = AF_UNIX
-    length = snprintf(address.sun_path, C_PROC_FD_PATH, "/proc/self/fd/%d", path)
+    memcpy(address.sun_path, b"/proc/self/fd/", length)
+    while True:  # N in decimal, without snprintf's cost
+        digits[count] = 48 + path % 10
+        count += 1
+        path //= 10
+        if path == 0:
+            break
+    while count:
+        count -= 1
+        address.sun_path[length] = digits[count]
+        length += 1
+    address.sun_path[length] = 0
     return connect(fd, <sockaddr*>&address, <socklen_t>(sizeof(sa_family_t) + length + 1))
 
 
@@ -276,9 +293,9 @@ def openat2(int dirfd, str path, unsigned long long flags, unsigned long long re
 def connect_backend(str name, str leaf):
     """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
     ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket."""
-    cdef unsigned int owner
+    cdef stat entry_status, socket_status
     cdef int fd, path
-    cdef str entry = _entry(name, leaf, &owner)
+    cdef str entry = _entry(name, leaf, &entry_status)
     cdef bytes encoded = entry.encode("ascii")
     cdef bytes target = encoded + b"/" + leaf.encode("ascii")
     path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
@@ -290,12 +307,13 @@ def connect_backend(str name, str leaf):
         raise _oserror(errno)
     try:
         try:
-            identity = _check_owner(path, owner, target)
+            _check_owner(path, entry_status.st_uid, target, &socket_status)
             if _connect_proc_fd(fd, path) < 0:  # the very inode checked
                 raise _oserror(errno, target)
         finally:
             close(path)
-        return fd, _proxy_version(encoded), identity
+        version = _markers_of(entry, encoded, &entry_status, &socket_status)
+        return fd, version, (socket_status.st_dev, socket_status.st_ino)
     except BaseException:
         close(fd)
         raise
@@ -305,11 +323,11 @@ def socket_identity(str name, str leaf):
     """What connect_backend would connect ``name`` to now, without connecting: the socket
     file's (st_dev, st_ino), found and checked as connect_backend does; None if it would
     find none; OSError if the lookup failed for want of a descriptor."""
-    cdef unsigned int owner
+    cdef stat entry_status, socket_status
     cdef int path
     cdef bytes target
     try:
-        target = _entry(name, leaf, &owner).encode("ascii") + b"/" + leaf.encode("ascii")
+        target = _entry(name, leaf, &entry_status).encode("ascii") + b"/" + leaf.encode("ascii")
     except OSError:
         return None
     path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
@@ -319,20 +337,19 @@ def socket_identity(str name, str leaf):
             raise _oserror(err, target)
         return None
     try:
-        return _check_owner(path, owner, target)
+        _check_owner(path, entry_status.st_uid, target, &socket_status)
+        return socket_status.st_dev, socket_status.st_ino
     except OSError:
         return None
     finally:
         close(path)
 
 
-cdef str _entry(str name, str leaf, unsigned int* owner):
+cdef str _entry(str name, str leaf, stat* status):
     """The entry that serves ``name`` (``<name>`` if listed, of any kind, else its
-    wildcard entry); its owner in ``owner``."""
-    cdef stat status
+    wildcard entry); its lstat in ``status`` (``st_uid``: its owner)."""
     cdef int err
-    if fstatat(C_HOSTS, name.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
-        owner[0] = status.st_uid
+    if fstatat(C_HOSTS, name.encode("ascii"), status, AT_SYMLINK_NOFOLLOW) == 0:
         return name
     err = errno  # before any Python call can change it
     wildcard = wildcard_of(name)
@@ -340,8 +357,7 @@ cdef str _entry(str name, str leaf, unsigned int* owner):
         exc = _oserror(err, f"{name}/{leaf}".encode("ascii"))
         exc.no_entry = err == ENOENT  # see the pure twin's cause()
         raise exc
-    if fstatat(C_HOSTS, wildcard.encode("ascii"), &status, AT_SYMLINK_NOFOLLOW) == 0:
-        owner[0] = status.st_uid
+    if fstatat(C_HOSTS, wildcard.encode("ascii"), status, AT_SYMLINK_NOFOLLOW) == 0:
         return wildcard
     err = errno
     exc = _oserror(err, f"{wildcard}/{leaf}".encode("ascii"))
@@ -349,15 +365,51 @@ cdef str _entry(str name, str leaf, unsigned int* owner):
     raise exc
 
 
-cdef tuple _check_owner(int path, unsigned int owner, bytes target):
+cdef int _check_owner(int path, unsigned int owner, bytes target, stat* status) except -1:
     """ForeignSocket unless the socket file ``path`` is the entry owner's or root's, or
-    the entry is root's; its (st_dev, st_ino) if it passes."""
-    cdef stat status
-    if fstatat(path, b"", &status, AT_EMPTY_PATH) < 0:
+    the entry is root's; its fstat in ``status`` if it passes."""
+    if fstatat(path, b"", status, AT_EMPTY_PATH) < 0:
         raise _oserror(errno, target)
     if owner != 0 and status.st_uid != 0 and status.st_uid != owner:
         raise ForeignSocket(owner, status.st_uid, target.decode("ascii"))
-    return status.st_dev, status.st_ino
+    return 0
+
+
+cdef class _Marked:
+    """What _markers_of remembers of one entry (the pure twin's tuple, as C values)."""
+
+    cdef unsigned long long dev, ino, entry_ino
+    cdef long ctime_sec, ctime_nsec
+    cdef int version
+    cdef double until
+
+
+cdef dict _markers = {}  # entry -> _Marked
+
+
+cdef int _markers_of(str entry, bytes encoded, stat* entry_status, stat* socket_status) except -1:
+    """_proxy_version(entry), remembered while the socket file, the entry's lstat and at
+    most MARKERS_FRESH seconds say it cannot have changed (see the pure twin)."""
+    cdef double now = _monotonic()
+    cdef _Marked known = _markers.get(entry)
+    if (
+        known is not None and known.until > now
+        and known.dev == socket_status.st_dev and known.ino == socket_status.st_ino
+        and known.entry_ino == entry_status.st_ino
+        and known.ctime_sec == entry_status.st_ctim.tv_sec and known.ctime_nsec == entry_status.st_ctim.tv_nsec
+    ):
+        return known.version
+    if known is None:
+        if len(_markers) >= C_MARKERS_KEPT:
+            _markers.clear()
+        known = _Marked.__new__(_Marked)
+        _markers[entry] = known
+    known.version = _proxy_version(encoded)
+    known.dev, known.ino = socket_status.st_dev, socket_status.st_ino
+    known.entry_ino = entry_status.st_ino
+    known.ctime_sec, known.ctime_nsec = entry_status.st_ctim.tv_sec, entry_status.st_ctim.tv_nsec
+    known.until = now + C_MARKERS_FRESH
+    return known.version
 
 
 cdef int _proxy_version(bytes entry) except -1:
@@ -479,6 +531,8 @@ cdef class Side:
         self.queued = b""
         self.readable = False
         self.closing = False
+        self.shut = False
+        self.ended = False
         self.writable = True
         self.error = 0
 
@@ -488,12 +542,15 @@ cdef class Side:
             self.readable = True
             if events & C_CLOSING:
                 self.closing = True
+                self.shut = (self.shut or (events & C_SHUT) != 0) and not (events & C_FAILED)
         if events & (C_WRITABLE | C_CLOSING):
             self.writable = True
 
     cdef Py_ssize_t recv(self, Py_ssize_t size) noexcept:
         """read() as read() below does it, into the engine's buffer: the count; 0 at EOF
         or on an error (its errno in ``error``); -1 if there are none now."""
+        if self.ended:
+            return 0
         cdef ssize_t got = read(self.fd, _buffer, size)
         if got < 0:
             if _retry(errno):
@@ -501,14 +558,18 @@ cdef class Side:
                 return -1
             self.error = errno
             return 0
-        if got < size and not self.closing:
-            self.readable = False
+        if got < size:
+            if not self.closing:
+                self.readable = False
+            elif self.shut and got > 0:
+                self.ended = True
         return got
 
     cpdef read(self, Py_ssize_t size=C_CHUNK):
         """Up to ``size`` bytes; b"" at EOF or on an error (its errno in ``error``); None
         if there are none now.  A short read clears ``readable`` too, unless the side is
-        closing: bytes that come later bring a new edge."""
+        closing: bytes that come later bring a new edge.  A short read after the peer shut
+        its side took the last bytes, so the EOF after them costs no read(2)."""
         cdef Py_ssize_t got = self.recv(min(size, C_RELAY_CHUNK))
         if got < 0:
             return None

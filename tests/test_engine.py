@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import threading
@@ -201,3 +202,35 @@ def test_peer_of_is_what_getpeername_says(engine, family, listen_on, connect_to)
                 assert engine.peer_of(accepted.fileno(), family) == accepted.getpeername()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("events_name", ["EPOLLRDHUP", "EPOLLRDHUP|EPOLLHUP"])
+def test_eof_after_a_fin_costs_no_read(engine, events_name):
+    """A peer that shut its writing side queued everything before its FIN: once a short
+    read took those bytes, EOF is known without another read(2) (the descriptor is gone
+    before that read, so a system call would fail with EBADF)."""
+    events = engine.READABLE
+    for name in events_name.split("|"):
+        events |= getattr(select, name)
+    ours, peer = socket.socketpair()
+    with peer:
+        peer.sendall(b"last bytes")
+        peer.shutdown(socket.SHUT_WR)
+        side = engine.Side(engine.Reactor(), ours.fileno())
+        side.saw(events)
+        assert side.read() == b"last bytes"
+        ours.close()
+        assert side.read() == b"" and side.error == 0
+
+
+def test_an_error_pending_is_read_not_assumed(engine):
+    """EPOLLERR with the FIN: the error is what a read says, not a clean EOF."""
+    ours, peer = socket.socketpair()
+    with peer, ours:
+        peer.sendall(b"last bytes")
+        peer.shutdown(socket.SHUT_WR)
+        side = engine.Side(engine.Reactor(), ours.fileno())
+        side.saw(engine.READABLE | select.EPOLLRDHUP | select.EPOLLERR)
+        assert side.read() == b"last bytes"
+        assert not side.ended
+        assert side.read() == b""  # from the kernel: EOF here, since no error was really pending

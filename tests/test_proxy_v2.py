@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 
 import pytest
 from backends import client_hello, recv_exactly
 from realservers import Servers, pem_for_haproxy, write_tls_files
 
 from fastsni.addresses import proxy_v2_header
+from fastsni.engine import MARKERS_FRESH
 
 SIGNATURE = bytes.fromhex("0d0a0d0a000d0a515549540a")
 
@@ -109,6 +111,57 @@ def test_fastsni_sends_v2_then_the_hello(twin, hosts, proxies, backends):
         assert recv_exactly(sock, 2) == b"ok"
         port = sock.getsockname()[1]
     assert seen == [proxy_v2_header(("127.0.0.1", port), ("127.0.0.1", proxy.port), "a.test"), hello]
+
+
+def proxied(proxy, seen: list[bytes]) -> bool:
+    """One request on a new connection: whether the backend's bytes began with a PROXY line."""
+    with proxy.connect() as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        assert recv_exactly(sock, 12) == b"HTTP/1.1 204"
+    return seen.pop().startswith(b"PROXY TCP4 127.0.0.1 ")
+
+
+def test_marker_in_an_entry_directory_counts_at_once(twin, hosts, proxies, backends):
+    """The markers are remembered between connections only while the entry's lstat is the
+    same: a file made or removed in an entry directory changes its ctime."""
+    seen: list[bytes] = []
+    backends(hosts / "a.test" / "http-socket", recording(seen, b"HTTP/1.1 204 No Content\r\n\r\n"))
+    proxy = proxies("fasthttpdir", hosts, twin)
+    assert not proxied(proxy, seen)
+    (hosts / "a.test" / "send-proxy-v1").touch()
+    assert proxied(proxy, seen)
+    (hosts / "a.test" / "send-proxy-v1").unlink()
+    assert not proxied(proxy, seen)
+
+
+def test_switch_brings_the_releases_markers_at_once(twin, hosts, proxies, backends):
+    """A link switched by rename is a new entry inode, and the new release has its own
+    socket: its markers count from the first connection after the switch, both ways."""
+    seen: list[bytes] = []
+    for release in ("v1", "v2"):
+        backends(hosts / "_r" / release / "http-socket", recording(seen, b"HTTP/1.1 204 No Content\r\n\r\n"))
+    (hosts / "_r" / "v2" / "send-proxy-v1").touch()
+    (hosts / "a.test").symlink_to("_r/v1")
+    proxy = proxies("fasthttpdir", hosts, twin)
+    for release, header in [("v1", False), ("v2", True), ("v1", False), ("v2", True)]:
+        (hosts / "next").symlink_to(f"_r/{release}")
+        (hosts / "next").rename(hosts / "a.test")
+        assert proxied(proxy, seen) == header, release
+
+
+def test_marker_beside_a_linked_socket_counts_within_a_second(twin, hosts, proxies, backends):
+    """A marker made in a directory the entry links to (entry, socket and their stat all
+    unchanged) counts once MARKERS_FRESH has passed: within a second, not never."""
+    seen: list[bytes] = []
+    backends(hosts / "_r" / "v1" / "http-socket", recording(seen, b"HTTP/1.1 204 No Content\r\n\r\n"))
+    (hosts / "a.test").symlink_to("_r/v1")
+    proxy = proxies("fasthttpdir", hosts, twin)
+    assert not proxied(proxy, seen)
+    (hosts / "_r" / "v1" / "send-proxy-v1").touch()
+    deadline = time.monotonic() + 5 * MARKERS_FRESH
+    while not proxied(proxy, seen):
+        assert time.monotonic() < deadline, "the marker never counted"
+        time.sleep(0.05)
 
 
 # -- real consumers: nginx (proxy_protocol) and haproxy (accept-proxy) -------------------
