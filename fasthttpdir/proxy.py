@@ -33,7 +33,6 @@ from fastsni.engine import (
     exists_beside,
     failure,
     fair_share_counts,
-    peer_of,
     shutdown_write,
     socket_identity,
 )
@@ -253,7 +252,7 @@ def _percent_encoded(match: re.Match) -> bytes:
     return b"%%%02X" % match[0][0]
 
 
-def refusal(client: tuple | None, request, exc: OSError, started: float) -> int:
+def refusal(client: tuple, request, exc: OSError, started: float) -> int:
     """The status to answer when connect_backend failed for ``request``: 308 to https if
     only fastsni serves the name (no http-socket, a tls-socket), else 404, 503 or 502
     (logged); counted by cause, and told to the owner's log."""
@@ -272,7 +271,7 @@ def refusal(client: tuple | None, request, exc: OSError, started: float) -> int:
     return status
 
 
-def failed(client: tuple | None, name: str | None, status: int, why: str, started: float) -> None:
+def failed(client: tuple, name: str | None, status: int, why: str, started: float) -> None:
     """Count an answer's cause (``status_503_refused``); tell the owner of ``name``."""
     key = f"status_{status}_{why}"
     CAUSES[key] = CAUSES.get(key, 0) + 1
@@ -280,12 +279,12 @@ def failed(client: tuple | None, name: str | None, status: int, why: str, starte
         tell_owner(client, name, f"status_{status}", started, cause=why)
 
 
-def tell_owner(client: tuple | None, name: str, outcome: str, started: float, **fields) -> None:
+def tell_owner(client: tuple, name: str, outcome: str, started: float, **fields) -> None:
     """One line to the owner's log of ``name``, if its entry has one (fastsni.ownerlog)."""
     target = owner_log.target(name)
     if target >= 0:
         seconds = f"{time.monotonic() - started:.3f}"
-        where = describe(client) if client else UNKNOWN_CLIENT
+        where = describe(client)
         owner_log.send(target, line("fasthttpdir", where, name, outcome, **fields, duration=seconds))
 
 
@@ -515,16 +514,15 @@ COUNTS = {"routed": 0, "up": 0, "down": 0, "relay_resets": 0}
 ANSWERED: dict[int, int] = {}
 CAUSES: dict[str, int] = {}
 ENDINGS = frozenset((errno.EPIPE, errno.ECONNRESET))  # how relays end: counted, not logged
-UNKNOWN_CLIENT = "(closed before its address was read)"
 
 
 def counts() -> dict:
     return {**COUNTS, **fair_share_counts(), "answered": dict(ANSWERED), "causes": dict(CAUSES)}
 
 
-def log(client: tuple | None, name: str | None, reason: str) -> None:
-    where = describe(client) if client else UNKNOWN_CLIENT
-    failures.write(f"fasthttpdir: {where} {name or '-'}: {reason}\n")
+def log(client: tuple, name: str | None, reason: str) -> None:
+    """One failure line about the connection from ``client`` (its address, as accept gave it)."""
+    failures.write(f"fasthttpdir: {describe(client)} {name or '-'}: {reason}\n")
 
 
 class HttpConnection(Handler):
@@ -539,13 +537,13 @@ class HttpConnection(Handler):
 
     REFUSED = error_response(503, True)  # to a new connection over its source's fair share (engine.Service)
 
-    def __init__(self, service: Service, fd: int) -> None:
+    def __init__(self, service: Service, fd: int, peer: tuple) -> None:
         self.service = service
         self.reactor = service.reactor
         self.fd = fd
         self.client = Side(service.reactor, fd)
-        self.peer: tuple | None = None  # the client's address
-        self.reader: RequestReader | None = None
+        self.peer = peer  # the client's address, as accept gave it
+        self.reader: RequestReader | None = RequestReader(client_ip(peer))
         self.backend: Side | None = None  # the backend connection, while one is open
         self.backend_name: str | None = None
         self.backend_socket: tuple[int, int] | None = None  # the identity of its socket file
@@ -574,12 +572,6 @@ class HttpConnection(Handler):
         self.draining = False  # SIGHUP: close once the requests begun are answered
         self.kept_alive = False  # answered a request and waits for the next
         self.reactor.add(fd, self)
-        try:
-            self.peer = peer_of(fd, service.family)
-        except OSError:  # gone already
-            self.linger()
-            return
-        self.reader = RequestReader(client_ip(self.peer))
         self.arm()
 
     # events
@@ -863,7 +855,7 @@ class HttpConnection(Handler):
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
-            request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
+            request.data.insert(0, proxy_header(proxy, self.peer, self.fd, self.service.family, request.name))
         self.pump()
         return True
 

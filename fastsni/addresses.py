@@ -62,9 +62,10 @@ def proxy_v2_header(client: tuple, server: tuple, name: str) -> bytes:
     return PROXY_V2_SIGNATURE + struct.pack("!BBH", PROXY_V2_COMMAND, family, len(rest)) + rest
 
 
-def proxy_header(version: int, fd: int, family: int, name: str) -> bytes:
-    """The PROXY header of ``version`` (1 or 2) for the client connection ``fd``."""
-    client, server = of_descriptor(fd, family)
+def proxy_header(version: int, client: tuple, fd: int, family: int, name: str) -> bytes:
+    """The PROXY header of ``version`` (1 or 2) for the connection ``fd`` (of ``family``)
+    from ``client`` (its address, as accept gave it): one getsockname(2) for our end."""
+    server = local_of(fd, family)
     if version == 2:
         return proxy_v2_header(client, server, name)
     return proxy_v1_header(client, server)
@@ -81,17 +82,11 @@ def describe(address: tuple) -> str:
     return f"{ip}:{address[1]}" if family == 4 else f"[{ip}]:{address[1]}"
 
 
-def _wrap(fd: int, family: int) -> socket.socket:
-    """A socket object for ``fd``; with its family known, Python asks the kernel nothing."""
-    if family:
-        return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-    return socket.socket(fileno=fd)
-
-
-def of_descriptor(fd: int, family: int = 0) -> tuple[tuple, tuple]:
-    """(peer, local) addresses of a connected TCP socket descriptor (of ``family``, 0: ask)."""
-    sock = _wrap(fd, family)
+def local_of(fd: int, family: int) -> tuple:
+    """The local address of a connected TCP socket descriptor of ``family`` (given, so
+    that Python asks the kernel nothing more for the socket object)."""
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
     try:
-        return sock.getpeername(), sock.getsockname()
+        return sock.getsockname()
     finally:
         sock.detach()

@@ -359,7 +359,8 @@ def errno_name(exc: OSError) -> str:
 
 def peer_of(fd: int, family: int) -> tuple:
     """The peer address of a connected socket descriptor of ``family``, as
-    socket.getpeername() gives it."""
+    socket.getpeername() gives it: what Listener passes with each connection, for a
+    descriptor from elsewhere."""
     sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
     try:
         return sock.getpeername()
@@ -367,17 +368,16 @@ def peer_of(fd: int, family: int) -> tuple:
         sock.detach()
 
 
-def source_of(fd: int, family: int) -> bytes | None:
-    """Whom a connection counts against under pressure: its peer's IPv4 address (4 bytes),
-    or its IPv6 address's /64 (8 bytes; an IPv4-mapped address counts as its IPv4 one);
-    None if the peer is gone."""
-    try:
-        host = peer_of(fd, family)[0]
-    except (OSError, ValueError):  # ValueError: no descriptor (-1)
+def source_of(peer: tuple | None, family: int) -> bytes | None:
+    """Whom a connection from ``peer`` (its address, as accept gave it, on a socket of
+    ``family``) counts against under pressure: its IPv4 address (4 bytes), or its IPv6
+    address's /64 (8 bytes; an IPv4-mapped address counts as its IPv4 one); None for no
+    address or another family (a Unix socket)."""
+    if peer is None or family not in (socket.AF_INET, socket.AF_INET6):
         return None
     if family == socket.AF_INET:
-        return socket.inet_aton(host)
-    packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        return socket.inet_aton(peer[0])
+    packed = socket.inet_pton(socket.AF_INET6, peer[0].partition("%")[0])
     if packed[:12] == V4_MAPPED:
         return packed[12:]
     return packed[:8]
@@ -719,18 +719,20 @@ class Reactor(Handler):
 class Service:
     """One proxy process: its listener, its reactor and the connections still open.
 
-    ``start(service, fd)`` makes the object that serves an accepted connection; that
-    object calls ``service.closed(itself)`` when it is done, and has ``fd`` (the
-    client's) and ``shed()`` (close now if still unrouted: True if it did).  Its class's
+    ``start(service, fd, peer)`` makes the object that serves an accepted connection
+    (``peer``: the client's address, as accept gave it); that object calls
+    ``service.closed(itself)`` when it is done, and has ``fd`` (the client's), ``peer``
+    and ``shed()`` (close now if still unrouted: True if it did).  Its class's
     ``REFUSED`` bytes, if any, are written to a connection refused its fair share.
 
     Fair share: while fewer than half of RLIMIT_NOFILE's descriptors are in use (the
     reactor's), nothing is tracked.  Beyond that ("pressure", until fewer than a quarter
-    are) every open connection is counted against its source once (source_of), and so is
-    each new one; a new connection from a source that holds its share already
-    (fair_share) is refused at once.  When accept finds no descriptor at all, the
-    heaviest sources' unrouted connections are closed, oldest first (shed).  Only
-    sources with open connections are in the table, and only under pressure.
+    are) every open connection is counted against its source once (source_of its
+    ``peer``: no system call), and so is each new one; a new connection from a source
+    that holds its share already (fair_share) is refused at once.  When accept finds no
+    descriptor at all, the heaviest sources' unrouted connections are closed, oldest
+    first (shed).  Only sources with open connections are in the table, and only under
+    pressure.
     """
 
     def __init__(self, sock: socket.socket, start: Callable) -> None:
@@ -748,21 +750,21 @@ class Service:
         self.refusing_logged = False  # this episode's lines
         self.shedding_logged = False
 
-    def accepted(self, fd: int) -> None:
+    def accepted(self, fd: int, peer: tuple) -> None:
         COUNTS["accepted"] += 1
         if self.sources is None:
             if len(self.reactor.handlers) < self.pressure_above:
-                self.live[self.start(self, fd)] = None
+                self.live[self.start(self, fd, peer)] = None
                 return
             self.enter_pressure()
-        source = source_of(fd, self.family)
+        source = source_of(peer, self.family)
         if source is not None:
             held = self.sources.get(source, 0)
             share = self.fair_share()
             if held >= share:
                 self.refuse(fd, source, held, share)
                 return
-        connection = self.start(self, fd)
+        connection = self.start(self, fd, peer)
         self.live[connection] = None
         if source is not None and self.sources is not None:
             self.sources[source] = self.sources.get(source, 0) + 1
@@ -777,7 +779,7 @@ class Service:
         sources: dict[bytes, int] = {}
         owners: dict = {}
         for connection in self.live:
-            source = source_of(getattr(connection, "fd", -1), self.family)
+            source = source_of(getattr(connection, "peer", None), self.family)
             if source is not None:
                 sources[source] = sources.get(source, 0) + 1
                 owners[connection] = source
@@ -849,8 +851,10 @@ class Service:
 
 
 class Listener(Handler):
-    """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor,
-    and ``on_full()`` (if given) is called when accept found no descriptor."""
+    """Accept from a listening socket; ``on_accept(fd, peer)`` gets each non-blocking
+    descriptor and its peer's address as accept(2) returned it (socket.accept()'s tuple:
+    no getpeername(2) later, and a client that has reset since still has one), and
+    ``on_full()`` (if given) is called when accept found no descriptor."""
 
     def __init__(
         self, reactor: Reactor, sock: socket.socket, on_accept: Callable, on_full: Callable | None = None
@@ -876,7 +880,7 @@ class Listener(Handler):
     def accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = self.sock.accept()  # the address is looked up only if needed
+                conn, peer = self.sock.accept()
             except RETRY:
                 self.starved = False  # the queue is empty: that episode is over
                 return
@@ -888,7 +892,7 @@ class Listener(Handler):
             conn.setblocking(False)
             fd = conn.detach()
             try:
-                self.on_accept(fd)
+                self.on_accept(fd, peer)
             except Exception as exc:  # e.g. epoll_ctl ENOSPC: lose this connection, not the listener
                 internal_error("closing a new connection", exc)
                 os.close(fd)

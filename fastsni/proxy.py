@@ -9,7 +9,7 @@ import errno
 import os
 import time
 
-from fastsni.addresses import describe, of_descriptor, proxy_header
+from fastsni.addresses import describe, proxy_header
 from fastsni.engine import (
     NO_BACKEND,
     Handler,
@@ -20,7 +20,6 @@ from fastsni.engine import (
     connect_backend,
     failure,
     fair_share_counts,
-    peer_of,
 )
 from fastsni.logs import failures
 from fastsni.ownerlog import line, owner_log
@@ -64,16 +63,9 @@ def hello_cause(exc: HelloError) -> str | None:
     return "invalid_name" if exc.reason.startswith("invalid") else "no_sni"
 
 
-def client_of(fd: int) -> str:
-    """The client's address for a log line (one getpeername), or how it is unknown."""
-    try:
-        return describe(of_descriptor(fd)[0])
-    except OSError:
-        return "(closed before its address was read)"
-
-
-def log(fd: int, name: str | None, reason: str) -> None:
-    failures.write(f"fastsni: {client_of(fd)} {name or '-'}: {reason}\n")
+def log(peer: tuple, name: str | None, reason: str) -> None:
+    """One failure line about the connection from ``peer`` (its address, as accept gave it)."""
+    failures.write(f"fastsni: {describe(peer)} {name or '-'}: {reason}\n")
 
 
 def counted(code: int, why: str | None) -> None:
@@ -97,14 +89,15 @@ class TlsConnection(Handler):
 
     REFUSED = alert(INTERNAL_ERROR)  # to a new connection over its source's fair share (engine.Service)
 
-    def __init__(self, service: Service, fd: int) -> None:
+    def __init__(self, service: Service, fd: int, peer: tuple) -> None:
         self.service = service
         self.fd = fd
+        self.peer = peer  # the client's address, as accept gave it: for log lines and PROXY headers
         self.client = Side(service.reactor, fd)
         self.reader: HelloReader | None = HelloReader()
         self.name: str | None = None  # once routed
         self.started = time.monotonic()  # for the owner's log
-        self.peer: str | None = None  # the client, once routed to an entry with an owner's log
+        self.owner_line = False  # routed to an entry with an owner's log: a line when the relay ends
         self.relay: Relay | None = None
         service.reactor.add(fd, self)
         self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
@@ -147,13 +140,11 @@ class TlsConnection(Handler):
             COUNTS["hello_ech"] += marks & MARK_ECH
             COUNTS["hello_grease"] += (marks & MARK_GREASE) >> 1
         self.reader = None
-        if owner_log.target(name) >= 0:  # its address now: the line goes when the relay ends
-            try:
-                self.peer = describe(peer_of(self.fd, self.service.family))
-            except OSError:
-                self.peer = "(closed before its address was read)"
+        self.owner_line = owner_log.target(name) >= 0
         if proxy:  # in one write with the hello
-            backend.queued = proxy_header(proxy, self.fd, self.service.family, name) + backend.queued
+            backend.queued = (
+                proxy_header(proxy, self.peer, self.fd, self.service.family, name) + backend.queued
+            )
         COUNTS["routed"] += 1
         self.name = name
         self.relay = Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
@@ -164,7 +155,7 @@ class TlsConnection(Handler):
     def fail(self, code: int, name: str | None, reason: str, why: str | None = None) -> None:
         """Answer with one fatal alert, log one line (and one to the owner's log), close."""
         counted(code, why)
-        client = client_of(self.fd)
+        client = describe(self.peer)
         failures.write(f"fastsni: {client} {name or '-'}: {reason}\n")
         if name is not None and why != "no_entry":
             tell_owner(name, client, f"alert_{code}", self.started, cause=why)
@@ -189,9 +180,9 @@ class TlsConnection(Handler):
 
     def relay_closed(self) -> None:
         relay, self.relay = self.relay, None  # it refers back to us: let both go now
-        if self.peer is not None:  # (no relay yet: it closed as it began)
+        if self.owner_line:  # (no relay yet: it closed as it began)
             up, down = (relay.up, relay.down) if relay is not None else (None, None)
-            tell_owner(self.name, self.peer, "routed", self.started, up=up, down=down)
+            tell_owner(self.name, describe(self.peer), "routed", self.started, up=up, down=down)
         self.service.closed(self)
 
     def backend_failed(self, err: int) -> None:
@@ -200,7 +191,7 @@ class TlsConnection(Handler):
         if err in ENDINGS:
             COUNTS["relay_resets"] += 1
             return
-        log(self.fd, self.name, f"{BACKEND_SOCKET}: {errno.errorcode.get(err, err)} while relaying")
+        log(self.peer, self.name, f"{BACKEND_SOCKET}: {errno.errorcode.get(err, err)} while relaying")
 
     def drain(self) -> None:
         """SIGHUP: nothing to do; a TLS stream has no request boundary to stop at."""

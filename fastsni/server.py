@@ -222,8 +222,9 @@ def start_warnings(program: str) -> list[str]:
 def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: Callable) -> None:
     """The contract: arguments, fd 0, limits, the start line, signals, drain, exit 0.
 
-    The proxy runs on the engine (fastsni.engine.Service): ``start(service, fd)`` serves
-    each accepted descriptor with an object that has a ``drain()`` method for SIGHUP.
+    The proxy runs on the engine (fastsni.engine.Service): ``start(service, fd, peer)``
+    serves each accepted descriptor (from ``peer``) with an object that has a ``drain()``
+    method for SIGHUP.
     """
     kind = "compiled" if twins.is_compiled(twin) else "pure"
     parse_arguments(program, summary, argv, kind)

@@ -118,6 +118,7 @@ cdef extern from "<netinet/in.h>":
 
 cdef extern from "<arpa/inet.h>":
     const char* inet_ntop(int family, const void* address, char* text, socklen_t size)
+    int inet_pton(int family, const char* text, void* address)
 
 cdef extern from "<sys/un.h>":
     struct sockaddr_un:
@@ -434,42 +435,55 @@ cdef int _proxy_version(bytes entry) except -1:
     return 0
 
 
+cdef object _address(const sockaddr_storage* address, int fd):
+    """The address in ``address`` (from getpeername(2) or accept4(2) of ``fd``) as
+    socket.getpeername() gives it; an IPv6 address without the %scope suffix, which the
+    proxies drop.  Another family (a Unix socket): the pure twin's peer_of (one more
+    getpeername(2))."""
+    cdef char text[INET6_ADDRSTRLEN]
+    cdef const sockaddr_in* ipv4
+    cdef const sockaddr_in6* ipv6
+    if address.ss_family == AF_INET:
+        ipv4 = <const sockaddr_in*>address
+        inet_ntop(AF_INET, &ipv4.sin_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(ipv4.sin_port))
+    if address.ss_family == AF_INET6:
+        ipv6 = <const sockaddr_in6*>address
+        inet_ntop(AF_INET6, &ipv6.sin6_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(ipv6.sin6_port), ntohl(ipv6.sin6_flowinfo), ipv6.sin6_scope_id)
+    return _socket_peer_of(fd, address.ss_family)
+
+
 def peer_of(int fd, int family):
     """The peer address of a connected socket descriptor of ``family``, as
     socket.getpeername() gives it, from one getpeername(2) (socket() adds a
-    getsockname(2)); an IPv6 address without the %scope suffix, which the proxies drop."""
+    getsockname(2)): what Listener passes with each connection, for a descriptor from
+    elsewhere."""
     cdef sockaddr_storage address
     cdef socklen_t length = sizeof(address)
-    cdef char text[INET6_ADDRSTRLEN]
-    cdef sockaddr_in* ipv4
-    cdef sockaddr_in6* ipv6
     if family != AF_INET and family != AF_INET6:
         return _socket_peer_of(fd, family)
     if getpeername(fd, <sockaddr*>&address, &length) < 0:
         raise _oserror(errno)
-    if address.ss_family == AF_INET:
-        ipv4 = <sockaddr_in*>&address
-        inet_ntop(AF_INET, &ipv4.sin_addr, text, sizeof(text))
-        return (text.decode("ascii"), ntohs(ipv4.sin_port))
-    ipv6 = <sockaddr_in6*>&address
-    inet_ntop(AF_INET6, &ipv6.sin6_addr, text, sizeof(text))
-    return (text.decode("ascii"), ntohs(ipv6.sin6_port), ntohl(ipv6.sin6_flowinfo), ipv6.sin6_scope_id)
+    return _address(&address, fd)
 
 
-def source_of(int fd, int family):
-    """Whom a connection counts against under pressure: its peer's IPv4 address (4 bytes),
-    or its IPv6 address's /64 (8 bytes; an IPv4-mapped address counts as its IPv4 one);
-    None if the peer is gone.  One getpeername(2)."""
-    cdef sockaddr_storage address
-    cdef socklen_t length = sizeof(address)
-    cdef const unsigned char* raw
-    if getpeername(fd, <sockaddr*>&address, &length) < 0:
+def source_of(peer, int family):
+    """Whom a connection from ``peer`` (its address, as accept gave it, on a socket of
+    ``family``) counts against under pressure: its IPv4 address (4 bytes), or its IPv6
+    address's /64 (8 bytes; an IPv4-mapped address counts as its IPv4 one); None for no
+    address or another family (a Unix socket).  No system call."""
+    cdef unsigned char raw[16]
+    cdef bytes host
+    if peer is None or (family != AF_INET and family != AF_INET6):
         return None
-    if address.ss_family == AF_INET:
-        return PyBytes_FromStringAndSize(<const char*>&(<sockaddr_in*>&address).sin_addr, 4)
-    if address.ss_family != AF_INET6:
-        return None
-    raw = <const unsigned char*>&(<sockaddr_in6*>&address).sin6_addr
+    host = (<str>peer[0]).encode("ascii")
+    if family == AF_INET:
+        if inet_pton(AF_INET, host, raw) != 1:
+            raise OSError("illegal IP address string passed to inet_pton")
+        return PyBytes_FromStringAndSize(<const char*>raw, 4)
+    if inet_pton(AF_INET6, host.partition(b"%")[0], raw) != 1:
+        raise OSError("illegal IP address string passed to inet_pton")
     if (raw[0] | raw[1] | raw[2] | raw[3] | raw[4] | raw[5] | raw[6] | raw[7] | raw[8] | raw[9]) == 0 \
             and raw[10] == 0xFF and raw[11] == 0xFF:
         return PyBytes_FromStringAndSize(<const char*>raw + 12, 4)
@@ -812,22 +826,22 @@ cdef class Service:
         self.refusing_logged = False
         self.shedding_logged = False
 
-    def accepted(self, int fd):
+    def accepted(self, int fd, peer):
         cdef Py_ssize_t held, share
         _counts[ACCEPTED] += 1
         if self.sources is None:
             if len(self.reactor.handlers) < self.pressure_above:
-                self.live[self.start(self, fd)] = None
+                self.live[self.start(self, fd, peer)] = None
                 return
             self.enter_pressure()
-        source = source_of(fd, self.family)
+        source = source_of(peer, self.family)
         if source is not None:
             held = (<dict>self.sources).get(source, 0)
             share = self.fair_share()
             if held >= share:
                 self.refuse(fd, source, held, share)
                 return
-        connection = self.start(self, fd)
+        connection = self.start(self, fd, peer)
         self.live[connection] = None
         if source is not None and self.sources is not None:
             self.sources[source] = (<dict>self.sources).get(source, 0) + 1
@@ -842,7 +856,7 @@ cdef class Service:
         cdef dict sources = {}
         cdef dict owners = {}
         for connection in self.live:
-            source = source_of(getattr(connection, "fd", -1), self.family)
+            source = source_of(getattr(connection, "peer", None), self.family)
             if source is not None:
                 sources[source] = sources.get(source, 0) + 1
                 owners[connection] = source
@@ -912,8 +926,9 @@ cdef class Service:
 
 
 cdef class Listener(Handler):
-    """Accept from a listening socket; ``on_accept(fd)`` gets each non-blocking descriptor,
-    and ``on_full()`` (if given) is called when accept found no descriptor."""
+    """Accept from a listening socket; ``on_accept(fd, peer)`` gets each non-blocking
+    descriptor and its peer's address as accept4(2) returned it (see the pure twin), and
+    ``on_full()`` (if given) is called when accept found no descriptor."""
 
     def __init__(self, Reactor reactor, sock, on_accept, on_full=None):
         self.reactor = reactor
@@ -936,8 +951,11 @@ cdef class Listener(Handler):
 
     def accept(self):
         cdef int i, fd, err
+        cdef sockaddr_storage address
+        cdef socklen_t length
         for i in range(C_ACCEPT_BATCH):
-            fd = accept4(self.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            length = sizeof(address)
+            fd = accept4(self.fd, <sockaddr*>&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
                 err = errno
                 if _retry(err):
@@ -948,7 +966,7 @@ cdef class Listener(Handler):
                     return
                 continue
             try:
-                self.on_accept(fd)
+                self.on_accept(fd, _address(&address, fd))
             except Exception as exc:
                 internal_error("closing a new connection", exc)
                 close(fd)

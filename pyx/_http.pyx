@@ -20,7 +20,7 @@ from errno import errorcode
 
 import httptools
 
-from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of, shutdown_write, socket_identity
+from fastsni._engine import Relay, connect_backend, fair_share_counts, shutdown_write, socket_identity
 from fastsni._tls import check_hostname
 from fastsni.ownerlog import owner_log
 from fastsni.addresses import client_ip, describe, proxy_header
@@ -472,13 +472,13 @@ cdef class HttpConnection(Handler):
 
     REFUSED = error_response(503, True)  # to a new connection over its source's fair share (engine.Service)
 
-    def __init__(self, Service service, int fd):
+    def __init__(self, Service service, int fd, peer):
         self.service = service
         self.reactor = service.reactor
         self.fd = fd
         self.client = Side(service.reactor, fd)
-        self.peer = None  # the client's address
-        self.reader = None
+        self.peer = peer  # the client's address, as accept gave it
+        self.reader = RequestReader(client_ip(peer))
         self.backend = None  # the backend connection, while one is open
         self.backend_name = None
         self.backend_socket = None  # the identity of its socket file
@@ -507,12 +507,6 @@ cdef class HttpConnection(Handler):
         self.draining = False  # SIGHUP: close once the requests begun are answered
         self.kept_alive = False
         self.reactor.add(fd, self)
-        try:
-            self.peer = peer_of(fd, service.family)
-        except OSError:  # gone already
-            self.linger()
-            return
-        self.reader = RequestReader(client_ip(self.peer))
         self.arm()
 
     # events
@@ -804,7 +798,7 @@ cdef class HttpConnection(Handler):
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
-            request.data.insert(0, proxy_header(proxy, self.fd, self.service.family, request.name))
+            request.data.insert(0, proxy_header(proxy, self.peer, self.fd, self.service.family, request.name))
         self.pump()
         return True
 

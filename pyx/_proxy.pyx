@@ -8,7 +8,7 @@ from fastsni._engine cimport Handler, Service, Side, Timer
 
 from errno import errorcode
 
-from fastsni._engine import Relay, connect_backend, fair_share_counts, peer_of
+from fastsni._engine import Relay, connect_backend, fair_share_counts
 from fastsni.addresses import describe, proxy_header
 from fastsni.engine import cause, failure
 from fastsni.logs import failures
@@ -19,7 +19,6 @@ from fastsni.proxy import (  # not hot: the pure twin's own
     BACKEND_SOCKET,
     ENDINGS,
     HELLO_TIMEOUT,
-    client_of,
     hello_cause,
     log,
     tell_owner,
@@ -80,18 +79,20 @@ cdef class TlsConnection(Handler):
     cdef public object name
     cdef public double started
     cdef public object peer
+    cdef public bint owner_line
     cdef public object relay
 
     REFUSED = alert(INTERNAL_ERROR)  # to a new connection over its source's fair share (engine.Service)
 
-    def __init__(self, Service service, int fd):
+    def __init__(self, Service service, int fd, peer):
         self.service = service
         self.fd = fd
+        self.peer = peer  # the client's address, as accept gave it: for log lines and PROXY headers
         self.client = Side(service.reactor, fd)
         self.reader = HelloReader()
         self.name = None
         self.started = _monotonic()
-        self.peer = None
+        self.owner_line = False  # routed to an entry with an owner's log: a line when the relay ends
         self.relay = None
         service.reactor.add(fd, self)
         self.timer = service.reactor.schedule(HELLO_TIMEOUT, self.expire, ())
@@ -138,13 +139,9 @@ cdef class TlsConnection(Handler):
             _hello_ech += marks & MARK_ECH
             _hello_grease += (marks & MARK_GREASE) >> 1
         self.reader = None
-        if not no_owner_log(name, _monotonic()) and owner_log.target(name) >= 0:  # its address now: the line goes when the relay ends
-            try:
-                self.peer = describe(peer_of(self.fd, self.service.family))
-            except OSError:
-                self.peer = "(closed before its address was read)"
+        self.owner_line = not no_owner_log(name, _monotonic()) and owner_log.target(name) >= 0
         if proxy:  # in one write with the hello
-            backend.queued = proxy_header(proxy, self.fd, self.service.family, name) + backend.queued
+            backend.queued = proxy_header(proxy, self.peer, self.fd, self.service.family, name) + backend.queued
         _routed += 1
         self.name = name
         self.relay = Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
@@ -155,7 +152,7 @@ cdef class TlsConnection(Handler):
     cpdef fail(self, int code, name, str reason, why=None):
         """Answer with one fatal alert, log one line (and one to the owner's log), close."""
         counted(code, why)
-        client = client_of(self.fd)
+        client = describe(self.peer)
         failures.write(f"fastsni: {client} {name or '-'}: {reason}\n")
         if name is not None and why != "no_entry":
             tell_owner(name, client, f"alert_{code}", self.started, cause=why)
@@ -178,9 +175,9 @@ cdef class TlsConnection(Handler):
 
     def relay_closed(self):
         relay, self.relay = self.relay, None  # it refers back to us: let both go now
-        if self.peer is not None:  # (no relay yet: it closed as it began)
+        if self.owner_line:  # (no relay yet: it closed as it began)
             up, down = (relay.up, relay.down) if relay is not None else (None, None)
-            tell_owner(self.name, self.peer, "routed", self.started, up=up, down=down)
+            tell_owner(self.name, describe(self.peer), "routed", self.started, up=up, down=down)
         self.service.closed(self)
 
     def backend_failed(self, int err):
@@ -190,7 +187,7 @@ cdef class TlsConnection(Handler):
         if err in ENDINGS:
             _relay_resets += 1
             return
-        log(self.fd, self.name, f"{BACKEND_SOCKET}: {errorcode.get(err, err)} while relaying")
+        log(self.peer, self.name, f"{BACKEND_SOCKET}: {errorcode.get(err, err)} while relaying")
 
     def drain(self):
         """SIGHUP: nothing to do; a TLS stream has no request boundary to stop at."""

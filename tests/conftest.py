@@ -12,7 +12,9 @@ import os
 import queue
 import re
 import resource
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -150,6 +152,20 @@ class Proxy:
 
     def connect(self, timeout: float = 10) -> socket.socket:
         return socket.create_connection((self.address, self.port), timeout=timeout)
+
+    def reset_before_accept(self, data: bytes) -> int:
+        """A client that sends ``data`` and resets (close with SO_LINGER 0), all while the
+        proxy is stopped (SIGSTOP): it accepts a connection reset already, whose bytes it
+        can still read but whose address getpeername(2) no longer gives.  The client's port."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            with self.connect() as sock:
+                port = sock.getsockname()[1]
+                sock.sendall(data)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+        return port
 
     def stop(self, process: subprocess.Popen | None = None) -> int:
         from backends import reap

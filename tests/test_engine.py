@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -157,7 +158,7 @@ def test_a_failing_accept_loses_that_connection_not_the_listener(engine, capfd):
     listening.setblocking(False)
     accepted: list[int] = []
 
-    def start(service, fd: int):
+    def start(service, fd: int, peer: tuple):
         accepted.append(fd)
         if len(accepted) == 1:
             raise MemoryError("injected")
@@ -234,3 +235,67 @@ def test_an_error_pending_is_read_not_assumed(engine):
         assert side.read() == b"last bytes"
         assert not side.ended
         assert side.read() == b""  # from the kernel: EOF here, since no error was really pending
+
+
+def peers_accepted(engine, listening: socket.socket, connect) -> list:
+    """The ``peer`` each connection gets from the twin's Listener: ``connect()`` makes
+    them (and may end them) before the Listener accepts."""
+    listening.listen()
+    listening.setblocking(False)
+    got: list = []
+
+    def on_accept(fd: int, peer) -> None:
+        got.append(peer)
+        os.close(fd)
+
+    listener = engine.Listener(engine.Reactor(), listening, on_accept)
+    try:
+        connect()
+        listener.accept()
+    finally:
+        listener.close()
+    return got
+
+
+@pytest.mark.parametrize(
+    "family, listen_on, connect_to, expected",
+    [
+        (socket.AF_INET, "127.0.0.1", "127.0.0.1", lambda port: ("127.0.0.1", port)),
+        (socket.AF_INET6, "::1", "::1", lambda port: ("::1", port, 0, 0)),
+        (socket.AF_INET6, "::", "127.0.0.1", lambda port: ("::ffff:127.0.0.1", port, 0, 0)),  # IPv4-mapped
+    ],
+)
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_the_listener_passes_the_address_accept_gave(engine, family, listen_on, connect_to, expected, reset):
+    """on_accept(fd, peer): socket.getpeername()'s tuple, from accept itself, so a client
+    that reset before it was accepted still has its address (getpeername(2) says ENOTCONN)."""
+    listening = socket.socket(family)
+    if family == socket.AF_INET6:
+        listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listening.bind((listen_on, 0))
+    ports: list[int] = []
+
+    def connect() -> None:
+        client = socket.create_connection((connect_to, listening.getsockname()[1]), timeout=5)
+        ports.append(client.getsockname()[1])
+        if reset:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # before the accept: a FIN, or with SO_LINGER 0 a reset
+
+    assert peers_accepted(engine, listening, connect) == [expected(ports[0])]
+
+
+def test_a_unix_listener_passes_what_socket_accept_gives(engine, tmp_path):
+    path = str(tmp_path / "socket")
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(path)
+    clients: list[socket.socket] = []
+
+    def connect() -> None:
+        clients.append(socket.socket(socket.AF_UNIX))
+        clients[0].connect(path)
+
+    try:
+        assert peers_accepted(engine, listening, connect) == [""]  # unnamed, as socket.accept() says
+    finally:
+        clients[0].close()

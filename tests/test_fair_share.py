@@ -300,9 +300,10 @@ class Connection:
     REFUSED = b"refused"
     made: list[Connection] = []
 
-    def __init__(self, service, fd: int) -> None:
+    def __init__(self, service, fd: int, peer: tuple) -> None:
         self.service = service
         self.fd = fd
+        self.peer = peer
         self.routed = False
         self.closed = False
         Connection.made.append(self)
@@ -338,10 +339,11 @@ def test_source_of_groups_ipv4_addresses_and_ipv6_64s(engine):
             with socket.create_connection(address, timeout=5, source_address=(connect_from, 0)):
                 accepted, _ = listener.accept()
                 with accepted:
-                    assert engine.source_of(accepted.fileno(), family) == source
+                    assert engine.source_of(accepted.getpeername(), family) == source
         finally:
             listener.close()
-    assert engine.source_of(-1, socket.AF_INET) is None
+    assert engine.source_of(None, socket.AF_INET) is None  # a connection without an address
+    assert engine.source_of("", socket.AF_UNIX) is None
 
 
 def test_source_text():
@@ -423,8 +425,9 @@ subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 class Connection:
     REFUSED = b"refused"
-    def __init__(self, service, fd):
+    def __init__(self, service, fd, peer):
         self.fd = fd
+        self.peer = peer
 
 listening = socket.create_server(("2001:db8:1:2::1", 0), family=socket.AF_INET6)
 listening.setblocking(False)

@@ -843,6 +843,15 @@ def test_client_closing_inside_a_body_ends_the_exchange(hosts, twin, proxies, ba
     proxy.expect("a: client closed inside a request body")
 
 
+def test_a_client_that_resets_at_once_keeps_its_address(hosts, twin, proxies):
+    """Its request is still read and answered, and its line names it by the address
+    accept returned, although it reset before it was even accepted."""
+    proxy = proxies("fasthttpdir", hosts, twin)
+    port = proxy.reset_before_accept(get("absent"))
+    line = proxy.expect("absent/http-socket: ENOENT")
+    assert line.startswith(f"fasthttpdir: 127.0.0.1:{port} absent: "), line
+
+
 def test_get_after_head_on_one_backend_connection(hosts, twin, proxies, backends):
     """A HEAD answer has a Content-Length but no body: the next answer on the same backend
     connection must not be taken for that body."""

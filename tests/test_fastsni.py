@@ -167,6 +167,16 @@ def test_client_closing_early_is_just_closed(twin, hosts, proxies):
         assert sock.recv(64) == b""
 
 
+def test_a_client_that_resets_at_once_keeps_its_address(twin, hosts, proxies):
+    """A client gone before its failure line is written (here: reset before it was even
+    accepted) is shown by the address accept returned, not as one that could not be read."""
+    (hosts / "a.test").mkdir()  # an entry, so no start warning says there is none
+    proxy = proxies("fastsni", hosts, twin)
+    port = proxy.reset_before_accept(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a ClientHello
+    line = proxy.expect("before ClientHello")
+    assert line == f"fastsni: 127.0.0.1:{port} -: record type 71 before ClientHello", line
+
+
 def test_hello_deadline_is_user_canceled(twin, hosts, proxies):
     proxy = proxies("fastsni", hosts, twin)
     with proxy.connect(timeout=20) as sock:

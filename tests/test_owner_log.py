@@ -169,6 +169,26 @@ def test_each_failure_reaches_the_owner_with_its_cause(twin, hosts, proxies, rec
         assert fields["status_503_refused"] == "1" and fields["status_404"] == "3", fields
 
 
+@pytest.mark.parametrize("program", ["fastsni", "fasthttpdir"])
+def test_a_client_that_resets_at_once_keeps_its_address_in_the_owners_log(
+    twin, hosts, proxies, receivers, program
+):
+    """Its address is the one accept returned: a client that reset before its line was
+    written (before it was even accepted) is named in it (LINE: client=127.0.0.1:PORT)."""
+    name = "refused.test"
+    (hosts / name).mkdir()
+    bound_not_listening(hosts / name / LEAF[program])
+    receiver = receivers(hosts / name / "log-socket")
+    proxy = proxies(program, hosts, twin)
+    sent = (
+        client_hello(name) if program == "fastsni" else b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % name.encode()
+    )
+    port = proxy.reset_before_accept(sent)
+    fields = receiver.line()
+    assert (fields["client"], fields["cause"]) == (f"127.0.0.1:{port}", "refused")
+    proxy.expect(f"{program}: 127.0.0.1:{port} {name}: ")  # the operator's line too
+
+
 def test_fasthttpdir_backend_closing_early_is_the_owners_502(twin, hosts, proxies, backends, receivers):
     backends(hosts / "early.test" / "http-socket", lambda conn: conn.recv(65536))  # reads, then closes
     receiver = receivers(hosts / "early.test" / "log-socket")
