@@ -28,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         program = Path(tmp) / "lookup_cost"
-        subprocess.run(["gcc", "-O2", "-pthread", "-o", str(program), str(HERE / "lookup_cost.c")], check=True)
+        source = HERE / "lookup_cost.c"
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", str(program), str(source)], check=True)
         hosts = Path(tmp) / "hosts"
         (hosts / "app.example.test").mkdir(parents=True)
         subprocess.run([str(program), str(hosts), str(args.rounds), str(args.count)], check=True, timeout=600)

@@ -9,6 +9,7 @@ slow (then the unsent rest waits as bytes).  The classes other compiled twins ci
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.errno cimport EAGAIN, EINTR, ENOENT, errno
 from libc.math cimport INFINITY, ceil
 from libc.string cimport memcpy
@@ -435,6 +436,26 @@ cdef int _proxy_version(bytes entry) except -1:
     return 0
 
 
+cdef str _dotted_quad(const unsigned char* raw):
+    """An IPv4 address as inet_ntop(3) writes it, without its sprintf (a third of the
+    instructions of accepting a connection)."""
+    cdef char text[16]
+    cdef int i, at = 0
+    cdef unsigned char byte
+    for i in range(4):
+        byte = raw[i]
+        if byte >= 100:
+            text[at] = 48 + byte // 100
+            at += 1
+        if byte >= 10:
+            text[at] = 48 + byte // 10 % 10
+            at += 1
+        text[at] = 48 + byte % 10
+        text[at + 1] = 46  # "."
+        at += 2
+    return PyUnicode_DecodeASCII(text, at - 1, NULL)
+
+
 cdef object _address(const sockaddr_storage* address, int fd):
     """The address in ``address`` (from getpeername(2) or accept4(2) of ``fd``) as
     socket.getpeername() gives it; an IPv6 address without the %scope suffix, which the
@@ -445,8 +466,7 @@ cdef object _address(const sockaddr_storage* address, int fd):
     cdef const sockaddr_in6* ipv6
     if address.ss_family == AF_INET:
         ipv4 = <const sockaddr_in*>address
-        inet_ntop(AF_INET, &ipv4.sin_addr, text, sizeof(text))
-        return (text.decode("ascii"), ntohs(ipv4.sin_port))
+        return (_dotted_quad(<const unsigned char*>&ipv4.sin_addr), ntohs(ipv4.sin_port))
     if address.ss_family == AF_INET6:
         ipv6 = <const sockaddr_in6*>address
         inet_ntop(AF_INET6, &ipv6.sin6_addr, text, sizeof(text))

@@ -205,6 +205,19 @@ def test_peer_of_is_what_getpeername_says(engine, family, listen_on, connect_to)
         listener.close()
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.9.10.99", "127.100.200.255", "127.255.0.90"])
+def test_ipv4_addresses_read_as_inet_ntop_writes_them(engine, address):
+    """The compiled twin writes an IPv4 address itself: one, two and three digits, and 0."""
+    with socket.socket() as listener, socket.socket() as client:
+        listener.bind((address, 0))
+        listener.listen()
+        client.bind((address, 0))
+        client.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+        with accepted:
+            assert engine.peer_of(accepted.fileno(), socket.AF_INET) == (address, client.getsockname()[1])
+
+
 @pytest.mark.parametrize("events_name", ["EPOLLRDHUP", "EPOLLRDHUP|EPOLLHUP"])
 def test_eof_after_a_fin_costs_no_read(engine, events_name):
     """A peer that shut its writing side queued everything before its FIN: once a short
