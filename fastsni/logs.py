@@ -19,9 +19,15 @@ BURST = 100  # failure lines at once, after a quiet spell
 REPORT_AFTER = 1.0  # seconds from the first line held back to the line that counts them
 
 
+_second = [-1, ""]  # the last whole second timestamp() wrote, and its text up to the seconds
+
+
 def timestamp(now: float) -> str:
-    """``2026-12-05T23:50:01.123Z``: UTC with milliseconds (RFC 3339)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    """``2026-12-05T23:50:01.123Z``: UTC with milliseconds (RFC 3339); strftime once a second."""
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
 def under_journal() -> bool:

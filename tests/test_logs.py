@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastsni.logs import BURST, RATE, REPORT_AFTER, FailureLog
+import time
+
+from fastsni.logs import BURST, RATE, REPORT_AFTER, FailureLog, timestamp
 
 
 def test_burst_then_rate_then_one_counting_line(capsys):
@@ -39,3 +41,11 @@ def test_quiet_times_write_every_line(capsys):
     assert len(capsys.readouterr().err.splitlines()) == 10 * BURST
     log.flush()
     assert capsys.readouterr().err == ""
+
+
+def test_timestamps_across_seconds_and_back():
+    """RFC 3339 UTC with milliseconds; strftime's text is remembered per second, so each
+    second (and a clock that steps back) must still get its own."""
+    for now in (1764979801.0, 1764979801.1239, 1764979801.9999, 1764979802.0005, 1764979801.5, 0.25):
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        assert timestamp(now) == expected
