@@ -14,7 +14,7 @@ from libc.errno cimport EAGAIN, EINTR, ENOENT, errno
 from libc.math cimport INFINITY, ceil
 from libc.string cimport memcpy
 from posix.fcntl cimport O_CLOEXEC
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport timespec
 from posix.unistd cimport close, read, write
 
 cdef extern from "<unistd.h>":
@@ -35,6 +35,7 @@ import resource
 import signal
 from collections import deque
 
+from fastsni.ownerlog import owner_log
 from fastsni.engine import (  # not hot: the pure module's own
     ForeignSocket,
     abandon,
@@ -253,24 +254,29 @@ cdef object _oserror(int err, bytes filename=None):
     return OSError(err, os.strerror(err), filename.decode("ascii"))
 
 
+cdef inline int _decimal(char* out, unsigned int value) noexcept:
+    """Write ``value`` in decimal at ``out``, without snprintf's cost: the digits written."""
+    cdef char digits[10]
+    cdef int count = 0, i
+    while True:
+        digits[count] = 48 + value % 10
+        count += 1
+        value //= 10
+        if value == 0:
+            break
+    for i in range(count):
+        out[i] = digits[count - 1 - i]
+    return count
+
+
 cdef int _connect_proc_fd(int fd, int path) noexcept:
     """connect(2) to the Unix socket file held by the O_PATH descriptor ``path``, through
     /proc/self/fd/N: 0, or -1 with errno set."""
     cdef sockaddr_un address
-    cdef char digits[12]
-    cdef int count = 0, length = 14  # len("/proc/self/fd/")
+    cdef int length = 14  # len("/proc/self/fd/")
     address.sun_family = AF_UNIX
     memcpy(address.sun_path, b"/proc/self/fd/", length)
-    while True:  # N in decimal, without snprintf's cost
-        digits[count] = 48 + path % 10
-        count += 1
-        path //= 10
-        if path == 0:
-            break
-    while count:
-        count -= 1
-        address.sun_path[length] = digits[count]
-        length += 1
+    length += _decimal(address.sun_path + length, path)
     address.sun_path[length] = 0
     return connect(fd, <sockaddr*>&address, <socklen_t>(sizeof(sa_family_t) + length + 1))
 
@@ -441,18 +447,10 @@ cdef str _dotted_quad(const unsigned char* raw):
     instructions of accepting a connection)."""
     cdef char text[16]
     cdef int i, at = 0
-    cdef unsigned char byte
     for i in range(4):
-        byte = raw[i]
-        if byte >= 100:
-            text[at] = 48 + byte // 100
-            at += 1
-        if byte >= 10:
-            text[at] = 48 + byte // 10 % 10
-            at += 1
-        text[at] = 48 + byte % 10
-        text[at + 1] = 46  # "."
-        at += 2
+        at += _decimal(text + at, raw[i])
+        text[at] = 46  # "."
+        at += 1
     return PyUnicode_DecodeASCII(text, at - 1, NULL)
 
 
@@ -521,10 +519,15 @@ cdef inline bint _only_thread() noexcept:
     return PyThreadState_Next(head) == NULL
 
 
-cdef inline double _monotonic() noexcept:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
+cdef dict _owner_logs = owner_log.found  # the one dict OwnerLog keeps (forget() clears it)
+
+
+cdef bint no_owner_log(str name, double now) except -1:
+    """What owner_log.target(name) would answer without a lookup, at C cost, for the
+    compiled proxies: True if ``name`` is known, for now, to have no log socket (the
+    common case)."""
+    cdef tuple known = _owner_logs.get(name)
+    return known is not None and <long>known[1] < 0 and <double>known[0] > now
 
 
 cdef class Timer:

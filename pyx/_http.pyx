@@ -11,8 +11,7 @@ reach the client in request order; the backend connection is reused while
 consecutive requests name the same host and it still leads to the same socket.
 """
 
-from fastsni._engine cimport Handler, Reactor, Service, Side, Timer
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from fastsni._engine cimport _monotonic, no_owner_log, Handler, Reactor, Service, Side, Timer
 
 import sys
 from collections import deque
@@ -22,7 +21,6 @@ import httptools
 
 from fastsni._engine import Relay, connect_backend, fair_share_counts, shutdown_write, socket_identity
 from fastsni._tls import check_hostname
-from fastsni.ownerlog import owner_log
 from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
@@ -67,22 +65,6 @@ cdef frozenset C_DROPPED = DROPPED
 # CAUSES, shared: counted only where a request failed).
 cdef unsigned long long _routed = 0, _up = 0, _down = 0, _relay_resets = 0
 cdef dict _answered = {}
-
-
-cdef dict _owner_logs = owner_log.found  # the one dict OwnerLog keeps (forget() clears it)
-
-
-cdef inline bint no_owner_log(str name, double now):
-    """What owner_log.target(name) would answer without a lookup, at C cost: True if
-    ``name`` is known, for now, to have no log socket (the common case)."""
-    cdef tuple known = _owner_logs.get(name)
-    return known is not None and <long>known[1] < 0 and <double>known[0] > now
-
-
-cdef double _monotonic():
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
 
 
 cpdef bint still_leads_to(str name, object identity, double now) except -1:

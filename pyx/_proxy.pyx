@@ -1,10 +1,9 @@
 # cython: language_level=3
 """Compiled twin of fastsni/proxy.py: read the ClientHello, route by SNI, relay."""
 
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport write
 
-from fastsni._engine cimport Handler, Service, Side, Timer
+from fastsni._engine cimport _monotonic, no_owner_log, Handler, Service, Side, Timer
 
 from errno import errorcode
 
@@ -50,22 +49,6 @@ def counted(int code, why):
     if why is not None:
         key = f"alert_{code}_{why}"
         _causes[key] = _causes.get(key, 0) + 1
-
-
-cdef dict _owner_logs = owner_log.found  # the one dict OwnerLog keeps (forget() clears it)
-
-
-cdef double _monotonic():
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
-
-
-cdef inline bint no_owner_log(str name, double now):
-    """What owner_log.target(name) would answer without a lookup, at C cost: True if
-    ``name`` is known, for now, to have no log socket (the common case)."""
-    cdef tuple known = _owner_logs.get(name)
-    return known is not None and <long>known[1] < 0 and <double>known[0] > now
 
 
 cdef class TlsConnection(Handler):
