@@ -339,9 +339,11 @@ class RequestReader:
         self.held = b""  # bytes after an upgrade request, parsed later (or relayed)
         self.rejected: Rejected | None = None
         self.reparse = False  # the upgrade request being parsed has a body: see parse_again
+        self.chunk: bytes | None = None  # the bytes being parsed, if a request begins them
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
+        self.chunk = data if self.in_head and self.head_size == 0 else None
         if self.in_head:
             self.head_size += len(data)
         try:
@@ -407,7 +409,7 @@ class RequestReader:
         parser = self.parser
         self.in_head = False
         method = parser.get_method()
-        version = parser.get_http_version()
+        version = self.version()
         size = len(method) + len(self.target) + 12
         for name, value in self.headers:
             size += len(name) + len(value) + 4
@@ -450,6 +452,21 @@ class RequestReader:
         self.current = request
         self.requests.append(request)
 
+    def version(self) -> str:
+        """The request's HTTP version, "1.1" or "1.0" (or another, refused).  Read from its
+        request line, which llhttp has checked, when the bytes being parsed begin with it
+        (the usual case); httptools' get_http_version() builds it with str.format."""
+        chunk = self.chunk
+        if chunk is not None:
+            end = chunk.find(b"\n")  # llhttp ends a request line with CRLF only
+            if end >= 10 and chunk[end - 1] == 13:
+                line_end = chunk[end - 10 : end - 1]
+                if line_end == b" HTTP/1.1":
+                    return "1.1"
+                if line_end == b" HTTP/1.0":
+                    return "1.0"
+        return self.parser.get_http_version()
+
     def declares_body(self) -> bool:
         """Whether the head being parsed announces a body (RFC 9112 §6.3): chunked, or a
         Content-Length other than 0 (llhttp has checked that it is digits)."""
@@ -490,6 +507,7 @@ class RequestReader:
         self.current = None
         self.in_head = True
         self.head_size = 0
+        self.chunk = None  # the next request begins further on in it
 
 
 def frame(data: bytes, ip: str = "192.0.2.1") -> list[tuple]:
@@ -920,7 +938,7 @@ class HttpConnection(Handler):
             return
         if self.final and self.active.method == b"HEAD" and self.head_end(data) < len(data):
             self.overrun = True  # llhttp would read them as a body: a HEAD answer ends at its head
-        self.tail = (self.tail + data)[-3:]
+        self.tail = (self.tail + data[-3:])[-3:]  # for head_end: a head's end may straddle two reads
         if self.overrun:
             # More after the final answer, unasked: never let it pass as the answer to
             # the client's next request (which may be for another host).

@@ -11,6 +11,8 @@ reach the client in request order; the backend connection is reused while
 consecutive requests name the same host and it still leads to the same socket.
 """
 
+from libc.string cimport memchr, memcmp
+
 from fastsni._engine cimport _monotonic, no_owner_log, Handler, Reactor, Service, Side, Timer
 
 import sys
@@ -216,6 +218,7 @@ cdef class RequestReader:
     cdef public bytes held
     cdef public object rejected
     cdef public bint reparse
+    cdef public bytes chunk
 
     def __init__(self, ip):
         self.forwarded_for = b"X-Forwarded-For: %s\r\n" % ip.encode()  # the client's, for every request
@@ -231,9 +234,11 @@ cdef class RequestReader:
         self.held = b""  # bytes after an upgrade request, parsed later (or relayed)
         self.rejected = None
         self.reparse = False  # the upgrade request being parsed has a body: see parse_again
+        self.chunk = None  # the bytes being parsed, if a request begins them
 
     cpdef feed(self, data):
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
+        self.chunk = data if self.in_head and self.head_size == 0 else None
         if self.in_head:
             self.head_size += len(data)
         try:
@@ -304,7 +309,7 @@ cdef class RequestReader:
         parser = self.parser
         self.in_head = False
         method = parser.get_method()
-        version = parser.get_http_version()
+        version = self.version()
         size = len(method) + len(self.target) + 12
         for pair in self.headers:
             size += len(<bytes>pair[0]) + len(<bytes>pair[1]) + 4
@@ -352,6 +357,22 @@ cdef class RequestReader:
         self.current = request
         self.requests.append(request)
 
+    cdef str version(self):
+        """The request's HTTP version: see the pure twin."""
+        cdef bytes chunk = self.chunk
+        cdef const char* at
+        cdef const char* lf
+        if chunk is not None:
+            at = chunk
+            lf = <const char*>memchr(at, 10, len(chunk))  # llhttp ends a request line with CRLF only
+            if lf != NULL and lf - at >= 10 and lf[-1] == 13:
+                at = lf - 10
+                if memcmp(at, b" HTTP/1.1", 9) == 0:
+                    return "1.1"
+                if memcmp(at, b" HTTP/1.0", 9) == 0:
+                    return "1.0"
+        return self.parser.get_http_version()
+
     cdef bint declares_body(self):
         """Whether the head being parsed announces a body (RFC 9112 §6.3): chunked, or a
         Content-Length other than 0 (llhttp has checked that it is digits)."""
@@ -393,6 +414,7 @@ cdef class RequestReader:
         self.current = None
         self.in_head = True
         self.head_size = 0
+        self.chunk = None  # the next request begins further on in it
 
 
 def frame(data, ip="192.0.2.1"):
@@ -848,7 +870,7 @@ cdef class HttpConnection(Handler):
             return
         if self.final and self.active.method == b"HEAD" and self.head_end(data) < len(data):
             self.overrun = True  # llhttp would read them as a body: a HEAD answer ends at its head
-        self.tail = (self.tail + data)[-3:]
+        self.tail = (self.tail + data[-3:])[-3:]  # for head_end: a head's end may straddle two reads
         if self.overrun:
             # More after the final answer, unasked: never let it pass as the answer to
             # the client's next request (which may be for another host).

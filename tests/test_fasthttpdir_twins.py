@@ -117,3 +117,67 @@ def test_remembered_host_names_change_nothing(twin):
     if twin.name == "pure":
         assert len(pure._names) <= pure.REMEMBERED_NAMES
         assert padded not in pure._names
+
+
+def framed_in_pieces(module, data: bytes, size: int) -> list[tuple]:
+    """module.frame(data), but fed ``size`` bytes at a time as a slow client sends them,
+    until a rejection or an upgrade ends the parsing."""
+    reader = module.RequestReader("192.0.2.1")
+    for at in range(0, len(data), size):
+        reader.feed(data[at : at + size])
+        if reader.rejected or any(r.upgrade for r in reader.requests):
+            break
+    return [
+        (r.name, r.error.status if r.error else 0, b"".join(r.data), r.complete, r.keep_alive, r.upgrade)
+        for r in reader.requests
+    ]
+
+
+VERSIONS = {
+    "1.1": b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "1.0": b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+    "2.0": b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    "1.2": b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+    "0.9": b"GET / HTTP/0.9\r\nHost: a\r\n\r\n",
+    "lower-case": b"GET / http/1.1\r\nHost: a\r\n\r\n",
+    "leading-crlf": b"\r\nGET / HTTP/1.0\r\nHost: a\r\n\r\n",
+    "bare-lf-line": b"GET / HTTP/1.1\nX: HTTP/1.0\r\nHost: a\r\n\r\n",
+    "pipelined-1.1-1.0": b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.0\r\nHost: b\r\n\r\n",
+    "pipelined-1.0-1.1": b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n"
+    b"GET / HTTP/1.1\r\nHost: b\r\n\r\n",
+    "body-then-1.0": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+    b"GET / HTTP/1.0\r\nHost: b\r\n\r\n",
+    "te-in-1.0": b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", VERSIONS)
+def test_version_from_the_request_line_is_llhttps(twin, case):
+    """A request's version is read from its request line when the bytes being parsed begin
+    with it (RequestReader.version), else asked of httptools: fed a byte at a time, every
+    head takes the second way, and the framing must not differ."""
+    module = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    data = VERSIONS[case]
+    whole = module.frame(data)
+    assert whole == framed_in_pieces(module, data, 1)
+    one_zero = b"GET / HTTP/1.0\r\n"
+    routed = {"1.1": b"GET / HTTP/1.1\r\n", "1.0": one_zero, "leading-crlf": one_zero}
+    if case in routed:
+        assert whole[0][1] == 0 and whole[0][2].startswith(routed[case])
+    if case == "pipelined-1.1-1.0":
+        assert [r[2][:14] for r in whole] == [b"GET / HTTP/1.1", b"GET / HTTP/1.0"]
+    if case in ("2.0", "1.2", "te-in-1.0"):
+        assert whole[-1][1] == 400
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated(), st.sampled_from(["pure", "compiled"]))
+def test_framing_in_pieces_agrees(data, which):
+    """The first request's outcome and head (a chunked body is framed again piece by
+    piece) are the same whether its head arrives whole or a byte at a time."""
+    module = pure if which == "pure" else compiled()
+
+    def first(requests):
+        return [(r[0], r[1], r[2].split(b"\r\n\r\n")[0], r[4], r[5]) for r in requests[:1]]
+
+    assert first(module.frame(data)) == first(framed_in_pieces(module, data, 1))
