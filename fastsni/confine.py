@@ -32,6 +32,8 @@ import sys
 PR_SET_NO_NEW_PRIVS = 38  # linux/prctl.h
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2  # linux/seccomp.h
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1 << 2  # Linux 4.17
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
 X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: refused whole
@@ -122,6 +124,7 @@ ARCHES = {
             "accept4": 288,
             "pipe2": 293,
             "prlimit64": 302,
+            "seccomp": 317,  # not allowed: the one call that installs the filter itself
             "getrandom": 318,
             "statx": 332,
             "rseq": 334,
@@ -191,6 +194,7 @@ ARCHES = {
             "accept4": 242,
             "pipe2": 59,
             "prlimit64": 261,
+            "seccomp": 277,  # not allowed: the one call that installs the filter itself
             "getrandom": 278,
             "statx": 291,
             "rseq": 293,
@@ -336,14 +340,33 @@ def seccomp_program(machine: str, pid: int) -> tuple[bytes, int]:
     return p.assemble(), len(allowed) + len(checked)
 
 
-def install_seccomp(program: bytes) -> None:
-    """prctl(PR_SET_SECCOMP) rather than seccomp(2): systemd 252's @system-service allows
-    prctl but not seccomp.  The proxies run one thread, so no TSYNC is needed."""
+def install_seccomp(program: bytes, machine: str) -> str:
+    """Install the filter; returns "" or ", prctl", for the start line.
+
+    seccomp(2) with SECCOMP_FILTER_FLAG_SPEC_ALLOW first: without that flag a kernel
+    before 5.16, whose spec_store_bypass_disable= and spectre_v2_user= default to
+    "seccomp", forces its costly speculation mitigations (SSBD, STIBP) on any process
+    that installs a filter.  Where seccomp(2) is refused (systemd 252's @system-service
+    allows prctl but not seccomp) or the flag is unknown (before 4.17: EINVAL),
+    prctl(PR_SET_SECCOMP), which cannot pass it.  The proxies run one thread, so no
+    TSYNC is needed."""
     count = len(program) // 8
     buf = ctypes.create_string_buffer(program)
     fprog = struct.pack("<H6xQ", count, ctypes.addressof(buf))  # struct sock_fprog
     fbuf = ctypes.create_string_buffer(fprog)
+    number = ARCHES[machine][1]["seccomp"]
+    flags = SECCOMP_FILTER_FLAG_SPEC_ALLOW
+    try:
+        _check(
+            _libc.syscall(ctypes.c_long(number), *map(_word, (SECCOMP_SET_MODE_FILTER, flags)), fbuf),
+            "seccomp",
+        )
+        return ""
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL):
+            raise
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fbuf, what="seccomp")
+    return ", prctl"
 
 
 # --- Landlock ------------------------------------------------------------------------------
@@ -451,8 +474,8 @@ def confine(hosts: int) -> str:
     else:
         program, calls = seccomp_program(machine, os.getpid())
         try:
-            install_seccomp(program)
-            said.append(f"seccomp({calls} calls)")
+            how = install_seccomp(program, machine)
+            said.append(f"seccomp({calls} calls{how})")
         except OSError as exc:
             said.append(f"no seccomp ({_why(exc)})")
     return "confined: " + " ".join(said)

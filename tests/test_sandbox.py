@@ -6,12 +6,15 @@ proxy (/proc/PID/status, strace of a confined proxy under load: no refused call)
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +79,75 @@ def test_the_filter_assembles_for_both_arches():
         assert len(program) % 8 == 0 and len(program) // 8 < 4096  # BPF_MAXINSNS
         named = [name for name in confine.ALLOWED if name in confine.ARCHES[machine][1]]
         assert calls == len(named) + 8
+
+
+def install_in_a_child(outer: bytes | None) -> tuple[str, dict[str, str]]:
+    """Fork; the child installs the proxies' filter (after ``outer``, a filter of its
+    own, if given) and reports what install_seccomp said and its /proc status."""
+    machine = os.uname().machine
+    program, _ = confine.seccomp_program(machine, 0)  # kill/tgkill: not needed here
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(reader)
+            confine.prctl(confine.PR_SET_NO_NEW_PRIVS, 1, what="no_new_privs")
+            if outer is not None:
+                buf = ctypes.create_string_buffer(outer)
+                fprog = ctypes.create_string_buffer(
+                    struct.pack("<H6xQ", len(outer) // 8, ctypes.addressof(buf))
+                )
+                confine.prctl(confine.PR_SET_SECCOMP, confine.SECCOMP_MODE_FILTER, fprog, what="outer")
+            how = confine.install_seccomp(program, machine)
+            seen = Path("/proc/self/status").read_text()
+            os.write(writer, json.dumps([how, seen]).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        how, seen = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    lines = dict(line.split(":\t", 1) for line in seen.splitlines() if ":\t" in line)
+    return how, lines
+
+
+def test_the_filter_goes_in_by_seccomp_with_spec_allow():
+    """seccomp(2) with SECCOMP_FILTER_FLAG_SPEC_ALLOW, so a kernel before 5.16 does not
+    force SSBD and STIBP on the proxy (strace shows the flag)."""
+    how, seen = install_in_a_child(None)
+    assert how == "" and seen["Seccomp"].strip() == "2" and seen["Seccomp_filters"].strip() == "1", (
+        how,
+        seen,
+    )
+    code = (
+        "import os; from fastsni import confine; m = os.uname().machine; "
+        "confine.prctl(confine.PR_SET_NO_NEW_PRIVS, 1, what='nnp'); "
+        "print(repr(confine.install_seccomp(confine.seccomp_program(m, os.getpid())[0], m)))"
+    )
+    traced = subprocess.run(
+        ["strace", "-e", "trace=seccomp,prctl", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW," in traced.stderr, traced.stderr
+    assert "PR_SET_SECCOMP" not in traced.stderr and traced.stdout.strip() == "''", traced
+
+
+def test_the_filter_goes_in_by_prctl_where_seccomp_is_refused():
+    """Under an outer filter that refuses seccomp(2) with EPERM (as systemd 252's
+    @system-service does), prctl(PR_SET_SECCOMP), and the start line says so."""
+    machine = os.uname().machine
+    arch, numbers = confine.ARCHES[machine]
+    outer = confine.Program()
+    outer.load(confine.DATA_NR)
+    outer.jump(confine.BPF_JEQ_K, numbers["seccomp"], 0, "allow")
+    outer.ret(confine.SECCOMP_RET_ERRNO | errno.EPERM)
+    outer.label("allow")
+    outer.ret(confine.SECCOMP_RET_ALLOW)
+    how, seen = install_in_a_child(outer.assemble())
+    assert how == ", prctl" and seen["Seccomp"].strip() == "2" and seen["Seccomp_filters"].strip() == "2", (
+        how,
+        seen,
+    )
 
 
 # --- from inside ---------------------------------------------------------------------------
@@ -359,7 +431,9 @@ def test_no_call_is_refused_under_load(program, twin, hosts, proxies, tmp_path):
     log = drain_log(proxy)
     no_tracebacks(log)
     lines = trace.read_text().splitlines()
-    installed = next(i for i, line in enumerate(lines) if "PR_SET_SECCOMP" in line)
+    installed = next(
+        i for i, line in enumerate(lines) if "SECCOMP_SET_MODE_FILTER" in line or "PR_SET_SECCOMP" in line
+    )
     assert "= 0" in lines[installed], lines[installed]
     after = [line for line in lines[installed + 1 :] if line.startswith(str(pid))]
     refused = [line for line in after if "= -1 EPERM" in line]
@@ -434,3 +508,16 @@ def test_fuzz_corpora_replayed_against_confined_proxies(twin, hosts, proxies):
     finally:
         for server in (*echo, *http, raw):
             server.close()
+
+
+def test_perf_seccomp_cost_measures_three_children():
+    """perf/seccomp_cost.py, a bounded slice: a figure for each of its three children."""
+    script = Path(__file__).resolve().parent.parent / "perf" / "seccomp_cost.py"
+    ran = subprocess.run(
+        [sys.executable, str(script), "--rounds", "1", "--count", "2000"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    line = r"^(no filter|proxies' filter|allow-all filter) +([\d.]+) ns per read"
+    figures = re.findall(line, ran.stdout, re.M)
+    assert [name for name, _ in figures] == ["no filter", "proxies' filter", "allow-all filter"], ran.stdout
+    assert all(float(value) > 0 for _, value in figures), ran.stdout
