@@ -298,9 +298,10 @@ def openat2(int dirfd, str path, unsigned long long flags, unsigned long long re
     return fd
 
 
-def connect_backend(str name, str leaf):
+cpdef tuple connect_backend(str name, str leaf):
     """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
-    ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket."""
+    ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket.  cpdef:
+    the compiled proxies cimport it (fastsni/_engine.pxd)."""
     cdef stat entry_status, socket_status
     cdef int fd, path
     cdef str entry = _entry(name, leaf, &entry_status)
@@ -563,6 +564,10 @@ cdef class Side:
     and what epoll said of it (attributes in fastsni/_engine.pxd)."""
 
     def __init__(self, Reactor reactor, int fd):
+        self.setup(reactor, fd)
+
+    cdef setup(self, Reactor reactor, int fd):
+        """__init__'s work, which new_side() does without a Python call."""
         self.reactor = reactor
         self.fd = fd
         self.queued = b""
@@ -1031,22 +1036,15 @@ cdef class Flow:
     read fills a whole RELAY_CHUNK (bulk data), they go by splice(2) through a pipe
     instead, never copied; from the backend (a Unix socket) they are always copied
     (SPLICE_DOWN).  What ``dst`` did not take waits in ``dst.queued`` (copied) or in the
-    pipe (spliced), and nothing more is read from ``src`` meanwhile.
+    pipe (spliced), and nothing more is read from ``src`` meanwhile.  (Attributes in
+    fastsni/_engine.pxd.)
     """
 
-    cdef public Relay relay
-    cdef public Side src
-    cdef public Side dst
-    cdef public int pipe_r
-    cdef public int pipe_w
-    cdef public Py_ssize_t piped
-    cdef public bint can_splice
-    cdef public bint eof
-    cdef public bint done
-    cdef public int way  # UP or DOWN: towards the backend or the client, for _counts
-    cdef public unsigned long long moved  # bytes written to dst, for the owner's log (Relay.up, .down)
-
     def __init__(self, Relay relay, Side src, Side dst, bint upward):
+        self.setup(relay, src, dst, upward)
+
+    cdef setup(self, Relay relay, Side src, Side dst, bint upward):
+        """__init__'s work, which Relay does without a Python call."""
         self.relay = relay
         self.src = src
         self.dst = dst
@@ -1167,27 +1165,24 @@ cdef class Flow:
 
 
 cdef class Relay(Handler):
-    """Join the ``client`` and ``backend`` sides both ways; then close both and call ``on_close()``."""
-
-    cdef public Reactor reactor
-    cdef public Side client
-    cdef public Side backend
-    cdef public object on_close
-    cdef public object on_backend_error
-    cdef public bint closed
-    cdef public Flow upstream
-    cdef public Flow downstream
-    cdef public unsigned long long up, down  # bytes relayed each way, once closed
+    """Join the ``client`` and ``backend`` sides both ways; then close both and call
+    ``on_close()`` (attributes in fastsni/_engine.pxd)."""
 
     def __init__(self, Reactor reactor, Side client, Side backend, on_close, on_backend_error=None):
+        self.setup(reactor, client, backend, on_close, on_backend_error)
+
+    cdef setup(self, Reactor reactor, Side client, Side backend, on_close, on_backend_error):
+        """__init__'s work, which new_relay() does without a Python call."""
         self.reactor = reactor
         self.client = client
         self.backend = backend
         self.on_close = on_close
         self.on_backend_error = on_backend_error
         self.closed = False
-        self.upstream = Flow(self, client, backend, True)
-        self.downstream = Flow(self, backend, client, False)
+        self.upstream = Flow.__new__(Flow)
+        self.upstream.setup(self, client, backend, True)
+        self.downstream = Flow.__new__(Flow)
+        self.downstream.setup(self, backend, client, False)
         reactor.handlers[client.fd] = self
         reactor.add(backend.fd, self)
         self.upstream.pump()
@@ -1235,3 +1230,17 @@ cdef class Relay(Handler):
         self.up, self.down = self.upstream.moved, self.downstream.moved
         self.upstream = self.downstream = None  # each refers back to the relay: unlink them,
         self.on_close()  # so refcounting frees all three now, not the cyclic GC later
+
+
+cdef Side new_side(Reactor reactor, int fd):
+    """Side(reactor, fd) for the compiled proxies, without a Python call."""
+    cdef Side side = Side.__new__(Side)
+    side.setup(reactor, fd)
+    return side
+
+
+cdef Relay new_relay(Reactor reactor, Side client, Side backend, on_close, on_backend_error):
+    """Relay(...) for the compiled proxies, without a Python call."""
+    cdef Relay relay = Relay.__new__(Relay)
+    relay.setup(reactor, client, backend, on_close, on_backend_error)
+    return relay

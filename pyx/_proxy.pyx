@@ -3,11 +3,21 @@
 
 from posix.unistd cimport write
 
-from fastsni._engine cimport _monotonic, no_owner_log, Handler, Service, Side, Timer
+from fastsni._engine cimport (
+    _monotonic,
+    connect_backend,
+    new_relay,
+    new_side,
+    no_owner_log,
+    Handler,
+    Service,
+    Side,
+    Timer,
+)
 
 from errno import errorcode
 
-from fastsni._engine import Relay, connect_backend, fair_share_counts
+from fastsni._engine import fair_share_counts
 from fastsni.addresses import describe, proxy_header
 from fastsni.engine import cause, failure
 from fastsni.logs import failures
@@ -71,7 +81,7 @@ cdef class TlsConnection(Handler):
         self.service = service
         self.fd = fd
         self.peer = peer  # the client's address, as accept gave it: for log lines and PROXY headers
-        self.client = Side(service.reactor, fd)
+        self.client = new_side(service.reactor, fd)
         self.reader = HelloReader()
         self.name = None
         self.started = _monotonic()
@@ -115,7 +125,7 @@ cdef class TlsConnection(Handler):
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, failure(exc, BACKEND_SOCKET), cause(exc))
             return
-        backend = Side(self.service.reactor, fd)
+        backend = new_side(self.service.reactor, fd)
         backend.queued = bytes(self.reader.received)  # the hello goes first, untouched
         marks = self.reader.marks()
         if marks:
@@ -127,7 +137,7 @@ cdef class TlsConnection(Handler):
             backend.queued = proxy_header(proxy, self.peer, self.fd, self.service.family, name) + backend.queued
         _routed += 1
         self.name = name
-        self.relay = Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
+        self.relay = new_relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
 
     def expire(self):
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")
