@@ -1,6 +1,8 @@
 # cython: language_level=3
 """Compiled twin of fastsni/proxy.py: read the ClientHello, route by SNI, relay."""
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from posix.unistd cimport write
 
 from fastsni._engine cimport (
@@ -14,6 +16,7 @@ from fastsni._engine cimport (
     Side,
     Timer,
 )
+from fastsni._tls cimport HelloReader
 
 from errno import errorcode
 
@@ -22,7 +25,6 @@ from fastsni.addresses import describe, proxy_header
 from fastsni.engine import cause, failure
 from fastsni.logs import failures
 from fastsni.ownerlog import owner_log
-from fastsni._tls import HelloReader
 from fastsni.proxy import (  # not hot: the pure twin's own
     ABSENT,
     BACKEND_SOCKET,
@@ -67,7 +69,7 @@ cdef class TlsConnection(Handler):
     cdef public Service service
     cdef public int fd
     cdef public Side client
-    cdef public object reader
+    cdef public HelloReader reader
     cdef public Timer timer
     cdef public object name
     cdef public double started
@@ -117,6 +119,7 @@ cdef class TlsConnection(Handler):
         (``client.readable``), which the Relay reads."""
         global _routed, _hello_ech, _hello_grease
         cdef Side backend
+        cdef bytearray received
         cdef int marks
         self.timer.cancel()
         try:
@@ -126,7 +129,8 @@ cdef class TlsConnection(Handler):
             self.fail(code, name, failure(exc, BACKEND_SOCKET), cause(exc))
             return
         backend = new_side(self.service.reactor, fd)
-        backend.queued = bytes(self.reader.received)  # the hello goes first, untouched
+        received = self.reader.received  # the hello goes first, untouched
+        backend.queued = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(received), PyByteArray_GET_SIZE(received))
         marks = self.reader.marks()
         if marks:
             _hello_ech += marks & MARK_ECH

@@ -127,14 +127,7 @@ cdef str _host_name(const unsigned char* hello, Py_ssize_t pos, Py_ssize_t end):
 
 cdef class HelloReader:
     """Reassemble the ClientHello from TLS records arriving in any TCP segments, and read
-    it only as far as its server_name."""
-
-    cdef public bytearray received
-    cdef public Py_ssize_t record_at
-    cdef public bytearray handshake
-    cdef public Py_ssize_t hello_end
-    cdef public int field
-    cdef public Py_ssize_t at
+    it only as far as its server_name (attributes in fastsni/_tls.pxd)."""
 
     def __init__(self):
         self.received = bytearray()
