@@ -5,6 +5,7 @@ Function for function the same as the pure module, which is the specification; t
 constants, alert() and HelloError are shared with it, not copied.
 """
 
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII
 
@@ -130,9 +131,9 @@ cdef class HelloReader:
     it only as far as its server_name (attributes in fastsni/_tls.pxd)."""
 
     def __init__(self):
-        self.received = bytearray()
+        self.received = PyByteArray_FromStringAndSize(NULL, 0)  # bytearray(), at C cost
         self.record_at = 0
-        self.handshake = bytearray()
+        self.handshake = PyByteArray_FromStringAndSize(NULL, 0)
         self.hello_end = -1
         self.field = 0
         self.at = 4
