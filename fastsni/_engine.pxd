@@ -13,7 +13,7 @@ cdef inline double _monotonic() noexcept:
 
 
 cdef bint no_owner_log(str name, double now) except -1
-cpdef tuple connect_backend(str name, str leaf)
+cdef int connect_fd(str name, str leaf, int* version, unsigned long long identity[2]) except -1
 
 
 cdef extern from "<sys/epoll.h>":

@@ -298,10 +298,19 @@ def openat2(int dirfd, str path, unsigned long long flags, unsigned long long re
     return fd
 
 
-cpdef tuple connect_backend(str name, str leaf):
+def connect_backend(str name, str leaf):
     """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
-    ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket.  cpdef:
-    the compiled proxies cimport it (fastsni/_engine.pxd)."""
+    ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket."""
+    cdef int version
+    cdef unsigned long long identity[2]
+    cdef int fd = connect_fd(name, leaf, &version, identity)
+    return fd, version, (identity[0], identity[1])
+
+
+cdef int connect_fd(str name, str leaf, int* version, unsigned long long identity[2]) except -1:
+    """connect_backend for the compiled proxies (cimported: fastsni/_engine.pxd), without
+    a Python call or tuples: the descriptor; the PROXY version and the socket file's
+    (st_dev, st_ino) in ``version`` and ``identity``."""
     cdef stat entry_status, socket_status
     cdef int fd, path
     cdef str entry = _entry(name, leaf, &entry_status)
@@ -321,8 +330,9 @@ cpdef tuple connect_backend(str name, str leaf):
                 raise _oserror(errno, target)
         finally:
             close(path)
-        version = _markers_of(entry, encoded, &entry_status, &socket_status)
-        return fd, version, (socket_status.st_dev, socket_status.st_ino)
+        version[0] = _markers_of(entry, encoded, &entry_status, &socket_status)
+        identity[0], identity[1] = socket_status.st_dev, socket_status.st_ino
+        return fd
     except BaseException:
         close(fd)
         raise

@@ -7,7 +7,7 @@ from posix.unistd cimport write
 
 from fastsni._engine cimport (
     _monotonic,
-    connect_backend,
+    connect_fd,
     new_relay,
     new_side,
     no_owner_log,
@@ -120,10 +120,11 @@ cdef class TlsConnection(Handler):
         global _routed, _hello_ech, _hello_grease
         cdef Side backend
         cdef bytearray received
-        cdef int marks
+        cdef int fd, proxy, marks
+        cdef unsigned long long identity[2]  # unused here (fasthttpdir's keep-alive needs it)
         self.timer.cancel()
         try:
-            fd, proxy, _ = connect_backend(name, BACKEND_SOCKET)
+            fd = connect_fd(name, BACKEND_SOCKET, &proxy, identity)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, failure(exc, BACKEND_SOCKET), cause(exc))
