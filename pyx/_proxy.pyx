@@ -84,7 +84,7 @@ cdef class TlsConnection(Handler):
         self.fd = fd
         self.peer = peer  # the client's address, as accept gave it: for log lines and PROXY headers
         self.client = new_side(service.reactor, fd)
-        self.reader = HelloReader()
+        self.reader = HelloReader.__new__(HelloReader)  # HelloReader(), without a Python call
         self.name = None
         self.started = _monotonic()
         self.owner_line = False  # routed to an entry with an owner's log: a line when the relay ends

@@ -139,7 +139,7 @@ cdef class HelloReader:
     """Reassemble the ClientHello from TLS records arriving in any TCP segments, and read
     it only as far as its server_name (attributes in fastsni/_tls.pxd)."""
 
-    def __init__(self):
+    def __cinit__(self):  # not __init__: HelloReader.__new__(HelloReader) runs it too, at C cost
         self.received = PyByteArray_FromStringAndSize(NULL, 0)  # bytearray(), at C cost
         self.record_at = 0
         self.handshake = PyByteArray_FromStringAndSize(NULL, 0)
