@@ -269,6 +269,19 @@ cdef inline int _decimal(char* out, unsigned int value) noexcept:
     return count
 
 
+cdef bytes _path(bytes entry, str leaf):
+    """``entry + b"/" + leaf.encode("ascii")`` in one allocation (bytes + bytes goes through
+    the buffer protocol, twice here)."""
+    cdef bytes encoded = leaf.encode("ascii")
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(entry)
+    cdef bytes path = PyBytes_FromStringAndSize(NULL, size + 1 + PyBytes_GET_SIZE(encoded))
+    cdef char* at = PyBytes_AS_STRING(path)
+    memcpy(at, PyBytes_AS_STRING(entry), size)
+    at[size] = 47  # "/"
+    memcpy(at + size + 1, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded))
+    return path
+
+
 cdef int _connect_proc_fd(int fd, int path) noexcept:
     """connect(2) to the Unix socket file held by the O_PATH descriptor ``path``, through
     /proc/self/fd/N: 0, or -1 with errno set."""
@@ -315,7 +328,7 @@ cdef int connect_fd(str name, str leaf, int* version, unsigned long long identit
     cdef int fd, path
     cdef str entry = _entry(name, leaf, &entry_status)
     cdef bytes encoded = entry.encode("ascii")
-    cdef bytes target = encoded + b"/" + leaf.encode("ascii")
+    cdef bytes target = _path(encoded, leaf)
     path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
     if path < 0:
         raise _oserror(errno, target)
@@ -346,7 +359,7 @@ def socket_identity(str name, str leaf):
     cdef int path
     cdef bytes target
     try:
-        target = _entry(name, leaf, &entry_status).encode("ascii") + b"/" + leaf.encode("ascii")
+        target = _path(_entry(name, leaf, &entry_status).encode("ascii"), leaf)
     except OSError:
         return None
     path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
