@@ -94,6 +94,7 @@ cdef class Listener(Handler):
     cdef public object retry
     cdef public bint starved
 
+    cpdef accept(self)
     cpdef descriptor_freed(self)
 
 

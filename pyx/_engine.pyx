@@ -1000,7 +1000,7 @@ cdef class Listener(Handler):
     cpdef ready(self, int fd, unsigned int events):
         self.accept()
 
-    def accept(self):
+    cpdef accept(self):
         cdef int i, fd, err
         cdef sockaddr_storage address
         cdef socklen_t length
