@@ -4,6 +4,7 @@
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from posix.unistd cimport write
+cimport cython
 
 from fastsni._engine cimport (
     _monotonic,
@@ -92,6 +93,7 @@ cdef class TlsConnection(Handler):
         service.reactor.add(fd, self)
         self.timer = service.reactor.schedule(HELLO_TIMEOUT, self.expire, ())
 
+    @cython.nonecheck(True)  # reader: None once routed or closed (AttributeError, as before it was typed)
     cpdef ready(self, int fd, unsigned int events):
         """Read what the client sent (edge-triggered: until the kernel has no more)."""
         global _closed_early
@@ -114,6 +116,7 @@ cdef class TlsConnection(Handler):
                 self.route(name)
                 return
 
+    @cython.nonecheck(True)
     cdef route(self, str name):
         """Connect to the backend for ``name``; the client may have sent more already
         (``client.readable``), which the Relay reads."""
