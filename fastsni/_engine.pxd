@@ -13,6 +13,7 @@ cdef inline double _monotonic() noexcept:
 
 
 cdef bint no_owner_log(str name, double now) except -1
+cdef int connect_fd(str name, str leaf, int* version, unsigned long long identity[2]) except -1
 
 
 cdef extern from "<sys/epoll.h>":
@@ -93,6 +94,7 @@ cdef class Listener(Handler):
     cdef public object retry
     cdef public bint starved
 
+    cpdef accept(self)
     cpdef descriptor_freed(self)
 
 
@@ -107,6 +109,7 @@ cdef class Side:
     cdef public bint writable
     cdef public int error
 
+    cdef setup(self, Reactor reactor, int fd)
     cpdef saw(self, unsigned int events)
     cdef Py_ssize_t recv(self, Py_ssize_t size) noexcept
     cpdef read(self, Py_ssize_t size=*)
@@ -115,3 +118,50 @@ cdef class Side:
     cpdef Py_ssize_t write(self, bytes data) except -2
     cdef Py_ssize_t write_from(self, const char* data, Py_ssize_t size) except -2
     cpdef wait_writable(self)
+
+
+cdef Side new_side(Reactor reactor, int fd)
+
+
+cdef class Flow:
+    cdef public Relay relay
+    cdef public Side src
+    cdef public Side dst
+    cdef public int pipe_r
+    cdef public int pipe_w
+    cdef public Py_ssize_t piped
+    cdef public bint can_splice
+    cdef public bint eof
+    cdef public bint done
+    cdef public int way  # UP or DOWN: towards the backend or the client, for _counts
+    cdef public unsigned long long moved  # bytes written to dst, for the owner's log (Relay.up, .down)
+
+    cdef setup(self, Relay relay, Side src, Side dst, bint upward)
+    cpdef pump(self)
+    cdef bint copy(self) except -1
+    cdef bint splice(self) except -1
+    cdef bint flush(self) except -1
+    cpdef bint send(self, bytes data) except -1
+    cdef bint sent(self, Py_ssize_t count) except -1
+    cdef open_pipe(self)
+    cpdef release(self)
+
+
+cdef class Relay(Handler):
+    cdef public Reactor reactor
+    cdef public Side client
+    cdef public Side backend
+    cdef public object on_close
+    cdef public object on_backend_error
+    cdef public bint closed
+    cdef public Flow upstream
+    cdef public Flow downstream
+    cdef public unsigned long long up, down  # bytes relayed each way, once closed
+
+    cdef setup(self, Reactor reactor, Side client, Side backend, on_close, on_backend_error)
+    cpdef finished(self, Flow flow)
+    cdef fail(self, Side side)
+    cpdef close(self)
+
+
+cdef Relay new_relay(Reactor reactor, Side client, Side backend, on_close, on_backend_error)

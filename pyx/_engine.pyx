@@ -269,6 +269,19 @@ cdef inline int _decimal(char* out, unsigned int value) noexcept:
     return count
 
 
+cdef bytes _path(bytes entry, str leaf):
+    """``entry + b"/" + leaf.encode("ascii")`` in one allocation (bytes + bytes goes through
+    the buffer protocol, twice here)."""
+    cdef bytes encoded = leaf.encode("ascii")
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(entry)
+    cdef bytes path = PyBytes_FromStringAndSize(NULL, size + 1 + PyBytes_GET_SIZE(encoded))
+    cdef char* at = PyBytes_AS_STRING(path)
+    memcpy(at, PyBytes_AS_STRING(entry), size)
+    at[size] = 47  # "/"
+    memcpy(at + size + 1, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded))
+    return path
+
+
 cdef int _connect_proc_fd(int fd, int path) noexcept:
     """connect(2) to the Unix socket file held by the O_PATH descriptor ``path``, through
     /proc/self/fd/N: 0, or -1 with errno set."""
@@ -301,11 +314,21 @@ def openat2(int dirfd, str path, unsigned long long flags, unsigned long long re
 def connect_backend(str name, str leaf):
     """Connect to ``<name>/<leaf>`` beneath the hosts tree, looked up afresh; if no entry
     ``<name>`` exists, to ``*.<rest>/<leaf>``; only to the entry owner's socket."""
+    cdef int version
+    cdef unsigned long long identity[2]
+    cdef int fd = connect_fd(name, leaf, &version, identity)
+    return fd, version, (identity[0], identity[1])
+
+
+cdef int connect_fd(str name, str leaf, int* version, unsigned long long identity[2]) except -1:
+    """connect_backend for the compiled proxies (cimported: fastsni/_engine.pxd), without
+    a Python call or tuples: the descriptor; the PROXY version and the socket file's
+    (st_dev, st_ino) in ``version`` and ``identity``."""
     cdef stat entry_status, socket_status
     cdef int fd, path
     cdef str entry = _entry(name, leaf, &entry_status)
     cdef bytes encoded = entry.encode("ascii")
-    cdef bytes target = encoded + b"/" + leaf.encode("ascii")
+    cdef bytes target = _path(encoded, leaf)
     path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
     if path < 0:
         raise _oserror(errno, target)
@@ -320,8 +343,9 @@ def connect_backend(str name, str leaf):
                 raise _oserror(errno, target)
         finally:
             close(path)
-        version = _markers_of(entry, encoded, &entry_status, &socket_status)
-        return fd, version, (socket_status.st_dev, socket_status.st_ino)
+        version[0] = _markers_of(entry, encoded, &entry_status, &socket_status)
+        identity[0], identity[1] = socket_status.st_dev, socket_status.st_ino
+        return fd
     except BaseException:
         close(fd)
         raise
@@ -335,7 +359,7 @@ def socket_identity(str name, str leaf):
     cdef int path
     cdef bytes target
     try:
-        target = _entry(name, leaf, &entry_status).encode("ascii") + b"/" + leaf.encode("ascii")
+        target = _path(_entry(name, leaf, &entry_status).encode("ascii"), leaf)
     except OSError:
         return None
     path = c_openat2(C_HOSTS, target, O_PATH | O_CLOEXEC, C_BENEATH)
@@ -563,6 +587,10 @@ cdef class Side:
     and what epoll said of it (attributes in fastsni/_engine.pxd)."""
 
     def __init__(self, Reactor reactor, int fd):
+        self.setup(reactor, fd)
+
+    cdef setup(self, Reactor reactor, int fd):
+        """__init__'s work, which new_side() does without a Python call."""
         self.reactor = reactor
         self.fd = fd
         self.queued = b""
@@ -972,7 +1000,7 @@ cdef class Listener(Handler):
     cpdef ready(self, int fd, unsigned int events):
         self.accept()
 
-    def accept(self):
+    cpdef accept(self):
         cdef int i, fd, err
         cdef sockaddr_storage address
         cdef socklen_t length
@@ -1031,22 +1059,15 @@ cdef class Flow:
     read fills a whole RELAY_CHUNK (bulk data), they go by splice(2) through a pipe
     instead, never copied; from the backend (a Unix socket) they are always copied
     (SPLICE_DOWN).  What ``dst`` did not take waits in ``dst.queued`` (copied) or in the
-    pipe (spliced), and nothing more is read from ``src`` meanwhile.
+    pipe (spliced), and nothing more is read from ``src`` meanwhile.  (Attributes in
+    fastsni/_engine.pxd.)
     """
 
-    cdef public Relay relay
-    cdef public Side src
-    cdef public Side dst
-    cdef public int pipe_r
-    cdef public int pipe_w
-    cdef public Py_ssize_t piped
-    cdef public bint can_splice
-    cdef public bint eof
-    cdef public bint done
-    cdef public int way  # UP or DOWN: towards the backend or the client, for _counts
-    cdef public unsigned long long moved  # bytes written to dst, for the owner's log (Relay.up, .down)
-
     def __init__(self, Relay relay, Side src, Side dst, bint upward):
+        self.setup(relay, src, dst, upward)
+
+    cdef setup(self, Relay relay, Side src, Side dst, bint upward):
+        """__init__'s work, which Relay does without a Python call."""
         self.relay = relay
         self.src = src
         self.dst = dst
@@ -1167,27 +1188,24 @@ cdef class Flow:
 
 
 cdef class Relay(Handler):
-    """Join the ``client`` and ``backend`` sides both ways; then close both and call ``on_close()``."""
-
-    cdef public Reactor reactor
-    cdef public Side client
-    cdef public Side backend
-    cdef public object on_close
-    cdef public object on_backend_error
-    cdef public bint closed
-    cdef public Flow upstream
-    cdef public Flow downstream
-    cdef public unsigned long long up, down  # bytes relayed each way, once closed
+    """Join the ``client`` and ``backend`` sides both ways; then close both and call
+    ``on_close()`` (attributes in fastsni/_engine.pxd)."""
 
     def __init__(self, Reactor reactor, Side client, Side backend, on_close, on_backend_error=None):
+        self.setup(reactor, client, backend, on_close, on_backend_error)
+
+    cdef setup(self, Reactor reactor, Side client, Side backend, on_close, on_backend_error):
+        """__init__'s work, which new_relay() does without a Python call."""
         self.reactor = reactor
         self.client = client
         self.backend = backend
         self.on_close = on_close
         self.on_backend_error = on_backend_error
         self.closed = False
-        self.upstream = Flow(self, client, backend, True)
-        self.downstream = Flow(self, backend, client, False)
+        self.upstream = Flow.__new__(Flow)
+        self.upstream.setup(self, client, backend, True)
+        self.downstream = Flow.__new__(Flow)
+        self.downstream.setup(self, backend, client, False)
         reactor.handlers[client.fd] = self
         reactor.add(backend.fd, self)
         self.upstream.pump()
@@ -1235,3 +1253,17 @@ cdef class Relay(Handler):
         self.up, self.down = self.upstream.moved, self.downstream.moved
         self.upstream = self.downstream = None  # each refers back to the relay: unlink them,
         self.on_close()  # so refcounting frees all three now, not the cyclic GC later
+
+
+cdef Side new_side(Reactor reactor, int fd):
+    """Side(reactor, fd) for the compiled proxies, without a Python call."""
+    cdef Side side = Side.__new__(Side)
+    side.setup(reactor, fd)
+    return side
+
+
+cdef Relay new_relay(Reactor reactor, Side client, Side backend, on_close, on_backend_error):
+    """Relay(...) for the compiled proxies, without a Python call."""
+    cdef Relay relay = Relay.__new__(Relay)
+    relay.setup(reactor, client, backend, on_close, on_backend_error)
+    return relay

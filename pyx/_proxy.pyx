@@ -1,18 +1,31 @@
 # cython: language_level=3
 """Compiled twin of fastsni/proxy.py: read the ClientHello, route by SNI, relay."""
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from posix.unistd cimport write
+cimport cython
 
-from fastsni._engine cimport _monotonic, no_owner_log, Handler, Service, Side, Timer
+from fastsni._engine cimport (
+    _monotonic,
+    connect_fd,
+    new_relay,
+    new_side,
+    no_owner_log,
+    Handler,
+    Service,
+    Side,
+    Timer,
+)
+from fastsni._tls cimport HelloReader
 
 from errno import errorcode
 
-from fastsni._engine import Relay, connect_backend, fair_share_counts
+from fastsni._engine import fair_share_counts
 from fastsni.addresses import describe, proxy_header
 from fastsni.engine import cause, failure
 from fastsni.logs import failures
 from fastsni.ownerlog import owner_log
-from fastsni._tls import HelloReader
 from fastsni.proxy import (  # not hot: the pure twin's own
     ABSENT,
     BACKEND_SOCKET,
@@ -57,7 +70,7 @@ cdef class TlsConnection(Handler):
     cdef public Service service
     cdef public int fd
     cdef public Side client
-    cdef public object reader
+    cdef public HelloReader reader
     cdef public Timer timer
     cdef public object name
     cdef public double started
@@ -71,8 +84,8 @@ cdef class TlsConnection(Handler):
         self.service = service
         self.fd = fd
         self.peer = peer  # the client's address, as accept gave it: for log lines and PROXY headers
-        self.client = Side(service.reactor, fd)
-        self.reader = HelloReader()
+        self.client = new_side(service.reactor, fd)
+        self.reader = HelloReader.__new__(HelloReader)  # HelloReader(), without a Python call
         self.name = None
         self.started = _monotonic()
         self.owner_line = False  # routed to an entry with an owner's log: a line when the relay ends
@@ -80,6 +93,7 @@ cdef class TlsConnection(Handler):
         service.reactor.add(fd, self)
         self.timer = service.reactor.schedule(HELLO_TIMEOUT, self.expire, ())
 
+    @cython.nonecheck(True)  # reader: None once routed or closed (AttributeError, as before it was typed)
     cpdef ready(self, int fd, unsigned int events):
         """Read what the client sent (edge-triggered: until the kernel has no more)."""
         global _closed_early
@@ -102,21 +116,25 @@ cdef class TlsConnection(Handler):
                 self.route(name)
                 return
 
+    @cython.nonecheck(True)
     cdef route(self, str name):
         """Connect to the backend for ``name``; the client may have sent more already
         (``client.readable``), which the Relay reads."""
         global _routed, _hello_ech, _hello_grease
         cdef Side backend
-        cdef int marks
+        cdef bytearray received
+        cdef int fd, proxy, marks
+        cdef unsigned long long identity[2]  # unused here (fasthttpdir's keep-alive needs it)
         self.timer.cancel()
         try:
-            fd, proxy, _ = connect_backend(name, BACKEND_SOCKET)
+            fd = connect_fd(name, BACKEND_SOCKET, &proxy, identity)
         except OSError as exc:
             code = UNRECOGNIZED_NAME if exc.errno in ABSENT else INTERNAL_ERROR
             self.fail(code, name, failure(exc, BACKEND_SOCKET), cause(exc))
             return
-        backend = Side(self.service.reactor, fd)
-        backend.queued = bytes(self.reader.received)  # the hello goes first, untouched
+        backend = new_side(self.service.reactor, fd)
+        received = self.reader.received  # the hello goes first, untouched
+        backend.queued = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(received), PyByteArray_GET_SIZE(received))
         marks = self.reader.marks()
         if marks:
             _hello_ech += marks & MARK_ECH
@@ -127,7 +145,7 @@ cdef class TlsConnection(Handler):
             backend.queued = proxy_header(proxy, self.peer, self.fd, self.service.family, name) + backend.queued
         _routed += 1
         self.name = name
-        self.relay = Relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
+        self.relay = new_relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)
 
     def expire(self):
         self.fail(USER_CANCELED, None, f"no ClientHello within {HELLO_TIMEOUT:g} s")

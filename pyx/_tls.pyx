@@ -5,8 +5,10 @@ Function for function the same as the pure module, which is the specification; t
 constants, alert() and HelloError are shared with it, not copied.
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.string cimport memcpy
 
 from fastsni.tls import (
     CONTENT_HANDSHAKE,
@@ -92,6 +94,14 @@ cdef object _check_buffer(const unsigned char[:] raw):
     return _check(&raw[0], raw.shape[0])
 
 
+cdef int _append(bytearray target, const char* data, Py_ssize_t size) except -1:
+    """``target += data[:size]``, without a bytes object or the buffer protocol."""
+    cdef Py_ssize_t have = PyByteArray_GET_SIZE(target)
+    PyByteArray_Resize(target, have + size)
+    memcpy(PyByteArray_AS_STRING(target) + have, data, size)
+    return 0
+
+
 cdef inline unsigned int _u16(const unsigned char* p, Py_ssize_t pos) noexcept:
     return p[pos] << 8 | p[pos + 1]
 
@@ -127,19 +137,12 @@ cdef str _host_name(const unsigned char* hello, Py_ssize_t pos, Py_ssize_t end):
 
 cdef class HelloReader:
     """Reassemble the ClientHello from TLS records arriving in any TCP segments, and read
-    it only as far as its server_name."""
+    it only as far as its server_name (attributes in fastsni/_tls.pxd)."""
 
-    cdef public bytearray received
-    cdef public Py_ssize_t record_at
-    cdef public bytearray handshake
-    cdef public Py_ssize_t hello_end
-    cdef public int field
-    cdef public Py_ssize_t at
-
-    def __init__(self):
-        self.received = bytearray()
+    def __cinit__(self):  # not __init__: HelloReader.__new__(HelloReader) runs it too, at C cost
+        self.received = PyByteArray_FromStringAndSize(NULL, 0)  # bytearray(), at C cost
         self.record_at = 0
-        self.handshake = bytearray()
+        self.handshake = PyByteArray_FromStringAndSize(NULL, 0)
         self.hello_end = -1
         self.field = 0
         self.at = 4
@@ -148,7 +151,10 @@ cdef class HelloReader:
         cdef bytearray received = self.received
         cdef Py_ssize_t at, length
         cdef const unsigned char* p
-        received += data
+        if PyBytes_CheckExact(data):  # from a socket: the usual case
+            _append(received, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        else:
+            received += data
         p = received
         while len(received) - self.record_at >= 5:
             at = self.record_at
@@ -161,7 +167,7 @@ cdef class HelloReader:
                 raise HelloError(RECORD_OVERFLOW, f"record of {length} bytes")
             if len(received) - at - 5 < length:
                 break
-            self.handshake += p[at + 5 : at + 5 + length]
+            _append(self.handshake, <const char*>p + at + 5, length)
             self.record_at = at + 5 + length
             name = self._handshake()
             if name is not None:
