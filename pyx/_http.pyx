@@ -13,7 +13,7 @@ consecutive requests name the same host and it still leads to the same socket.
 
 from libc.string cimport memchr, memcmp
 
-from fastsni._engine cimport _monotonic, no_owner_log, Handler, Reactor, Service, Side, Timer
+from fastsni._engine cimport _monotonic, connect_fd, new_side, no_owner_log, Handler, Reactor, Service, Side, Timer
 
 import sys
 from collections import deque
@@ -21,7 +21,7 @@ from errno import errorcode
 
 import httptools
 
-from fastsni._engine import Relay, connect_backend, fair_share_counts, shutdown_write, socket_identity
+from fastsni._engine import Relay, fair_share_counts, shutdown_write, socket_identity
 from fastsni._tls import check_hostname
 from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
@@ -480,7 +480,7 @@ cdef class HttpConnection(Handler):
         self.service = service
         self.reactor = service.reactor
         self.fd = fd
-        self.client = Side(service.reactor, fd)
+        self.client = new_side(service.reactor, fd)
         self.peer = peer  # the client's address, as accept gave it
         self.reader = RequestReader(client_ip(peer))
         self.backend = None  # the backend connection, while one is open
@@ -782,8 +782,10 @@ cdef class HttpConnection(Handler):
 
     cdef bint connect(self, Request request) except -1:
         """Open a backend connection for ``request``; False if answered with an error."""
+        cdef int fd, proxy
+        cdef unsigned long long identity[2]
         try:
-            fd, proxy, identity = connect_backend(request.name, BACKEND_SOCKET)
+            fd = connect_fd(request.name, BACKEND_SOCKET, &proxy, identity)  # connect_backend at C cost
         except OSError as exc:
             self.active = None
             # An upgrade request refused closes: what the client sent after it may be the new
@@ -795,9 +797,9 @@ cdef class HttpConnection(Handler):
             self.answer(refusal(self.peer, request, exc, self.begun), True, request)
             self.linger()
             return True
-        self.backend = Side(self.reactor, fd)
+        self.backend = new_side(self.reactor, fd)
         self.backend_name = request.name
-        self.backend_socket = identity
+        self.backend_socket = (identity[0], identity[1])
         self.backend_checked = _monotonic()
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
