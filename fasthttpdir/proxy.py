@@ -33,6 +33,7 @@ from fastsni.engine import (
     exists_beside,
     failure,
     fair_share_counts,
+    local_of,
     shutdown_write,
     socket_identity,
 )
@@ -873,7 +874,9 @@ class HttpConnection(Handler):
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
-            request.data.insert(0, proxy_header(proxy, self.peer, self.fd, self.service.family, request.name))
+            request.data.insert(
+                0, proxy_header(proxy, self.peer, local_of(self.fd, self.service.family), request.name)
+            )
         self.pump()
         return True
 

@@ -62,10 +62,9 @@ def proxy_v2_header(client: tuple, server: tuple, name: str) -> bytes:
     return PROXY_V2_SIGNATURE + struct.pack("!BBH", PROXY_V2_COMMAND, family, len(rest)) + rest
 
 
-def proxy_header(version: int, client: tuple, fd: int, family: int, name: str) -> bytes:
-    """The PROXY header of ``version`` (1 or 2) for the connection ``fd`` (of ``family``)
-    from ``client`` (its address, as accept gave it): one getsockname(2) for our end."""
-    server = local_of(fd, family)
+def proxy_header(version: int, client: tuple, server: tuple, name: str) -> bytes:
+    """The PROXY header of ``version`` (1 or 2) for a connection from ``client`` (its
+    address, as accept gave it) to ``server`` (our end: fastsni.engine.local_of)."""
     if version == 2:
         return proxy_v2_header(client, server, name)
     return proxy_v1_header(client, server)
@@ -80,13 +79,3 @@ def describe(address: tuple) -> str:
     """``ip:port`` or ``[ip]:port`` for log lines."""
     family, ip = _plain_ip(address[0])
     return f"{ip}:{address[1]}" if family == 4 else f"[{ip}]:{address[1]}"
-
-
-def local_of(fd: int, family: int) -> tuple:
-    """The local address of a connected TCP socket descriptor of ``family`` (given, so
-    that Python asks the kernel nothing more for the socket object)."""
-    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        return sock.getsockname()
-    finally:
-        sock.detach()

@@ -368,6 +368,16 @@ def peer_of(fd: int, family: int) -> tuple:
         sock.detach()
 
 
+def local_of(fd: int, family: int) -> tuple:
+    """Our end of a connected socket descriptor of ``family``, as socket.getsockname()
+    gives it: the server address of a PROXY header."""
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        return sock.getsockname()
+    finally:
+        sock.detach()
+
+
 def source_of(peer: tuple | None, family: int) -> bytes | None:
     """Whom a connection from ``peer`` (its address, as accept gave it, on a socket of
     ``family``) counts against under pressure: its IPv4 address (4 bytes), or its IPv6

@@ -20,6 +20,7 @@ from fastsni.engine import (
     connect_backend,
     failure,
     fair_share_counts,
+    local_of,
 )
 from fastsni.logs import failures
 from fastsni.ownerlog import line, owner_log
@@ -143,7 +144,7 @@ class TlsConnection(Handler):
         self.owner_line = owner_log.target(name) >= 0
         if proxy:  # in one write with the hello
             backend.queued = (
-                proxy_header(proxy, self.peer, self.fd, self.service.family, name) + backend.queued
+                proxy_header(proxy, self.peer, local_of(self.fd, self.service.family), name) + backend.queued
             )
         COUNTS["routed"] += 1
         self.name = name

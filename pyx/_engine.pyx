@@ -40,6 +40,7 @@ from fastsni.engine import (  # not hot: the pure module's own
     ForeignSocket,
     abandon,
     cause,
+    local_of as _socket_local_of,
     peer_of as _socket_peer_of,
     errno_name,
     exists_beside,
@@ -88,6 +89,7 @@ cdef extern from "<sys/socket.h>":
     int connect(int fd, const sockaddr* addr, socklen_t length)
     int accept4(int fd, sockaddr* addr, socklen_t* length, int flags)
     int getpeername(int fd, sockaddr* addr, socklen_t* length)
+    int getsockname(int fd, sockaddr* addr, socklen_t* length)
     struct sockaddr_storage:
         sa_family_t ss_family
     int shutdown(int fd, int how)
@@ -496,18 +498,35 @@ cdef object _address(const sockaddr_storage* address, int fd):
     return _socket_peer_of(fd, address.ss_family)
 
 
+ctypedef int (*_name_call)(int fd, sockaddr* addr, socklen_t* length)
+
+
+cdef object _end_of(int fd, int family, _name_call call, pure):
+    """One end of a connected socket descriptor of ``family`` from one ``call``
+    (getpeername or getsockname), as the socket object's method gives it; another
+    family than IP: ``pure``, the pure twin's function."""
+    cdef sockaddr_storage address
+    cdef socklen_t length = sizeof(address)
+    if family != AF_INET and family != AF_INET6:
+        return pure(fd, family)
+    if call(fd, <sockaddr*>&address, &length) < 0:
+        raise _oserror(errno)
+    return _address(&address, fd)
+
+
 def peer_of(int fd, int family):
     """The peer address of a connected socket descriptor of ``family``, as
     socket.getpeername() gives it, from one getpeername(2) (socket() adds a
     getsockname(2)): what Listener passes with each connection, for a descriptor from
     elsewhere."""
-    cdef sockaddr_storage address
-    cdef socklen_t length = sizeof(address)
-    if family != AF_INET and family != AF_INET6:
-        return _socket_peer_of(fd, family)
-    if getpeername(fd, <sockaddr*>&address, &length) < 0:
-        raise _oserror(errno)
-    return _address(&address, fd)
+    return _end_of(fd, family, getpeername, _socket_peer_of)
+
+
+def local_of(int fd, int family):
+    """Our end of a connected socket descriptor of ``family``, as socket.getsockname()
+    gives it, from one getsockname(2) (the pure twin's socket object costs a PROXY
+    header some 10k instructions)."""
+    return _end_of(fd, family, getsockname, _socket_local_of)
 
 
 def source_of(peer, int family):

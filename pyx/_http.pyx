@@ -21,7 +21,7 @@ from errno import errorcode
 
 import httptools
 
-from fastsni._engine import Relay, fair_share_counts, shutdown_write, socket_identity
+from fastsni._engine import Relay, fair_share_counts, local_of, shutdown_write, socket_identity
 from fastsni._tls import check_hostname
 from fastsni.addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
@@ -804,7 +804,7 @@ cdef class HttpConnection(Handler):
         self.response = httptools.HttpResponseParser(self)  # one per backend connection
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
-            request.data.insert(0, proxy_header(proxy, self.peer, self.fd, self.service.family, request.name))
+            request.data.insert(0, proxy_header(proxy, self.peer, local_of(self.fd, self.service.family), request.name))
         self.pump()
         return True
 

@@ -21,7 +21,7 @@ from fastsni._tls cimport HelloReader
 
 from errno import errorcode
 
-from fastsni._engine import fair_share_counts
+from fastsni._engine import fair_share_counts, local_of
 from fastsni.addresses import describe, proxy_header
 from fastsni.engine import cause, failure
 from fastsni.logs import failures
@@ -142,7 +142,7 @@ cdef class TlsConnection(Handler):
         self.reader = None
         self.owner_line = not no_owner_log(name, _monotonic()) and owner_log.target(name) >= 0
         if proxy:  # in one write with the hello
-            backend.queued = proxy_header(proxy, self.peer, self.fd, self.service.family, name) + backend.queued
+            backend.queued = proxy_header(proxy, self.peer, local_of(self.fd, self.service.family), name) + backend.queued
         _routed += 1
         self.name = name
         self.relay = new_relay(self.service.reactor, self.client, backend, self.relay_closed, self.backend_failed)

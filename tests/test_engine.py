@@ -189,8 +189,9 @@ def test_a_failing_accept_loses_that_connection_not_the_listener(engine, capfd):
         (socket.AF_INET6, "::", "127.0.0.1"),  # dual-stack: the peer is IPv4-mapped
     ],
 )
-def test_peer_of_is_what_getpeername_says(engine, family, listen_on, connect_to):
-    """The compiled twin asks getpeername(2) itself; both give socket.getpeername()'s tuple."""
+def test_peer_of_and_local_of_are_what_the_socket_says(engine, family, listen_on, connect_to):
+    """The compiled twin asks getpeername(2) and getsockname(2) itself; both twins give
+    socket.getpeername()'s and socket.getsockname()'s tuples."""
     listener = socket.socket(family)
     try:
         if family == socket.AF_INET6:
@@ -201,6 +202,7 @@ def test_peer_of_is_what_getpeername_says(engine, family, listen_on, connect_to)
             accepted, _ = listener.accept()
             with accepted:
                 assert engine.peer_of(accepted.fileno(), family) == accepted.getpeername()
+                assert engine.local_of(accepted.fileno(), family) == accepted.getsockname()
     finally:
         listener.close()
 
