@@ -13,6 +13,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXTENSIONS = {
     "fastsni._tls": "pyx/_tls.pyx",
+    "fastsni._addresses": "pyx/_addresses.pyx",
     "fastsni._engine": "pyx/_engine.pyx",
     "fastsni._proxy": "pyx/_proxy.pyx",
     "fasthttpdir._http": "pyx/_http.pyx",

@@ -1,6 +1,7 @@
 """Socket addresses as the proxies show them: the PROXY v1 line and v2 header, the
-client IP for X-Forwarded-For, and the ``ip:port`` of log lines.  Not on the hot path:
-pure only.
+client IP for X-Forwarded-For, and the ``ip:port`` of log lines.  The specification of
+its compiled twin, pyx/_addresses.pyx, which the compiled proxies use: a PROXY header
+goes out with every connection to a backend that asked for one.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import httptools
 
 from fastsni._engine import Relay, fair_share_counts, local_of, shutdown_write, socket_identity
 from fastsni._tls import check_hostname
-from fastsni.addresses import client_ip, describe, proxy_header
+from fastsni._addresses import client_ip, describe, proxy_header
 from fasthttpdir.proxy import (  # shared with the pure twin, not copied: not on the hot path
     BACKEND_SOCKET,
     CAUSES,

@@ -22,7 +22,7 @@ from fastsni._tls cimport HelloReader
 from errno import errorcode
 
 from fastsni._engine import fair_share_counts, local_of
-from fastsni.addresses import describe, proxy_header
+from fastsni._addresses import describe, proxy_header
 from fastsni.engine import cause, failure
 from fastsni.logs import failures
 from fastsni.ownerlog import owner_log

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SITE = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
-EXTENSIONS = ["fastsni._tls", "fastsni._engine", "fastsni._proxy", "fasthttpdir._http"]
+EXTENSIONS = ["fastsni._tls", "fastsni._addresses", "fastsni._engine", "fastsni._proxy", "fasthttpdir._http"]
 
 WHERE = """
 import importlib, json, sys

@@ -19,6 +19,7 @@ LAYERS = {
     "fastsni.tls": CORE,
     "fastsni._tls": CORE,
     "fastsni.addresses": CORE,
+    "fastsni._addresses": CORE,
     "fastsni.logs": CORE,
     "fastsni.ownerlog": CORE,
     "fastsni.metrics": CORE,

@@ -11,6 +11,7 @@ from conftest import REQUIRE_COMPILED
 
 PAIRS = [
     ("fastsni.tls", "fastsni._tls"),
+    ("fastsni.addresses", "fastsni._addresses"),
     ("fastsni.engine", "fastsni._engine"),
     ("fasthttpdir.proxy", "fasthttpdir._http"),
     ("fastsni.proxy", "fastsni._proxy"),
