@@ -729,10 +729,11 @@ class Reactor(Handler):
 class Service:
     """One proxy process: its listener, its reactor and the connections still open.
 
-    ``start(service, fd, peer)`` makes the object that serves an accepted connection
-    (``peer``: the client's address, as accept gave it); that object calls
-    ``service.closed(itself)`` when it is done, and has ``fd`` (the client's), ``peer``
-    and ``shed()`` (close now if still unrouted: True if it did).  Its class's
+    ``start(service, fd, peer)`` makes the Handler that serves an accepted connection
+    (``peer``: the client's address, as accept gave it), registered with the reactor;
+    its ``ready(fd, READABLE)`` is then called at once (the client speaks first).  It
+    calls ``service.closed(itself)`` when it is done, and has ``fd`` (the client's),
+    ``peer`` and ``shed()`` (close now if still unrouted: True if it did).  Its class's
     ``REFUSED`` bytes, if any, are written to a connection refused its fair share.
 
     Fair share: while fewer than half of RLIMIT_NOFILE's descriptors are in use (the
@@ -762,23 +763,25 @@ class Service:
 
     def accepted(self, fd: int, peer: tuple) -> None:
         COUNTS["accepted"] += 1
-        if self.sources is None:
-            if len(self.reactor.handlers) < self.pressure_above:
-                self.live[self.start(self, fd, peer)] = None
-                return
+        if self.sources is None and len(self.reactor.handlers) >= self.pressure_above:
             self.enter_pressure()
-        source = source_of(peer, self.family)
-        if source is not None:
-            held = self.sources.get(source, 0)
-            share = self.fair_share()
-            if held >= share:
-                self.refuse(fd, source, held, share)
-                return
+        source = None
+        if self.sources is not None:
+            source = source_of(peer, self.family)
+            if source is not None:
+                held = self.sources.get(source, 0)
+                share = self.fair_share()
+                if held >= share:
+                    self.refuse(fd, source, held, share)
+                    return
         connection = self.start(self, fd, peer)
         self.live[connection] = None
-        if source is not None and self.sources is not None:
+        if source is not None:
             self.sources[source] = self.sources.get(source, 0) + 1
             self.owners[connection] = source
+        # The client speaks first (its ClientHello, its request), and its first bytes are
+        # usually here by the time accept(2) returns: read them now, not after a wakeup.
+        connection.ready(fd, READABLE)
 
     def fair_share(self) -> int:
         """Connections a source may hold under pressure."""

@@ -899,23 +899,25 @@ cdef class Service:
     def accepted(self, int fd, peer):
         cdef Py_ssize_t held, share
         _counts[ACCEPTED] += 1
-        if self.sources is None:
-            if len(self.reactor.handlers) < self.pressure_above:
-                self.live[self.start(self, fd, peer)] = None
-                return
+        if self.sources is None and len(self.reactor.handlers) >= self.pressure_above:
             self.enter_pressure()
-        source = source_of(peer, self.family)
-        if source is not None:
-            held = (<dict>self.sources).get(source, 0)
-            share = self.fair_share()
-            if held >= share:
-                self.refuse(fd, source, held, share)
-                return
+        source = None
+        if self.sources is not None:
+            source = source_of(peer, self.family)
+            if source is not None:
+                held = (<dict>self.sources).get(source, 0)
+                share = self.fair_share()
+                if held >= share:
+                    self.refuse(fd, source, held, share)
+                    return
         connection = self.start(self, fd, peer)
         self.live[connection] = None
-        if source is not None and self.sources is not None:
+        if source is not None:
             self.sources[source] = (<dict>self.sources).get(source, 0) + 1
             self.owners[connection] = source
+        # The client speaks first (its ClientHello, its request), and its first bytes are
+        # usually here by the time accept(2) returns: read them now, not after a wakeup.
+        (<Handler?>connection).ready(fd, C_READABLE)
 
     def fair_share(self):
         """Connections a source may hold under pressure."""

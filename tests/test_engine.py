@@ -158,12 +158,16 @@ def test_a_failing_accept_loses_that_connection_not_the_listener(engine, capfd):
     listening.setblocking(False)
     accepted: list[int] = []
 
+    class Served(engine.Handler):
+        def ready(self, fd: int, events: int) -> None:  # called at once: the client speaks first
+            os.close(fd)
+            service.reactor.stop()
+
     def start(service, fd: int, peer: tuple):
         accepted.append(fd)
         if len(accepted) == 1:
             raise MemoryError("injected")
-        os.close(fd)
-        service.reactor.stop()
+        return Served()
 
     service = engine.Service(listening, start)
     service.listener.start()
@@ -179,6 +183,33 @@ def test_a_failing_accept_loses_that_connection_not_the_listener(engine, capfd):
         service.listener.close()
         first.close()
         second.close()
+
+
+def test_a_new_connection_is_read_at_once(engine):
+    """The client speaks first: Service calls the new Handler's ready(fd, READABLE) as
+    soon as it is made, before any epoll wakeup, data there or not."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    calls: list[tuple] = []
+
+    class Reader(engine.Handler):
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def ready(self, fd: int, events: int) -> None:
+            calls.append((fd == self.fd, events))
+            os.close(fd)
+
+    service = engine.Service(listening, lambda service, fd, peer: Reader(fd))
+    clients = [socket.create_connection(listening.getsockname(), timeout=5) for _ in range(2)]
+    try:
+        clients[0].sendall(b"\x16\x03\x01")  # bytes or none, each is read at once
+        service.listener.accept()
+        assert calls == [(True, engine.READABLE)] * 2
+    finally:
+        listening.close()
+        for sock in clients:
+            sock.close()
 
 
 @pytest.mark.parametrize(

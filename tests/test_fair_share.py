@@ -294,11 +294,20 @@ def engine(twin):
     return twin.module("fastsni.engine", "fastsni._engine")
 
 
-class Connection:
+@pytest.fixture
+def Connection(engine):  # noqa: N802 (a class)
+    class Connection(StandIn, engine.Handler):  # a Handler of this twin's engine, as Service needs
+        pass
+
+    StandIn.made = []
+    return Connection
+
+
+class StandIn:
     """A stand-in for a proxy's connection: holds its descriptor; ``routed`` ones cannot be shed."""
 
     REFUSED = b"refused"
-    made: list[Connection] = []
+    made: list[StandIn] = []
 
     def __init__(self, service, fd: int, peer: tuple) -> None:
         self.service = service
@@ -306,7 +315,10 @@ class Connection:
         self.peer = peer
         self.routed = False
         self.closed = False
-        Connection.made.append(self)
+        StandIn.made.append(self)
+
+    def ready(self, fd: int, events: int) -> None:
+        """Service reads a new connection at once: a stand-in leaves its bytes unread."""
 
     def shed(self) -> bool:
         if self.routed or self.closed:
@@ -353,12 +365,11 @@ def test_source_text():
     assert source_text(bytes.fromhex("20010db800010002")) == "2001:db8:1:2::/64"
 
 
-def test_refused_at_its_share_in_process(engine, capfd):
+def test_refused_at_its_share_in_process(engine, Connection, capfd):
     """Under pressure (made to start at once here), a source's connections beyond the
     share get REFUSED and EOF; another source is still admitted."""
     listening = socket.create_server(("127.0.0.1", 0))
     listening.setblocking(False)
-    Connection.made = []
     service = engine.Service(listening, Connection)
     service.limit = 16  # share: max(8, 16 // (2 x (sources + 1))) = 8
     service.pressure_above = 0
@@ -383,10 +394,9 @@ def test_refused_at_its_share_in_process(engine, capfd):
             sock.close()
 
 
-def test_shed_closes_the_heaviest_sources_unrouted_connections_oldest_first(engine, capfd):
+def test_shed_closes_the_heaviest_sources_unrouted_connections_oldest_first(engine, Connection, capfd):
     listening = socket.create_server(("127.0.0.1", 0))
     listening.setblocking(False)
-    Connection.made = []
     service = engine.Service(listening, Connection)
     service.listener.start()
     heavy = clients(listening, "127.0.0.2", 24)
@@ -423,11 +433,13 @@ for address in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:3::1"):
     subprocess.run(["ip", "-6", "addr", "add", address + "/64", "dev", "lo", "nodad"], check=True)
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
-class Connection:
+class Connection(engine.Handler):
     REFUSED = b"refused"
     def __init__(self, service, fd, peer):
         self.fd = fd
         self.peer = peer
+    def ready(self, fd, events):
+        pass
 
 listening = socket.create_server(("2001:db8:1:2::1", 0), family=socket.AF_INET6)
 listening.setblocking(False)
