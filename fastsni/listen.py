@@ -31,7 +31,8 @@ from fastsni.engine import ignore_signal
 USAGE = """usage: fastsni-listen [--user USER] [--copies N] [--cpus LIST] [--metrics FILE]
                       [HOST:]PORT COMMAND [ARG...]
 
-Bind a listening TCP socket on HOST:PORT (SO_REUSEADDR) and give it to COMMAND on fd 0.
+Bind a listening TCP socket on HOST:PORT (SO_REUSEADDR, TCP_DEFER_ACCEPT 1 s) and give it
+to COMMAND on fd 0.
 HOST is an IPv4 address, a bracketed IPv6 address such as [::1], or a name such as
 localhost (the first address getaddrinfo gives is bound: COMMAND gets one socket);
 without HOST the socket listens on every address, IPv4 and IPv6 (dual-stack).
@@ -194,12 +195,19 @@ def unprivileged_port_start() -> int:
         return 1024
 
 
+DEFER_ACCEPT_SECONDS = 1  # as nginx's `deferred` and haproxy's `defer-accept`
+
+
 def bind(family: socket.AddressFamily, sockaddr: tuple) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family == socket.AF_INET6 and sockaddr[0] == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # tcp(7) TCP_DEFER_ACCEPT: TLS and HTTP clients speak first, so a connection is
+        # handed over with its first bytes and the proxy's read at accept finds them; a
+        # client that stays silent is handed over after one SYN-ACK retransmit (~1 s).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
         sock.bind(sockaddr)
         sock.listen(socket.SOMAXCONN)
     except OSError:

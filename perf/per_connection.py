@@ -206,6 +206,7 @@ def run(
         wrapper = ["strace", "-f", "-c", "-o", str(out)]
     receivers = [serve_owner_log(hosts / entry / LOG)] if LOG in markers else []
     listener = socket.socket()
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)  # as fastsni-listen binds it
     listener.bind(("127.0.0.1", 0))
     listener.listen(1024)
     env = dict(os.environ, PYTHONPATH=str(tree), FASTSNI_ALLOW_ROOT="1")

@@ -143,7 +143,7 @@ defaults
     timeout server 120s
 {options}
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port} defer-accept
 {inspect}{rules}
 
 {backends}"""
@@ -186,7 +186,7 @@ def nginx_http_config(workdir: Path, port: int, routes: dict[str, Path], pooled:
         default u_{next(iter(routes)).split(".")[0]};
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096 deferred;
         location / {{
             proxy_pass http://$backend;
             proxy_http_version 1.1;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import ssl
@@ -284,6 +285,29 @@ def test_user_needs_root(open_hosts):
     )
     assert result.returncode == 2
     assert "only root can change user" in result.stderr
+
+
+def test_a_connection_is_handed_over_with_its_first_bytes():
+    """TCP_DEFER_ACCEPT on the socket fastsni-listen binds (tcp(7)): the listener wakes when
+    the client's first bytes are there, so the proxy's read at accept finds them; a client
+    that stays silent is still handed over, after one SYN-ACK retransmit."""
+    from fastsni.listen import bind
+
+    with (
+        bind(socket.AF_INET, ("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname(), timeout=5) as speaker,
+        socket.create_connection(listener.getsockname(), timeout=5) as silent,
+    ):
+        assert not select.select([listener], [], [], 0.3)[0], "handed over before any byte"
+        speaker.sendall(b"\x16")
+        assert select.select([listener], [], [], 5)[0]
+        conn, peer = listener.accept()
+        with conn:
+            assert peer == speaker.getsockname() and conn.recv(1) == b"\x16"
+        assert select.select([listener], [], [], 10)[0], "a silent client was never handed over"
+        conn, peer = listener.accept()
+        with conn:
+            assert peer == silent.getsockname()
 
 
 def test_a_port_in_use_points_to_copies_and_sighup(hosts):
