@@ -762,14 +762,30 @@ class Checker:
         )
 
 
-def check_process(pid: int, hosts: str | None) -> tuple[str, list[Finding]]:
-    """--pid: the tree a running proxy really serves (its working directory is a handle)."""
+def tree_handle(pid: int) -> str:
+    """/proc/PID/cwd, or /proc/PID/fd/N of its hosts descriptor (the one O_PATH directory it
+    holds) once the proxy has made /proc/self/fd its working directory (engine.enter_proc_fd):
+    either way a handle on the tree it serves, whatever has been renamed since."""
     cwd = f"/proc/{pid}/cwd"
+    if os.readlink(cwd) != f"/proc/{pid}/fd":
+        return cwd
+    for fd in sorted(os.listdir(f"/proc/{pid}/fdinfo"), key=int):
+        with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as info:
+            flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        if flags & os.O_PATH and flags & os.O_DIRECTORY:
+            return f"/proc/{pid}/fd/{fd}"
+    raise OSError(errno.ENOENT, "no hosts directory descriptor", f"/proc/{pid}/fd")
+
+
+def check_process(pid: int, hosts: str | None) -> tuple[str, list[Finding]]:
+    """--pid: the tree a running proxy really serves (its hosts descriptor or working
+    directory is a handle)."""
     findings = []
     try:
+        cwd = tree_handle(pid)
         shown = os.readlink(cwd)
     except OSError as exc:
-        raise ValueError(f"cannot see process {pid}'s working directory: {exc.strerror}") from None
+        raise ValueError(f"cannot see process {pid}'s hosts directory: {exc.strerror}") from None
     if shown.endswith(" (deleted)"):
         findings.append(
             Finding(
@@ -790,8 +806,8 @@ def check_process(pid: int, hosts: str | None) -> tuple[str, list[Finding]]:
                 ERROR,
                 TREE,
                 "other-tree",
-                f"process {pid} serves {shown}, not {os.path.realpath(hosts)}: its working directory is "
-                "a handle, so a renamed tree stays served (mv hosts hosts.old && mkdir hosts); restart it",
+                f"process {pid} serves {shown}, not {os.path.realpath(hosts)}: it holds its tree by a "
+                "handle, so a renamed tree stays served (mv hosts hosts.old && mkdir hosts); restart it",
             )
         )
     return hosts, findings

@@ -394,7 +394,7 @@ def landlock_rights(abi: int) -> tuple[int, int, int]:
     return fs, net, scoped
 
 
-def readable_paths() -> list[str]:
+def readable_paths(hosts: int) -> list[str]:
     """The interpreter's own files: its prefixes and every directory on sys.path (where
     the proxy's modules are, a wheel's or a source tree's): read-only, for a module or a
     traceback's source line read after start."""
@@ -404,10 +404,10 @@ def readable_paths() -> list[str]:
         package = sys.modules.get(module)
         if package is not None and getattr(package, "__file__", None):
             paths.add(os.path.dirname(os.path.abspath(package.__file__)))
-    # `python -m fastsni` puts the working directory, the hosts tree, first on sys.path:
-    # it stays unreadable.
-    hosts = os.path.realpath(".")
-    return sorted(p for p in paths if os.path.commonpath([os.path.realpath(p), hosts]) != hosts)
+    # `python -m fastsni` puts the start directory, the hosts tree (held as ``hosts``),
+    # first on sys.path: it stays unreadable.
+    tree = os.path.realpath(f"/proc/self/fd/{hosts}")
+    return sorted(p for p in paths if os.path.commonpath([os.path.realpath(p), tree]) != tree)
 
 
 def install_landlock(abi: int, hosts: int) -> tuple[int, int, int]:
@@ -417,7 +417,7 @@ def install_landlock(abi: int, hosts: int) -> tuple[int, int, int]:
     attr = struct.pack("<QQQ", fs, net, scoped)[: 8 if abi < 4 else 16 if abi < 6 else 24]
     ruleset = landlock_call(SYS_LANDLOCK_CREATE_RULESET, attr, len(attr), 0)
     try:
-        rules = [(path, FS_READ_FILE | FS_READ_DIR) for path in readable_paths()]
+        rules = [(path, FS_READ_FILE | FS_READ_DIR) for path in readable_paths(hosts)]
         for path, access in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)

@@ -118,6 +118,7 @@ OPENAT2_RETRIES = 8  # EAGAIN: a rename raced a ".." in the walk (openat2(2)); t
 # (EXDEV: RESOLVE_BENEATH; ELOOP: too many links, or a magic link), a foreign socket (EPERM).
 NO_BACKEND = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EXDEV, errno.ELOOP, errno.EPERM))
 HOSTS = -1  # the O_PATH descriptor of the hosts directory, once open_hosts() ran
+PROC_FD = "/proc/self/fd/"  # where a descriptor's file is named; "" once enter_proc_fd() ran
 
 
 class ForeignSocket(PermissionError):
@@ -146,6 +147,16 @@ def open_hosts() -> int:
         raise
     HOSTS = fd
     return fd
+
+
+def enter_proc_fd() -> None:
+    """Make /proc/self/fd the working directory, once the hosts tree is held by its
+    descriptor (open_hosts) and nothing is named from the start directory any more: a
+    socket file is then connected through "N", one name for the kernel to walk, not
+    "/proc/self/fd/N", four (perf/lookup_cost.py: 1.6 us less per connection)."""
+    global PROC_FD
+    os.chdir("/proc/self/fd")
+    PROC_FD = ""
 
 
 # openat2 for the pure twin, through ctypes (glibc has no wrapper): set up at import, so
@@ -189,7 +200,7 @@ def connect_backend(name: str, leaf: str) -> tuple[int, int, tuple[int, int]]:
     try:
         try:
             identity = _check_owner(path, status.st_uid, target)
-            sock.connect(f"/proc/self/fd/{path}")  # the very inode checked
+            sock.connect(f"{PROC_FD}{path}")  # the very inode checked
         except OSError as exc:
             exc.filename = target
             raise

@@ -83,7 +83,7 @@ class OwnerLog:
 
     def send(self, fd: int, data: bytes) -> None:
         try:
-            self.sock.sendto(data, socket.MSG_DONTWAIT, f"/proc/self/fd/{fd}")  # the very inode checked
+            self.sock.sendto(data, socket.MSG_DONTWAIT, f"{engine.PROC_FD}{fd}")  # the very inode checked
         except OSError:  # EAGAIN (not reading), ECONNREFUSED (nobody bound), ...: never wait
             COUNTS["owner_log_dropped"] += 1
             return

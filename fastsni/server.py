@@ -260,6 +260,7 @@ def serve(program: str, summary: str, argv: list[str], twin: ModuleType, start: 
     loop.add_signal_handler(signal.SIGTERM, stop, "now")
     loop.add_signal_handler(signal.SIGINT, stop, "now")
     where = f"listening on {describe(sock.getsockname())} serving {os.getcwd()}"
+    engine.enter_proc_fd()  # the tree is held by its descriptor: nothing is named from here any more
     # Last, with everything open that the proxy will ever need (fastsni.confine).
     confined = confine(hosts)
     # The start line comes once every signal is handled: whoever waits for it may signal.

@@ -95,6 +95,14 @@ static void connect_through_proc(void) { /* the very inode checked: open it, con
     close(fd);
 }
 
+static void connect_through_fd_directory(void) { /* the same, from /proc/self/fd as cwd */
+    char path[16];
+    int fd = beneath(SOCKET, O_PATH | O_CLOEXEC);
+    snprintf(path, sizeof path, "%d", fd);
+    connect_to(path);
+    close(fd);
+}
+
 static void open_and_connect_by_path(void) { /* the same openat2 and close, then by path */
     int fd = beneath(SOCKET, O_PATH | O_CLOEXEC);
     connect_to(SOCKET);
@@ -110,6 +118,7 @@ int main(int argc, char **argv) {
     static const struct {
         const char *name;
         void (*step)(void);
+        const char *cwd; /* the step runs with this working directory; NULL: HOSTS */
     } steps[] = {
         {"lstat of the entry (its owner)", entry_lstat},
         {"openat2 + fstat + close of the socket", socket_openat2_fstat_close},
@@ -117,6 +126,8 @@ int main(int argc, char **argv) {
         {"socket + connect by path + close", connect_by_path},
         {"openat2 + socket + connect by path + close x2", open_and_connect_by_path},
         {"openat2 + socket + connect /proc/self/fd/N + close x2", connect_through_proc},
+        {"openat2 + socket + connect N (cwd /proc/self/fd) + close x2", connect_through_fd_directory,
+         "/proc/self/fd"},
     };
     double seconds[MAX_ROUNDS];
     struct sockaddr_un address = {.sun_family = AF_UNIX};
@@ -134,12 +145,16 @@ int main(int argc, char **argv) {
     pthread_create(&thread, NULL, accept_all, NULL);
     pin(0);
     for (size_t s = 0; s < sizeof steps / sizeof steps[0]; s++) {
+        if (steps[s].cwd && chdir(steps[s].cwd) < 0)
+            return perror(steps[s].cwd), 1;
         for (int r = 0; r < rounds; r++) {
             double start = cpu_now();
             for (int i = 0; i < count; i++)
                 steps[s].step();
             seconds[r] = cpu_now() - start;
         }
+        if (fchdir(hosts) < 0)
+            return perror(argv[1]), 1;
         qsort(seconds, rounds, sizeof seconds[0], by_value);
         printf("%7.0f ns  %s (%.0f-%.0f)\n", seconds[rounds / 2] / count * 1e9, steps[s].name,
                seconds[0] / count * 1e9, seconds[rounds - 1] / count * 1e9);

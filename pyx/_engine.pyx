@@ -48,6 +48,7 @@ from fastsni.engine import (  # not hot: the pure module's own
     ignore_signal,
     internal_error,
     open_hosts as _open_hosts,
+    enter_proc_fd as _enter_proc_fd,
     out_of_descriptors,
     refusing,
     shedding,
@@ -213,6 +214,7 @@ cdef unsigned int C_READABLE = READABLE, C_WRITABLE = WRITABLE, C_CLOSING = CLOS
 cdef unsigned int C_LISTENING = LISTENING, C_SHUT = SHUT, C_FAILED = FAILED
 cdef unsigned long long C_BENEATH = BENEATH
 cdef int C_HOSTS = -1  # the hosts directory's O_PATH descriptor, once open_hosts() ran
+cdef int C_PROC_FD = 14  # how much of "/proc/self/fd/" names a descriptor: 0 once enter_proc_fd() ran
 cdef bint C_SPLICE_DOWN = SPLICE_DOWN
 cdef char _buffer[C_RELAY_CHUNK]  # every relay reads into this one buffer: the loop is single-threaded
 
@@ -286,9 +288,9 @@ cdef bytes _path(bytes entry, str leaf):
 
 cdef int _connect_proc_fd(int fd, int path) noexcept:
     """connect(2) to the Unix socket file held by the O_PATH descriptor ``path``, through
-    /proc/self/fd/N: 0, or -1 with errno set."""
+    /proc/self/fd/N, or N once enter_proc_fd() ran: 0, or -1 with errno set."""
     cdef sockaddr_un address
-    cdef int length = 14  # len("/proc/self/fd/")
+    cdef int length = C_PROC_FD
     address.sun_family = AF_UNIX
     memcpy(address.sun_path, b"/proc/self/fd/", length)
     length += _decimal(address.sun_path + length, path)
@@ -302,6 +304,14 @@ def open_hosts():
     global C_HOSTS
     C_HOSTS = _open_hosts()
     return C_HOSTS
+
+
+def enter_proc_fd():
+    """Make /proc/self/fd the working directory (the pure twin's enter_proc_fd, which the
+    owner log's names follow too); a socket file is then connected through "N"."""
+    global C_PROC_FD
+    _enter_proc_fd()
+    C_PROC_FD = 0
 
 
 def openat2(int dirfd, str path, unsigned long long flags, unsigned long long resolve):

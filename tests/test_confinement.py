@@ -7,8 +7,9 @@ or, when that entry is absent, its one-label wildcard entry ``*.<rest>``.
 The trace is read strictly: every line must parse, every string argument is a path
 unless the call is known to carry none, every lookup is relative to the hosts
 directory's descriptor (opened at start) and resolved beneath it (openat2
-RESOLVE_BENEATH), and the only absolute path is /proc/self/fd/N of the socket file's
-descriptor that openat2 opened just before.
+RESOLVE_BENEATH), and no path is absolute: the socket file is connected as N, the
+descriptor openat2 opened just before, from /proc/self/fd, the working directory the
+proxy moved to at start.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def connections(trace: Path, pid: int) -> tuple[str, list[list[tuple[str, str, s
     calls after each successful accept, as (syscall, arguments, result); nothing else
     before the first accept is looked at."""
     hosts = ""
+    entered = False  # the working directory made /proc/self/fd
     segments: list[list] = []
     for raw in trace.read_text().splitlines():
         if EXITED.match(raw):
@@ -122,11 +124,15 @@ def connections(trace: Path, pid: int) -> tuple[str, list[list[tuple[str, str, s
         call, args, result = match[2], match[3], match[4]
         if not segments and call == "openat" and args.startswith('AT_FDCWD, "\\x2e",') and "O_PATH" in args:
             hosts = result.split()[0]
+        if not segments and call == "chdir":  # once the tree is held: connect through "N"
+            assert unhex(STRING.findall(args)[0]) == b"/proc/self/fd" and result == "0", (args, result)
+            entered = True
         if call in ("accept", "accept4") and not result.startswith("-1"):
             segments.append([])
         if segments:
             segments[-1].append((call, args, result))
     assert hosts, "no O_PATH descriptor of the hosts directory opened at start"
+    assert entered, "no chdir to /proc/self/fd at start"
     return hosts, segments
 
 
@@ -134,7 +140,8 @@ def check_confined(segment, name: str | None, hosts: str) -> list[str]:
     """Every path this connection's calls touched, checked to lie inside ``name``'s entry
     (``name`` None: a hostile name, no path at all): each lookup relative to the hosts
     descriptor ``hosts`` (the entry's lstat, openat2 with RESOLVE_BENEATH), the socket
-    reached only through /proc/self/fd/N of a descriptor openat2 gave."""
+    reached only as N from /proc/self/fd (the working directory since start) of a
+    descriptor openat2 gave."""
     held: set[str] = set()  # O_PATH descriptors openat2 opened for this name
     touched: list[str] = []
     for call, args, result in segment:
@@ -151,7 +158,7 @@ def check_confined(segment, name: str | None, hosts: str) -> list[str]:
         path = paths[0]
         touched.append(path)
         if call == "connect":
-            assert path.startswith("/proc/self/fd/") and path[len("/proc/self/fd/") :] in held, args
+            assert path in held, args  # N, from /proc/self/fd: the descriptor openat2 gave
             continue
         if path == "":  # the socket file's owner, from its O_PATH descriptor
             assert call == "newfstatat" and first in held and "AT_EMPTY_PATH" in args, f"{call}({args})"
