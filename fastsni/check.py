@@ -770,8 +770,11 @@ def tree_handle(pid: int) -> str:
     if os.readlink(cwd) != f"/proc/{pid}/fd":
         return cwd
     for fd in sorted(os.listdir(f"/proc/{pid}/fdinfo"), key=int):
-        with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as info:
-            flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        except FileNotFoundError:
+            continue  # a connection's descriptor, closed since the listing
         if flags & os.O_PATH and flags & os.O_DIRECTORY:
             return f"/proc/{pid}/fd/{fd}"
     raise OSError(errno.ENOENT, "no hosts directory descriptor", f"/proc/{pid}/fd")
