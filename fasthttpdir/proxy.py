@@ -68,6 +68,16 @@ ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR))  # nothing there: 308 if only 
 NOT_FOUND = NO_BACKEND  # also a path out of the tree, another owner's socket: 404
 UNAVAILABLE = frozenset((errno.EACCES, errno.ECONNREFUSED))
 NOT_URI_SAFE = re.compile(rb"[^\x21-\x7e]")  # controls, space, DEL, non-ASCII: percent-encoded
+# The strict subset of HTTP/1.1 framed without llhttp (RequestReader.simple_request): a
+# GET or HEAD head whose bytes go to the backend unchanged.  llhttp reads every such head
+# the same way (tests/test_fasthttpdir_twins.py, tests/fuzz/fuzz_request.py).
+SIMPLE_METHODS = (b"GET", b"HEAD")
+SIMPLE_TARGET = re.compile(rb"/[!-~]*")  # origin-form, visible ASCII
+# RFC 9110 §5.1 token (without "_": such a name is dropped), ": ", a value that starts
+# visible (llhttp drops leading OWS) and holds visible ASCII, SP and HTAB (§5.5).
+SIMPLE_FIELD = re.compile(rb"[!#$%&'*+\-.^`|~0-9A-Za-z]+: (?:[!-~][\t -~]*)?")
+NOT_SIMPLE = DROPPED | frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
+CONNECTION = frozenset((b"connection", b"proxy-connection"))  # llhttp reads both
 REASONS = {
     308: b"Permanent Redirect",
     400: b"Bad Request",
@@ -328,7 +338,8 @@ class RequestReader:
 
     def __init__(self, ip: str) -> None:
         self.forwarded_for = b"X-Forwarded-For: %s\r\n" % ip.encode()  # the client's, for every request
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = None  # until a request is not simple
+        self.closed_by: bytes | None = None  # a simple request's head that said "close"
         self.requests: deque[Request] = deque()
         self.current: Request | None = None
         self.target = b""
@@ -344,6 +355,10 @@ class RequestReader:
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
+        if self.parser is None:
+            if self.closed_by is None and self.simple_request(data):
+                return
+            self.start_parser()
         self.chunk = data if self.in_head and self.head_size == 0 else None
         if self.in_head:
             self.head_size += len(data)
@@ -361,6 +376,64 @@ class RequestReader:
             return
         if self.in_head and self.head_size > MAX_HEAD:
             self.reject(Rejected(431, "request head over 64 KiB"))
+
+    def simple_request(self, data: bytes) -> bool:
+        """Frame ``data`` without llhttp if it is one whole GET or HEAD head and nothing
+        more, in the strict subset above: no body, no upgrade, no field that the proxy
+        drops or rewrites, a Connection field (if any) of exactly "close" or
+        "keep-alive", one Host that routes.  Else False: llhttp parses it, and the
+        answer is the one it always was (a 400 included)."""
+        if len(data) > MAX_HEAD or not data.endswith(b"\r\n\r\n"):
+            return False
+        lines = data[:-4].split(b"\r\n")
+        method, _, rest = lines[0].partition(b" ")
+        target, _, version = rest.partition(b" ")
+        if method not in SIMPLE_METHODS or version != b"HTTP/1.1" or not SIMPLE_TARGET.fullmatch(target):
+            return False
+        hosts = []
+        keep_alive = True
+        for field_line in lines[1:]:
+            if not SIMPLE_FIELD.fullmatch(field_line):
+                return False
+            field, _, value = field_line.partition(b": ")
+            lowered = field.lower()
+            if lowered == b"host":
+                hosts.append(value)
+            elif lowered in CONNECTION:
+                option = value.lower()
+                if option == b"close":
+                    keep_alive = False  # RFC 9112 §9.6
+                elif option != b"keep-alive":
+                    return False
+            elif lowered in NOT_SIMPLE:
+                return False
+        try:
+            name = host_name(hosts, target)
+        except Rejected:
+            return False
+        head = data[:-2] + self.forwarded_for + b"\r\n"  # the head as on_headers_complete builds it
+        request = Request()
+        request.name = name
+        request.method = method
+        request.target = target
+        request.keep_alive = keep_alive
+        request.data.append(head)
+        request.size = len(head)
+        request.replay = head
+        request.complete = True
+        self.requests.append(request)
+        if not keep_alive:
+            self.closed_by = data
+        return True
+
+    def start_parser(self) -> None:
+        """llhttp from here on.  After a simple request that said "close", llhttp reads
+        that head first, so that it refuses what follows, as it always did."""
+        self.parser = httptools.HttpRequestParser(self)
+        if self.closed_by is not None:
+            self.chunk = self.closed_by
+            self.parser.feed_data(self.closed_by)
+            self.requests.pop()  # that request again: it is queued already
 
     def reject(self, rejection: Rejected) -> None:
         self.rejected = rejection
@@ -511,12 +584,15 @@ class RequestReader:
         self.chunk = None  # the next request begins further on in it
 
 
-def frame(data: bytes, ip: str = "192.0.2.1") -> list[tuple]:
+def frame(data: bytes, ip: str = "192.0.2.1", parser: bool = False) -> list[tuple]:
     """Parse one client's ``data``: per request (name, error status, backend bytes, complete, ...).
 
-    The pure function behind both twins' request framing, for differential tests.
+    The pure function behind both twins' request framing, for differential tests;
+    ``parser``: llhttp reads every request, simple or not.
     """
     reader = RequestReader(ip)
+    if parser:
+        reader.start_parser()
     reader.feed(data)
     return [
         (r.name, r.error.status if r.error else 0, b"".join(r.data), r.complete, r.keep_alive, r.upgrade)

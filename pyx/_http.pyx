@@ -11,7 +11,8 @@ reach the client in request order; the backend connection is reused while
 consecutive requests name the same host and it still leads to the same socket.
 """
 
-from libc.string cimport memchr, memcmp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr, memcmp, memcpy, strlen
 
 from fastsni._engine cimport _monotonic, connect_fd, new_side, no_owner_log, Handler, Reactor, Service, Side, Timer
 
@@ -61,6 +62,13 @@ cdef Py_ssize_t C_MAX_HEAD = MAX_HEAD
 cdef double C_HEAD_TIMEOUT = HEAD_TIMEOUT
 cdef double C_LINGER = LINGER
 cdef frozenset C_DROPPED = DROPPED
+cdef bytes C_GET = b"GET", C_HEAD = b"HEAD"
+# RFC 9110 §5.1 token characters without "_" (see the pure twin's SIMPLE_FIELD)
+cdef unsigned char C_TCHAR[256]
+cdef const unsigned char* _t = b"!#$%&'*+-.^`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+while _t[0]:
+    C_TCHAR[_t[0]] = 1
+    _t += 1
 
 
 # The counters of the SIGUSR1 line, as in the pure twin's COUNTS and ANSWERED (and its
@@ -166,6 +174,18 @@ def host_name(hosts, target):
     return name
 
 
+cdef inline bint _named(const unsigned char* at, Py_ssize_t size, const char* lowered):
+    """Whether the ``size`` bytes at ``at`` are ``lowered``, ASCII letters in either case
+    (bytes.lower() in the pure twin; no locale)."""
+    cdef Py_ssize_t i
+    if size != <Py_ssize_t>strlen(lowered):
+        return False
+    for i in range(size):
+        if (at[i] | 0x20 if 0x41 <= at[i] <= 0x5A else at[i]) != <unsigned char>lowered[i]:
+            return False
+    return True
+
+
 cdef class Request:
     """One parsed request: what goes to the backend, and how far it has arrived."""
 
@@ -219,10 +239,12 @@ cdef class RequestReader:
     cdef public object rejected
     cdef public bint reparse
     cdef public bytes chunk
+    cdef public bytes closed_by
 
     def __init__(self, ip):
         self.forwarded_for = b"X-Forwarded-For: %s\r\n" % ip.encode()  # the client's, for every request
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = None  # until a request is not simple
+        self.closed_by = None  # a simple request's head that said "close"
         self.requests = deque()
         self.current = None
         self.target = b""
@@ -238,6 +260,10 @@ cdef class RequestReader:
 
     cpdef feed(self, data):
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
+        if self.parser is None:
+            if self.closed_by is None and self.simple_request(data):
+                return
+            self.start_parser()
         self.chunk = data if self.in_head and self.head_size == 0 else None
         if self.in_head:
             self.head_size += len(data)
@@ -255,6 +281,103 @@ cdef class RequestReader:
             return
         if self.in_head and self.head_size > C_MAX_HEAD:
             self.reject(Rejected(431, "request head over 64 KiB"))
+
+    cdef bint simple_request(self, data) except -1:
+        """Frame ``data`` without llhttp if it is one whole GET or HEAD head and nothing
+        more, in the strict subset of the pure twin, scanned here in C."""
+        cdef const unsigned char* p
+        cdef Py_ssize_t n, at, start, value, end, method_size, target_end
+        cdef bint keep_alive = True
+        cdef bytes host = None, head, forwarded_for = self.forwarded_for
+        cdef char* out
+        cdef Request request
+        if type(data) is not bytes:
+            return False
+        p = <const unsigned char*>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+        if n > C_MAX_HEAD or n < 18 or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+            return False
+        if memcmp(p, b"GET /", 5) == 0:
+            method_size = 3
+        elif memcmp(p, b"HEAD /", 6) == 0:
+            method_size = 4
+        else:
+            return False
+        at = method_size + 1
+        while 0x21 <= p[at] <= 0x7E:  # stops at the CR of the end at the latest
+            at += 1
+        target_end = at
+        if n - at < 13 or memcmp(p + at, b" HTTP/1.1\r\n", 11) != 0:
+            return False
+        at += 11
+        while at < n - 2:  # one field line; the head's last CRLF begins at n - 2
+            start = at
+            while C_TCHAR[p[at]]:
+                at += 1
+            if at == start or p[at] != 58 or p[at + 1] != 32:  # ": "
+                return False
+            value = at + 2
+            end = value
+            if p[end] == 32 or p[end] == 9:
+                return False
+            while p[end] == 9 or 0x20 <= p[end] <= 0x7E:
+                end += 1
+            if p[end] != 13 or p[end + 1] != 10:
+                return False
+            if _named(p + start, at - start, b"host"):
+                if host is not None:
+                    return False
+                host = PyBytes_FromStringAndSize(<const char*>p + value, end - value)
+            elif _named(p + start, at - start, b"connection") or _named(p + start, at - start, b"proxy-connection"):
+                if _named(p + value, end - value, b"close"):
+                    keep_alive = False  # RFC 9112 §9.6
+                elif not _named(p + value, end - value, b"keep-alive"):
+                    return False
+            elif (
+                _named(p + start, at - start, b"content-length")
+                or _named(p + start, at - start, b"transfer-encoding")
+                or _named(p + start, at - start, b"upgrade")
+                or _named(p + start, at - start, b"x-forwarded-for")
+                or _named(p + start, at - start, b"x-forwarded-host")
+                or _named(p + start, at - start, b"x-forwarded-proto")
+                or _named(p + start, at - start, b"forwarded")
+            ):
+                return False  # NOT_SIMPLE
+            at = end + 2
+        if host is None:
+            return False
+        target = PyBytes_FromStringAndSize(<const char*>p + method_size + 1, target_end - method_size - 1)
+        try:
+            name = host_name([host], target)
+        except Rejected:
+            return False
+        head = PyBytes_FromStringAndSize(NULL, n + PyBytes_GET_SIZE(forwarded_for))
+        out = PyBytes_AS_STRING(head)  # the head as on_headers_complete builds it
+        memcpy(out, p, n - 2)
+        memcpy(out + n - 2, PyBytes_AS_STRING(forwarded_for), PyBytes_GET_SIZE(forwarded_for))
+        memcpy(out + n - 2 + PyBytes_GET_SIZE(forwarded_for), b"\r\n", 2)
+        request = Request()
+        request.name = name
+        request.method = C_GET if method_size == 3 else C_HEAD
+        request.target = target
+        request.keep_alive = keep_alive
+        request.data.append(head)
+        request.size = len(head)
+        request.replay = head
+        request.complete = True
+        self.requests.append(request)
+        if not keep_alive:
+            self.closed_by = data
+        return True
+
+    cpdef start_parser(self):
+        """llhttp from here on; after a simple request that said "close", it reads that
+        head first (see the pure twin)."""
+        self.parser = httptools.HttpRequestParser(self)
+        if self.closed_by is not None:
+            self.chunk = self.closed_by
+            self.parser.feed_data(self.closed_by)
+            self.requests.pop()  # that request again: it is queued already
 
     cdef reject(self, rejection):
         self.rejected = rejection
@@ -417,12 +540,15 @@ cdef class RequestReader:
         self.chunk = None  # the next request begins further on in it
 
 
-def frame(data, ip="192.0.2.1"):
+def frame(data, ip="192.0.2.1", parser=False):
     """Parse one client's ``data``: per request (name, error status, backend bytes, complete, ...).
 
-    The pure function behind both twins' request framing, for differential tests.
+    The pure function behind both twins' request framing, for differential tests;
+    ``parser``: llhttp reads every request, simple or not.
     """
     reader = RequestReader(ip)
+    if parser:
+        reader.start_parser()
     reader.feed(data)
     return [
         (r.name, r.error.status if r.error else 0, b"".join(r.data), r.complete, r.keep_alive, r.upgrade)

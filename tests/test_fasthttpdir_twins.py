@@ -181,3 +181,184 @@ def test_framing_in_pieces_agrees(data, which):
         return [(r[0], r[1], r[2].split(b"\r\n\r\n")[0], r[4], r[5]) for r in requests[:1]]
 
     assert first(module.frame(data)) == first(framed_in_pieces(module, data, 1))
+
+
+# --- simple requests: framed without llhttp, exactly as llhttp frames them ---------------
+
+NAMES = [
+    b"Host",
+    b"host",
+    b"HOST",
+    b"Connection",
+    b"Proxy-Connection",
+    b"Content-Length",
+    b"Transfer-Encoding",
+    b"Upgrade",
+    b"X-Forwarded-For",
+    b"Forwarded",
+    b"X-Forwarded-Proto",
+    b"User-Agent",
+    b"Accept",
+    b"X_Y",
+    b"X-Y",
+    b"K",
+    b"Hos",
+    b"Hostt",
+    b"Keep-Alive",
+    b"A b",
+    b"",
+]
+VALUES = [
+    b"a.example",
+    b"A.Example.:80",
+    b"a..b",
+    b"close",
+    b"Close",
+    b"keep-alive",
+    b"KEEP-ALIVE",
+    b"upgrade",
+    b"close, te",
+    b"closed",
+    b"0",
+    b"3",
+    b"chunked",
+    b"",
+    b"x y\tz",
+    b"v ",
+    b"\xff",
+    b"a\x00b",
+    b"a\rb",
+    b"a\nb",
+    b"1.2.3.4",
+    b"websocket",
+]
+SEPARATORS = [b": ", b":", b":  ", b":\t", b" : ", b": \t"]
+
+
+BENIGN = [
+    b"User-Agent: wrk",
+    b"Accept: */*",
+    b"Connection: close",
+    b"Connection: keep-alive",
+    b"Proxy-Connection: Close",
+    b"X: ",
+    b"Cookie: a=b; c=d",
+    b"Hostname: b",
+    b"V: trailing \t",
+]
+
+
+@st.composite
+def near_simple(draw):
+    """A simple head, then at most two edits that may take it out of the subset (or not):
+    a field from NAMES, SEPARATORS and VALUES, or a byte inserted, deleted or replaced."""
+    method = draw(st.sampled_from([b"GET", b"HEAD"]))
+    target = draw(st.sampled_from([b"/", b"/a?b=c#d", b"/%7e~!$&'()*+,;=:@"]))
+    host = draw(st.sampled_from([b"Host: a.example", b"host: A.Example.:80", b"HOST: 1.2.3.4"]))
+    lines = [method + b" " + target + b" HTTP/1.1", host]
+    lines[1:1] = draw(st.lists(st.sampled_from(BENIGN), max_size=3))
+    head = bytearray(b"\r\n".join(lines) + b"\r\n\r\n")
+    for _ in range(draw(st.integers(0, 2))):
+        if draw(st.booleans()):
+            name, separator = draw(st.sampled_from(NAMES)), draw(st.sampled_from(SEPARATORS))
+            field = name + separator + draw(st.sampled_from(VALUES))
+            at = head.index(b"\r\n") + 2
+            head[at:at] = field + b"\r\n"
+        else:
+            where = draw(st.integers(0, len(head) - 1))
+            byte = draw(st.sampled_from(b" \t\r\n:_-/0aAZ\x00\x7f\x80\xff"))
+            action = draw(st.sampled_from(["insert", "delete", "replace"]))
+            if action == "insert":
+                head[where:where] = bytes([byte])
+            elif action == "delete":
+                del head[where]
+            else:
+                head[where] = byte
+    tail = draw(st.sampled_from([b"", b"", b"\r\n", b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n", b"abc"]))
+    return bytes(head), tail
+
+
+def reader_state(module, pieces, parser):
+    """Every field of every request, and the reader's own state, after ``pieces`` (with
+    llhttp from the start if ``parser``)."""
+    reader = module.RequestReader("192.0.2.1")
+    if parser:
+        reader.start_parser()
+    for piece in pieces:
+        reader.feed(piece)
+        if reader.rejected or any(r.upgrade for r in reader.requests):
+            break
+    requests = [
+        (
+            r.name,
+            r.method,
+            r.target,
+            r.error and (r.error.status, r.error.reason),
+            b"".join(r.data),
+            r.size,
+            r.replay,
+            r.complete,
+            r.keep_alive,
+            r.upgrade,
+            r.chunked,
+            r.has_body,
+        )
+        for r in reader.requests
+    ]
+    return requests, reader.held, reader.in_head, reader.head_size, reader.current is None
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_simple(), st.booleans(), st.sampled_from(["pure", "compiled"]))
+def test_simple_requests_are_framed_as_llhttp_frames_them(case, apart, which):
+    """A head in the simple subset (or near it), alone or followed by more, in one read or
+    two: the same requests, bytes and state whether llhttp reads every request or only
+    those that are not simple."""
+    module = pure if which == "pure" else compiled()
+    head, tail = case
+    pieces = [head, tail] if apart else [head + tail]
+    assert reader_state(module, pieces, False) == reader_state(module, pieces, True)
+
+
+SIMPLE = [
+    b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    b"HEAD /x?y#z HTTP/1.1\r\nhost: A.Example.:8080\r\nUser-Agent: curl/8\r\nAccept: */*\r\nX: \r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Keep-Alive\r\nProxy-Connection: close\r\n\r\n",
+]
+NOT_SIMPLE = [
+    b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\nGET / HTTP/1.1\r\nHost: a.example\r\n\r\n",  # pipelined
+    b"GET / HTTP/1.1\r\nHost: a.example\r\n",  # not whole
+    b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 0\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: a.example\r\n\r\n",
+    b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost:a.example\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.example\r\nA_b: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close, te\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a..example\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.example\r\nX: \xe9\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", SIMPLE + NOT_SIMPLE)
+def test_which_requests_are_simple(twin, data):
+    """The subset is what the pure twin says; outside it llhttp frames the request."""
+    module = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    reader = module.RequestReader("192.0.2.1")
+    reader.feed(data)
+    assert (reader.parser is None) == (data in SIMPLE)
+    assert reader_state(module, [data], False) == reader_state(module, [data], True)
+
+
+def test_a_request_after_a_simple_close_is_refused(twin):
+    """llhttp refuses what follows a request that said "close" (RFC 9112 §9.6); so does a
+    reader that framed that request without it."""
+    module = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    reader = module.RequestReader("192.0.2.1")
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+    assert reader.parser is None and [r.keep_alive for r in reader.requests] == [False]
+    reader.feed(b"GET /second HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    first, second = reader.requests
+    assert first.name == "a.example" and second.error.status == 400
+    assert "Connection: close" in second.error.reason
