@@ -78,6 +78,9 @@ SIMPLE_TARGET = re.compile(rb"/[!-~]*")  # origin-form, visible ASCII
 SIMPLE_FIELD = re.compile(rb"[!#$%&'*+\-.^`|~0-9A-Za-z]+: (?:[!-~][\t -~]*)?")
 NOT_SIMPLE = DROPPED | frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
 CONNECTION = frozenset((b"connection", b"proxy-connection"))  # llhttp reads both
+# A simple answer (simple_answer): HTTP/1.1, a status from 200 to 599 but 204 and 304,
+# one Content-Length, simple fields, whole in one read.
+SIMPLE_STATUS = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\t -~]*")
 REASONS = {
     308: b"Permanent Redirect",
     400: b"Bad Request",
@@ -390,21 +393,19 @@ class RequestReader:
         target, _, version = rest.partition(b" ")
         if method not in SIMPLE_METHODS or version != b"HTTP/1.1" or not SIMPLE_TARGET.fullmatch(target):
             return False
+        fields = simple_fields(lines[1:])
+        if fields is None:
+            return False
         hosts = []
         keep_alive = True
-        for field_line in lines[1:]:
-            if not SIMPLE_FIELD.fullmatch(field_line):
-                return False
-            field, _, value = field_line.partition(b": ")
-            lowered = field.lower()
+        for lowered, value in fields:
             if lowered == b"host":
                 hosts.append(value)
             elif lowered in CONNECTION:
-                option = value.lower()
-                if option == b"close":
-                    keep_alive = False  # RFC 9112 §9.6
-                elif option != b"keep-alive":
+                option = keeps_alive(value)
+                if option < 0:
                     return False
+                keep_alive = keep_alive and option == 1
             elif lowered in NOT_SIMPLE:
                 return False
         try:
@@ -584,6 +585,63 @@ class RequestReader:
         self.chunk = None  # the next request begins further on in it
 
 
+def simple_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
+    """Each field line's name, lowercased, and value, if every line is simple (SIMPLE_FIELD)."""
+    fields = []
+    for field_line in lines:
+        if not SIMPLE_FIELD.fullmatch(field_line):
+            return None
+        field, _, value = field_line.partition(b": ")
+        fields.append((field.lower(), value))
+    return fields
+
+
+def keeps_alive(value: bytes) -> int:
+    """A simple message's Connection value: "close" 0 (RFC 9112 §9.6), "keep-alive" 1,
+    anything else -1 (llhttp reads a list of options; left to it)."""
+    option = value.lower()
+    if option == b"close":
+        return 0
+    return 1 if option == b"keep-alive" else -1
+
+
+def simple_answer(data: bytes, head: bool) -> tuple[int, bool] | None:
+    """(status, keep-alive) if ``data`` is one whole answer and nothing more (just its
+    head if it answers a HEAD), in the strict subset that llhttp frames the same way
+    (SIMPLE_STATUS, SIMPLE_FIELD, one Content-Length of digits, no Transfer-Encoding or
+    Upgrade, a Connection field of "close" or "keep-alive"); else None: llhttp parses it."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].split(b"\r\n")
+    status_line = SIMPLE_STATUS.fullmatch(lines[0])
+    if status_line is None:
+        return None
+    status = int(status_line[1])
+    if status == 204 or status == 304:  # no body whatever the fields say (RFC 9112 §6.3)
+        return None
+    fields = simple_fields(lines[1:])
+    if fields is None:
+        return None
+    length = -1
+    keep_alive = True
+    for lowered, value in fields:
+        if lowered == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 15:
+                return None
+            length = int(value)
+        elif lowered in CONNECTION:
+            option = keeps_alive(value)
+            if option < 0:
+                return None
+            keep_alive = keep_alive and option == 1
+        elif lowered == b"transfer-encoding" or lowered == b"upgrade":
+            return None
+    if length < 0 or len(data) - end - 4 != (0 if head else length):
+        return None
+    return status, keep_alive
+
+
 def frame(data: bytes, ip: str = "192.0.2.1", parser: bool = False) -> list[tuple]:
     """Parse one client's ``data``: per request (name, error status, backend bytes, complete, ...).
 
@@ -645,7 +703,7 @@ class HttpConnection(Handler):
         self.backend_checked = 0.0  # when it was made, or last found current
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active: Request | None = None  # the exchange in progress
-        self.response = None  # the backend connection's HttpResponseParser
+        self.response = None  # the backend connection's HttpResponseParser, once an answer is not simple
         self.status = 0  # status of the response being parsed
         self.forwarded = 0  # bytes of the current answer sent to the client
         self.sent = 0  # bytes of the current request sent to its backend
@@ -947,7 +1005,7 @@ class HttpConnection(Handler):
         self.backend_name = request.name
         self.backend_socket = identity
         self.backend_checked = self.reactor.time()
-        self.response = httptools.HttpResponseParser(self)  # one per backend connection
+        self.response = None  # llhttp once an answer is not simple (simple_answer)
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
             request.data.insert(
@@ -1004,17 +1062,25 @@ class HttpConnection(Handler):
             self.drop_backend()  # an answer nobody asked for
             return
         self.heads = 0
-        try:
-            self.response.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self.status != 101 or not self.active.upgrade:
-                self.fail_answer("101 without an upgrade request")
+        answer = simple_answer(data, self.active.method == b"HEAD") if self.response is None else None
+        if answer is not None:  # one whole answer: what llhttp's callbacks would have set
+            self.status, self.response_keep_alive = answer
+            self.heads = 1
+            self.final = True
+        else:
+            if self.response is None:
+                self.response = httptools.HttpResponseParser(self)
+            try:
+                self.response.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self.status != 101 or not self.active.upgrade:
+                    self.fail_answer("101 without an upgrade request")
+                    return
+                self.relay(data)
                 return
-            self.relay(data)
-            return
-        except httptools.HttpParserError as exc:
-            self.fail_answer(f"bad response: {exc}")
-            return
+            except httptools.HttpParserError as exc:
+                self.fail_answer(f"bad response: {exc}")
+                return
         if self.final and self.active.method == b"HEAD" and self.head_end(data) < len(data):
             self.overrun = True  # llhttp would read them as a body: a HEAD answer ends at its head
         self.tail = (self.tail + data[-3:])[-3:]  # for head_end: a head's end may straddle two reads
@@ -1080,7 +1146,7 @@ class HttpConnection(Handler):
         request = self.active
         self.active = None
         if request.method == b"HEAD":  # its answer left the parser expecting a body
-            self.response = httptools.HttpResponseParser(self)
+            self.response = None
         self.reader.requests.popleft()
         if request.upgrade and self.upgrade_wait:
             self.upgrade_wait = False

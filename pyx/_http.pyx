@@ -14,6 +14,9 @@ consecutive requests name the same host and it still leads to the same socket.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memchr, memcmp, memcpy, strlen
 
+cdef extern from "string.h":
+    void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen)
+
 from fastsni._engine cimport _monotonic, connect_fd, new_side, no_owner_log, Handler, Reactor, Service, Side, Timer
 
 import sys
@@ -174,7 +177,7 @@ def host_name(hosts, target):
     return name
 
 
-cdef inline bint _named(const unsigned char* at, Py_ssize_t size, const char* lowered):
+cdef inline bint _named(const unsigned char* at, Py_ssize_t size, const char* lowered) noexcept:
     """Whether the ``size`` bytes at ``at`` are ``lowered``, ASCII letters in either case
     (bytes.lower() in the pure twin; no locale)."""
     cdef Py_ssize_t i
@@ -184,6 +187,82 @@ cdef inline bint _named(const unsigned char* at, Py_ssize_t size, const char* lo
         if (at[i] | 0x20 if 0x41 <= at[i] <= 0x5A else at[i]) != <unsigned char>lowered[i]:
             return False
     return True
+
+
+cdef Py_ssize_t simple_field(const unsigned char* p, Py_ssize_t at, Py_ssize_t* colon) noexcept:
+    """The pure twin's simple_fields, one line: where the field line at ``at`` ends (its
+    CR) if it is simple, with ``colon`` set where its name ends; else -1.  A CRLF CRLF
+    must follow in ``p``: every scan stops at its CR at the latest."""
+    cdef Py_ssize_t start = at
+    while C_TCHAR[p[at]]:
+        at += 1
+    if at == start or p[at] != 58 or p[at + 1] != 32:  # ": "
+        return -1
+    colon[0] = at
+    at += 2
+    if p[at] == 32 or p[at] == 9:
+        return -1
+    while p[at] == 9 or 0x20 <= p[at] <= 0x7E:
+        at += 1
+    if p[at] != 13 or p[at + 1] != 10:
+        return -1
+    return at
+
+
+cdef int keeps_alive(const unsigned char* value, Py_ssize_t size) noexcept:
+    """A simple message's Connection value: "close" 0, "keep-alive" 1, anything else -1."""
+    if _named(value, size, b"close"):
+        return 0  # RFC 9112 §9.6
+    return 1 if _named(value, size, b"keep-alive") else -1
+
+
+cpdef tuple simple_answer(bytes data, bint head):
+    """(status, keep-alive) if ``data`` is one whole simple answer and nothing more (just
+    its head if it answers a HEAD); else None: see the pure twin."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t at, colon, end, value, head_end, i
+    cdef long long length = -1
+    cdef int status, keep_alive = 1, option
+    cdef const unsigned char* found = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
+    if found == NULL or n < 17 or memcmp(p, b"HTTP/1.1 ", 9) != 0:
+        return None
+    head_end = found - p
+    if not (0x32 <= p[9] <= 0x35 and 0x30 <= p[10] <= 0x39 and 0x30 <= p[11] <= 0x39) or p[12] != 32:
+        return None
+    status = (p[9] - 0x30) * 100 + (p[10] - 0x30) * 10 + p[11] - 0x30
+    if status == 204 or status == 304:  # no body whatever the fields say (RFC 9112 §6.3)
+        return None
+    at = 13
+    while p[at] == 9 or 0x20 <= p[at] <= 0x7E:
+        at += 1
+    if p[at] != 13 or p[at + 1] != 10:
+        return None
+    at += 2
+    while at < head_end + 2:
+        end = simple_field(p, at, &colon)
+        if end < 0:
+            return None
+        value = colon + 2
+        if _named(p + at, colon - at, b"content-length"):
+            if length >= 0 or end == value or end - value > 15:
+                return None
+            length = 0
+            for i in range(value, end):
+                if not 0x30 <= p[i] <= 0x39:
+                    return None
+                length = length * 10 + p[i] - 0x30
+        elif _named(p + at, colon - at, b"connection") or _named(p + at, colon - at, b"proxy-connection"):
+            option = keeps_alive(p + value, end - value)
+            if option < 0:
+                return None
+            keep_alive &= option
+        elif _named(p + at, colon - at, b"transfer-encoding") or _named(p + at, colon - at, b"upgrade"):
+            return None
+        at = end + 2
+    if length < 0 or n - head_end - 4 != (0 if head else length):
+        return None
+    return (status, bool(keep_alive))
 
 
 cdef class Request:
@@ -286,8 +365,8 @@ cdef class RequestReader:
         """Frame ``data`` without llhttp if it is one whole GET or HEAD head and nothing
         more, in the strict subset of the pure twin, scanned here in C."""
         cdef const unsigned char* p
-        cdef Py_ssize_t n, at, start, value, end, method_size, target_end
-        cdef bint keep_alive = True
+        cdef Py_ssize_t n, at, colon, value, end, method_size, target_end
+        cdef int keep_alive = 1, option
         cdef bytes host = None, head, forwarded_for = self.forwarded_for
         cdef char* out
         cdef Request request
@@ -311,36 +390,27 @@ cdef class RequestReader:
             return False
         at += 11
         while at < n - 2:  # one field line; the head's last CRLF begins at n - 2
-            start = at
-            while C_TCHAR[p[at]]:
-                at += 1
-            if at == start or p[at] != 58 or p[at + 1] != 32:  # ": "
+            end = simple_field(p, at, &colon)
+            if end < 0:
                 return False
-            value = at + 2
-            end = value
-            if p[end] == 32 or p[end] == 9:
-                return False
-            while p[end] == 9 or 0x20 <= p[end] <= 0x7E:
-                end += 1
-            if p[end] != 13 or p[end + 1] != 10:
-                return False
-            if _named(p + start, at - start, b"host"):
+            value = colon + 2
+            if _named(p + at, colon - at, b"host"):
                 if host is not None:
                     return False
                 host = PyBytes_FromStringAndSize(<const char*>p + value, end - value)
-            elif _named(p + start, at - start, b"connection") or _named(p + start, at - start, b"proxy-connection"):
-                if _named(p + value, end - value, b"close"):
-                    keep_alive = False  # RFC 9112 §9.6
-                elif not _named(p + value, end - value, b"keep-alive"):
+            elif _named(p + at, colon - at, b"connection") or _named(p + at, colon - at, b"proxy-connection"):
+                option = keeps_alive(p + value, end - value)
+                if option < 0:
                     return False
+                keep_alive &= option
             elif (
-                _named(p + start, at - start, b"content-length")
-                or _named(p + start, at - start, b"transfer-encoding")
-                or _named(p + start, at - start, b"upgrade")
-                or _named(p + start, at - start, b"x-forwarded-for")
-                or _named(p + start, at - start, b"x-forwarded-host")
-                or _named(p + start, at - start, b"x-forwarded-proto")
-                or _named(p + start, at - start, b"forwarded")
+                _named(p + at, colon - at, b"content-length")
+                or _named(p + at, colon - at, b"transfer-encoding")
+                or _named(p + at, colon - at, b"upgrade")
+                or _named(p + at, colon - at, b"x-forwarded-for")
+                or _named(p + at, colon - at, b"x-forwarded-host")
+                or _named(p + at, colon - at, b"x-forwarded-proto")
+                or _named(p + at, colon - at, b"forwarded")
             ):
                 return False  # NOT_SIMPLE
             at = end + 2
@@ -615,7 +685,7 @@ cdef class HttpConnection(Handler):
         self.backend_checked = 0.0  # when it was made, or last found current
         self.client_eof = False  # the client sent everything; answer what it asked, then close
         self.active = None  # the exchange in progress
-        self.response = None  # its HttpResponseParser
+        self.response = None  # its HttpResponseParser, once an answer is not simple
         self.status = 0  # status of the response being parsed
         self.forwarded = 0  # bytes of the current answer sent to the client
         self.sent = 0  # bytes of the current request sent to its backend
@@ -927,7 +997,7 @@ cdef class HttpConnection(Handler):
         self.backend_name = request.name
         self.backend_socket = (identity[0], identity[1])
         self.backend_checked = _monotonic()
-        self.response = httptools.HttpResponseParser(self)  # one per backend connection
+        self.response = None  # llhttp once an answer is not simple (simple_answer)
         self.reactor.add(fd, self)
         if proxy:  # goes out in one write with the request head (pump)
             request.data.insert(0, proxy_header(proxy, self.peer, local_of(self.fd, self.service.family), request.name))
@@ -981,21 +1051,31 @@ cdef class HttpConnection(Handler):
     cdef backend_data(self, bytes data):
         global _down
         cdef Request active
+        cdef tuple answer
         if self.active is None or self.final:
             self.drop_backend()  # an answer nobody asked for
             return
         self.heads = 0
-        try:
-            self.response.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self.status != 101 or not self.active.upgrade:
-                self.fail_answer("101 without an upgrade request")
+        answer = simple_answer(data, self.active.method == b"HEAD") if self.response is None else None
+        if answer is not None:  # one whole answer: what llhttp's callbacks would have set
+            self.status = answer[0]
+            self.response_keep_alive = answer[1]
+            self.heads = 1
+            self.final = True
+        else:
+            if self.response is None:
+                self.response = httptools.HttpResponseParser(self)
+            try:
+                self.response.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self.status != 101 or not self.active.upgrade:
+                    self.fail_answer("101 without an upgrade request")
+                    return
+                self.relay(data)
                 return
-            self.relay(data)
-            return
-        except httptools.HttpParserError as exc:
-            self.fail_answer(f"bad response: {exc}")
-            return
+            except httptools.HttpParserError as exc:
+                self.fail_answer(f"bad response: {exc}")
+                return
         if self.final and self.active.method == b"HEAD" and self.head_end(data) < len(data):
             self.overrun = True  # llhttp would read them as a body: a HEAD answer ends at its head
         self.tail = (self.tail + data[-3:])[-3:]  # for head_end: a head's end may straddle two reads
@@ -1061,7 +1141,7 @@ cdef class HttpConnection(Handler):
         cdef Request request = self.active
         self.active = None
         if request.method == b"HEAD":  # its answer left the parser expecting a body
-            self.response = httptools.HttpResponseParser(self)
+            self.response = None
         self.reader.requests.popleft()
         if request.upgrade and self.upgrade_wait:
             self.upgrade_wait = False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import re
 
+import httptools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -248,6 +250,27 @@ BENIGN = [
 ]
 
 
+def edit(draw, head: bytearray, values: list[bytes]) -> None:
+    """At most two edits of ``head`` that may take it out of the simple subset (or not):
+    a field from NAMES, SEPARATORS and ``values`` after its first line, or a byte
+    inserted, deleted or replaced."""
+    for _ in range(draw(st.integers(0, 2))):
+        if draw(st.booleans()):
+            name, separator = draw(st.sampled_from(NAMES)), draw(st.sampled_from(SEPARATORS))
+            at = head.index(b"\r\n") + 2
+            head[at:at] = name + separator + draw(st.sampled_from(values)) + b"\r\n"
+        else:
+            where = draw(st.integers(0, len(head) - 1))
+            byte = draw(st.sampled_from(b" \t\r\n:_-/0129aAZ\x00\x7f\x80\xff"))
+            action = draw(st.sampled_from(["insert", "delete", "replace"]))
+            if action == "insert":
+                head[where:where] = bytes([byte])
+            elif action == "delete":
+                del head[where]
+            else:
+                head[where] = byte
+
+
 @st.composite
 def near_simple(draw):
     """A simple head, then at most two edits that may take it out of the subset (or not):
@@ -258,22 +281,7 @@ def near_simple(draw):
     lines = [method + b" " + target + b" HTTP/1.1", host]
     lines[1:1] = draw(st.lists(st.sampled_from(BENIGN), max_size=3))
     head = bytearray(b"\r\n".join(lines) + b"\r\n\r\n")
-    for _ in range(draw(st.integers(0, 2))):
-        if draw(st.booleans()):
-            name, separator = draw(st.sampled_from(NAMES)), draw(st.sampled_from(SEPARATORS))
-            field = name + separator + draw(st.sampled_from(VALUES))
-            at = head.index(b"\r\n") + 2
-            head[at:at] = field + b"\r\n"
-        else:
-            where = draw(st.integers(0, len(head) - 1))
-            byte = draw(st.sampled_from(b" \t\r\n:_-/0aAZ\x00\x7f\x80\xff"))
-            action = draw(st.sampled_from(["insert", "delete", "replace"]))
-            if action == "insert":
-                head[where:where] = bytes([byte])
-            elif action == "delete":
-                del head[where]
-            else:
-                head[where] = byte
+    edit(draw, head, VALUES)
     tail = draw(st.sampled_from([b"", b"", b"\r\n", b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n", b"abc"]))
     return bytes(head), tail
 
@@ -362,3 +370,76 @@ def test_a_request_after_a_simple_close_is_refused(twin):
     first, second = reader.requests
     assert first.name == "a.example" and second.error.status == 400
     assert "Connection: close" in second.error.reason
+
+
+@st.composite
+def near_simple_answers(draw):
+    """A simple answer, then at most two edits (a field or a byte), then maybe more bytes."""
+    status = draw(st.sampled_from([b"200 OK", b"404 Not Found", b"500 ", b"302 Found", b"599 x\ty"]))
+    body = draw(st.sampled_from([b"", b"hi", b"\r\n\r\n", b"x" * 300]))
+    lines = [b"HTTP/1.1 " + status, b"Content-Length: %d" % len(body)]
+    lines[1:1] = draw(st.lists(st.sampled_from(BENIGN + [b"Content-Type: text/plain"]), max_size=3))
+    head = bytearray(b"\r\n".join(lines) + b"\r\n\r\n")
+    edit(draw, head, VALUES + [b"007", b"+2", b"2 ", b"1" * 16])
+    head_only = draw(st.booleans())
+    tail = draw(st.sampled_from([b"", b"", b"", b"x", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]))
+    return bytes(head) + (b"" if head_only else body) + tail, head_only
+
+
+class Recorder:
+    """httptools response callbacks, counted: what llhttp makes of an answer."""
+
+    def __init__(self):
+        self.parser = httptools.HttpResponseParser(self)
+        self.begun = self.heads = self.completed = 0
+        self.seen = None
+
+    def on_message_begin(self):
+        self.begun += 1
+
+    def on_headers_complete(self):
+        self.heads += 1
+        self.seen = (self.parser.get_status_code(), self.parser.should_keep_alive())
+
+    def on_message_complete(self):
+        self.completed += 1
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_simple_answers(), st.sampled_from(["pure", "compiled"]))
+def test_simple_answers_are_framed_as_llhttp_frames_them(case, which):
+    """Whatever simple_answer takes is one whole answer to llhttp too (just its head for
+    HEAD), nothing more, with the same status and keep-alive."""
+    module = pure if which == "pure" else compiled()
+    data, head = case
+    answer = module.simple_answer(data, head)
+    assert answer == pure.simple_answer(data, head)
+    if answer is None:
+        return
+    llhttp = Recorder()
+    llhttp.parser.feed_data(data)
+    assert (llhttp.begun, llhttp.heads, llhttp.seen) == (1, 1, answer)
+    length = int(re.search(rb"(?i)\r\ncontent-length: (\d+)", data)[1])
+    assert llhttp.completed == (1 if not head or length == 0 else 0)
+    assert data.endswith(b"\r\n\r\n") if head else llhttp.completed == 1
+
+
+@pytest.mark.parametrize(
+    "data, head, expected",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", False, (200, True)),
+        (b"HTTP/1.1 404 \r\nConnection: close\r\nContent-Length: 0\r\n\r\n", False, (404, False)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", True, (200, True)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", True, None),  # HEAD: a body is too much
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nh", False, None),  # not whole
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiHTTP/1.1", False, None),  # more
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", False, None),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\n\r\n", False, None),
+        (b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 0\r\n\r\n", False, None),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", False, None),
+        (b"HTTP/1.1 200 OK\r\n\r\n", False, None),  # delimited by the close
+    ],
+)
+def test_which_answers_are_simple(twin, data, head, expected):
+    module = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    assert module.simple_answer(data, head) == expected
