@@ -340,7 +340,7 @@ class RequestReader:
     """
 
     def __init__(self, ip: str) -> None:
-        self.forwarded_for = b"X-Forwarded-For: %s\r\n" % ip.encode()  # the client's, for every request
+        self.forwarded_for = b"X-Forwarded-For: " + ip.encode() + b"\r\n"  # the client's, for every request
         self.parser: httptools.HttpRequestParser | None = None  # until a request is not simple
         self.closed_by: bytes | None = None  # a simple request's head that said "close"
         self.requests: deque[Request] = deque()
@@ -1083,7 +1083,8 @@ class HttpConnection(Handler):
                 return
         if self.final and self.active.method == b"HEAD" and self.head_end(data) < len(data):
             self.overrun = True  # llhttp would read them as a body: a HEAD answer ends at its head
-        self.tail = (self.tail + data[-3:])[-3:]  # for head_end: a head's end may straddle two reads
+        if not self.final:  # for head_end: a head's end may straddle two reads (none after the final)
+            self.tail = (self.tail + data[-3:])[-3:]
         if self.overrun:
             # More after the final answer, unasked: never let it pass as the answer to
             # the client's next request (which may be for another host).

@@ -143,7 +143,7 @@ def _authority_name(authority):
     return name
 
 
-def host_name(hosts, target):
+cpdef str host_name(hosts, target):
     """The backend directory of a request with these Host values and request-target.
 
     Exactly one Host; an absolute-form target's authority must name the same host.
@@ -321,7 +321,7 @@ cdef class RequestReader:
     cdef public bytes closed_by
 
     def __init__(self, ip):
-        self.forwarded_for = b"X-Forwarded-For: %s\r\n" % ip.encode()  # the client's, for every request
+        self.forwarded_for = b"X-Forwarded-For: " + ip.encode() + b"\r\n"  # the client's, for every request
         self.parser = None  # until a request is not simple
         self.closed_by = None  # a simple request's head that said "close"
         self.requests = deque()
@@ -1078,7 +1078,8 @@ cdef class HttpConnection(Handler):
                 return
         if self.final and self.active.method == b"HEAD" and self.head_end(data) < len(data):
             self.overrun = True  # llhttp would read them as a body: a HEAD answer ends at its head
-        self.tail = (self.tail + data[-3:])[-3:]  # for head_end: a head's end may straddle two reads
+        if not self.final:  # for head_end: a head's end may straddle two reads (none after the final)
+            self.tail = (self.tail + data[-3:])[-3:]
         if self.overrun:
             # More after the final answer, unasked: never let it pass as the answer to
             # the client's next request (which may be for another host).
