@@ -73,7 +73,7 @@ NOT_URI_SAFE = re.compile(rb"[^\x21-\x7e]")  # controls, space, DEL, non-ASCII: 
 # the same way (tests/test_fasthttpdir_twins.py, tests/fuzz/fuzz_request.py).
 SIMPLE_METHODS = (b"GET", b"HEAD")
 SIMPLE_TARGET = re.compile(rb"/[!-~]*")  # origin-form, visible ASCII
-# RFC 9110 §5.1 token (without "_": such a name is dropped), ": ", a value that starts
+# RFC 9110 §5.6.2 token (without "_": such a name is dropped), ": ", a value that starts
 # visible (llhttp drops leading OWS) and holds visible ASCII, SP and HTAB (§5.5).
 SIMPLE_FIELD = re.compile(rb"[!#$%&'*+\-.^`|~0-9A-Za-z]+: (?:[!-~][\t -~]*)?")
 NOT_SIMPLE = DROPPED | frozenset((b"content-length", b"transfer-encoding", b"upgrade"))

@@ -66,7 +66,7 @@ cdef double C_HEAD_TIMEOUT = HEAD_TIMEOUT
 cdef double C_LINGER = LINGER
 cdef frozenset C_DROPPED = DROPPED
 cdef bytes C_GET = b"GET", C_HEAD = b"HEAD"
-# RFC 9110 §5.1 token characters without "_" (see the pure twin's SIMPLE_FIELD)
+# RFC 9110 §5.6.2 token characters without "_" (see the pure twin's SIMPLE_FIELD)
 cdef unsigned char C_TCHAR[256]
 cdef const unsigned char* _t = b"!#$%&'*+-.^`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 while _t[0]:
