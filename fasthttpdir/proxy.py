@@ -355,6 +355,7 @@ class RequestReader:
         self.rejected: Rejected | None = None
         self.reparse = False  # the upgrade request being parsed has a body: see parse_again
         self.chunk: bytes | None = None  # the bytes being parsed, if a request begins them
+        self.head_begun = False  # a head is parsed in part: the next bytes do not begin a request
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
@@ -362,7 +363,7 @@ class RequestReader:
             if self.closed_by is None and self.simple_request(data):
                 return
             self.start_parser()
-        self.chunk = data if self.in_head and self.head_size == 0 else None
+        self.chunk = data if self.in_head and not self.head_begun else None
         if self.in_head:
             self.head_size += len(data)
         try:
@@ -393,7 +394,7 @@ class RequestReader:
         target, _, version = rest.partition(b" ")
         if method not in SIMPLE_METHODS or version != b"HTTP/1.1" or not SIMPLE_TARGET.fullmatch(target):
             return False
-        fields = simple_fields(lines[1:])
+        fields = _simple_fields(lines[1:])
         if fields is None:
             return False
         hosts = []
@@ -402,7 +403,7 @@ class RequestReader:
             if lowered == b"host":
                 hosts.append(value)
             elif lowered in CONNECTION:
-                option = keeps_alive(value)
+                option = _keeps_alive(value)
                 if option < 0:
                     return False
                 keep_alive = keep_alive and option == 1
@@ -463,6 +464,7 @@ class RequestReader:
         self.feed(request.replay + rest)
 
     def on_message_begin(self) -> None:
+        self.head_begun = True
         self.target = b""
         self.headers = []
         self.hosts = []
@@ -483,8 +485,9 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         parser = self.parser
         self.in_head = False
+        self.head_begun = False
         method = parser.get_method()
-        version = self.version()
+        version = self.version(method)
         size = len(method) + len(self.target) + 12
         for name, value in self.headers:
             size += len(name) + len(value) + 4
@@ -527,14 +530,17 @@ class RequestReader:
         self.current = request
         self.requests.append(request)
 
-    def version(self) -> str:
+    def version(self, method: bytes) -> str:
         """The request's HTTP version, "1.1" or "1.0" (or another, refused).  Read from its
         request line, which llhttp has checked, when the bytes being parsed begin with it
-        (the usual case); httptools' get_http_version() builds it with str.format."""
+        (the usual case) and it is exactly ``method SP target SP HTTP/1.x CRLF``;
+        httptools' get_http_version() builds it with str.format.  (A line of another
+        shape, "CONNECT  HTTP/1.1" with "HTTP/1.1" the target, is llhttp's to read.)"""
         chunk = self.chunk
         if chunk is not None:
             end = chunk.find(b"\n")  # llhttp ends a request line with CRLF only
-            if end >= 10 and chunk[end - 1] == 13:
+            shaped = end == len(method) + len(self.target) + 11 and chunk.startswith(method)
+            if shaped and chunk[end - 1] == 13:
                 line_end = chunk[end - 10 : end - 1]
                 if line_end == b" HTTP/1.1":
                     return "1.1"
@@ -585,7 +591,7 @@ class RequestReader:
         self.chunk = None  # the next request begins further on in it
 
 
-def simple_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
+def _simple_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
     """Each field line's name, lowercased, and value, if every line is simple (SIMPLE_FIELD)."""
     fields = []
     for field_line in lines:
@@ -596,7 +602,7 @@ def simple_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
     return fields
 
 
-def keeps_alive(value: bytes) -> int:
+def _keeps_alive(value: bytes) -> int:
     """A simple message's Connection value: "close" 0 (RFC 9112 §9.6), "keep-alive" 1,
     anything else -1 (llhttp reads a list of options; left to it)."""
     option = value.lower()
@@ -620,7 +626,7 @@ def simple_answer(data: bytes, head: bool) -> tuple[int, bool] | None:
     status = int(status_line[1])
     if status == 204 or status == 304:  # no body whatever the fields say (RFC 9112 §6.3)
         return None
-    fields = simple_fields(lines[1:])
+    fields = _simple_fields(lines[1:])
     if fields is None:
         return None
     length = -1
@@ -631,7 +637,7 @@ def simple_answer(data: bytes, head: bool) -> tuple[int, bool] | None:
                 return None
             length = int(value)
         elif lowered in CONNECTION:
-            option = keeps_alive(value)
+            option = _keeps_alive(value)
             if option < 0:
                 return None
             keep_alive = keep_alive and option == 1

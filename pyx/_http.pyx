@@ -189,8 +189,8 @@ cdef inline bint _named(const unsigned char* at, Py_ssize_t size, const char* lo
     return True
 
 
-cdef Py_ssize_t simple_field(const unsigned char* p, Py_ssize_t at, Py_ssize_t* colon) noexcept:
-    """The pure twin's simple_fields, one line: where the field line at ``at`` ends (its
+cdef Py_ssize_t _simple_field(const unsigned char* p, Py_ssize_t at, Py_ssize_t* colon) noexcept:
+    """The pure twin's _simple_fields, one line: where the field line at ``at`` ends (its
     CR) if it is simple, with ``colon`` set where its name ends; else -1.  A CRLF CRLF
     must follow in ``p``: every scan stops at its CR at the latest."""
     cdef Py_ssize_t start = at
@@ -209,7 +209,7 @@ cdef Py_ssize_t simple_field(const unsigned char* p, Py_ssize_t at, Py_ssize_t* 
     return at
 
 
-cdef int keeps_alive(const unsigned char* value, Py_ssize_t size) noexcept:
+cdef int _keeps_alive(const unsigned char* value, Py_ssize_t size) noexcept:
     """A simple message's Connection value: "close" 0, "keep-alive" 1, anything else -1."""
     if _named(value, size, b"close"):
         return 0  # RFC 9112 §9.6
@@ -240,7 +240,7 @@ cpdef tuple simple_answer(bytes data, bint head):
         return None
     at += 2
     while at < head_end + 2:
-        end = simple_field(p, at, &colon)
+        end = _simple_field(p, at, &colon)
         if end < 0:
             return None
         value = colon + 2
@@ -253,7 +253,7 @@ cpdef tuple simple_answer(bytes data, bint head):
                     return None
                 length = length * 10 + p[i] - 0x30
         elif _named(p + at, colon - at, b"connection") or _named(p + at, colon - at, b"proxy-connection"):
-            option = keeps_alive(p + value, end - value)
+            option = _keeps_alive(p + value, end - value)
             if option < 0:
                 return None
             keep_alive &= option
@@ -319,6 +319,7 @@ cdef class RequestReader:
     cdef public bint reparse
     cdef public bytes chunk
     cdef public bytes closed_by
+    cdef public bint head_begun
 
     def __init__(self, ip):
         self.forwarded_for = b"X-Forwarded-For: " + ip.encode() + b"\r\n"  # the client's, for every request
@@ -336,6 +337,7 @@ cdef class RequestReader:
         self.rejected = None
         self.reparse = False  # the upgrade request being parsed has a body: see parse_again
         self.chunk = None  # the bytes being parsed, if a request begins them
+        self.head_begun = False  # a head is parsed in part: the next bytes do not begin a request
 
     cpdef feed(self, data):
         """Parse ``data``; a rejection or parse error becomes a final error Request."""
@@ -343,7 +345,7 @@ cdef class RequestReader:
             if self.closed_by is None and self.simple_request(data):
                 return
             self.start_parser()
-        self.chunk = data if self.in_head and self.head_size == 0 else None
+        self.chunk = data if self.in_head and not self.head_begun else None
         if self.in_head:
             self.head_size += len(data)
         try:
@@ -390,7 +392,7 @@ cdef class RequestReader:
             return False
         at += 11
         while at < n - 2:  # one field line; the head's last CRLF begins at n - 2
-            end = simple_field(p, at, &colon)
+            end = _simple_field(p, at, &colon)
             if end < 0:
                 return False
             value = colon + 2
@@ -399,7 +401,7 @@ cdef class RequestReader:
                     return False
                 host = PyBytes_FromStringAndSize(<const char*>p + value, end - value)
             elif _named(p + at, colon - at, b"connection") or _named(p + at, colon - at, b"proxy-connection"):
-                option = keeps_alive(p + value, end - value)
+                option = _keeps_alive(p + value, end - value)
                 if option < 0:
                     return False
                 keep_alive &= option
@@ -476,6 +478,7 @@ cdef class RequestReader:
         self.feed(request.replay + rest)
 
     def on_message_begin(self):
+        self.head_begun = True
         self.target = b""
         self.headers = []
         self.hosts = []
@@ -501,8 +504,9 @@ cdef class RequestReader:
         cdef Request request
         parser = self.parser
         self.in_head = False
+        self.head_begun = False
         method = parser.get_method()
-        version = self.version()
+        version = self.version(method)
         size = len(method) + len(self.target) + 12
         for pair in self.headers:
             size += len(<bytes>pair[0]) + len(<bytes>pair[1]) + 4
@@ -550,7 +554,7 @@ cdef class RequestReader:
         self.current = request
         self.requests.append(request)
 
-    cdef str version(self):
+    cdef str version(self, bytes method):
         """The request's HTTP version: see the pure twin."""
         cdef bytes chunk = self.chunk
         cdef const char* at
@@ -558,7 +562,12 @@ cdef class RequestReader:
         if chunk is not None:
             at = chunk
             lf = <const char*>memchr(at, 10, len(chunk))  # llhttp ends a request line with CRLF only
-            if lf != NULL and lf - at >= 10 and lf[-1] == 13:
+            if (
+                lf != NULL
+                and lf - at == len(method) + len(self.target) + 11
+                and lf[-1] == 13
+                and memcmp(at, <const char*>method, len(method)) == 0
+            ):
                 at = lf - 10
                 if memcmp(at, b" HTTP/1.1", 9) == 0:
                     return "1.1"

@@ -160,6 +160,37 @@ def test_trailers_cannot_carry_forwarded_headers(twin):
     assert data == CHUNKED_FORWARDED
 
 
+def test_a_version_is_read_only_from_a_request_line_that_begins_the_read(twin):
+    """fuzz_request found it (regressions/request/version-of-a-head-begun-in-an-earlier-read):
+    a request that begins after another in one read and ends in the next was given the
+    version at the end of the next read's first line (RequestReader.version), so a head
+    that llhttp reads as HTTP/0.9 went on as HTTP/1.1; split or whole, it is refused."""
+    proxy = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    pieces = [b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b\r\nHost: a\r\n", b"X: y HTTP/1.1\r\n\r\n"]
+    for reads in (pieces, [b"".join(pieces)]):
+        reader = proxy.RequestReader("192.0.2.1")
+        for data in reads:
+            reader.feed(data)
+        first, second = reader.requests
+        assert first.name == "a" and first.error is None
+        assert (second.name, second.error.status, second.error.reason) == (None, 400, "HTTP/0.9")
+
+
+def test_a_version_is_read_only_from_a_request_line_of_the_usual_shape(twin):
+    """fuzz_request found it (regressions/request/connect-with-the-version-as-its-target):
+    in "CONNECT  HTTP/1.1" llhttp reads "HTTP/1.1" as the target and no version (0.9),
+    but the line's end made it 1.1 when the head came in one read (405), not in pieces
+    (400).  Only a line ``method SP target SP HTTP/1.x`` is read without llhttp now."""
+    proxy = twin.module("fasthttpdir.proxy", "fasthttpdir._http")
+    data = b"CONNECT  HTTP/1.1\r\nHost: a\r\n\r\n"
+    for size in (len(data), 1):
+        reader = proxy.RequestReader("192.0.2.1")
+        for at in range(0, len(data), size):
+            reader.feed(data[at : at + size])
+        [request] = reader.requests
+        assert (request.error.status, request.error.reason) == (400, "HTTP/0.9")
+
+
 def test_trailers_cannot_carry_forwarded_headers_end_to_end(hosts, twin, proxies):
     got = bytearray()
 
