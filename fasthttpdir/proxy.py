@@ -648,15 +648,12 @@ def simple_answer(data: bytes, head: bool) -> tuple[int, bool] | None:
     return status, keep_alive
 
 
-def frame(data: bytes, ip: str = "192.0.2.1", parser: bool = False) -> list[tuple]:
+def frame(data: bytes, ip: str = "192.0.2.1") -> list[tuple]:
     """Parse one client's ``data``: per request (name, error status, backend bytes, complete, ...).
 
-    The pure function behind both twins' request framing, for differential tests;
-    ``parser``: llhttp reads every request, simple or not.
+    The pure function behind both twins' request framing, for differential tests.
     """
     reader = RequestReader(ip)
-    if parser:
-        reader.start_parser()
     reader.feed(data)
     return [
         (r.name, r.error.status if r.error else 0, b"".join(r.data), r.complete, r.keep_alive, r.upgrade)

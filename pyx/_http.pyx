@@ -619,15 +619,12 @@ cdef class RequestReader:
         self.chunk = None  # the next request begins further on in it
 
 
-def frame(data, ip="192.0.2.1", parser=False):
+def frame(data, ip="192.0.2.1"):
     """Parse one client's ``data``: per request (name, error status, backend bytes, complete, ...).
 
-    The pure function behind both twins' request framing, for differential tests;
-    ``parser``: llhttp reads every request, simple or not.
+    The pure function behind both twins' request framing, for differential tests.
     """
     reader = RequestReader(ip)
-    if parser:
-        reader.start_parser()
     reader.feed(data)
     return [
         (r.name, r.error.status if r.error else 0, b"".join(r.data), r.complete, r.keep_alive, r.upgrade)
