@@ -93,7 +93,9 @@ cdef class Listener(Handler):
     cdef public bint closed
     cdef public object retry
     cdef public bint starved
+    cdef public bint counted
 
+    cpdef int waiting(self)
     cpdef accept(self)
     cpdef descriptor_freed(self)
 

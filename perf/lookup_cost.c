@@ -1,5 +1,6 @@
 /* The kernel's price of each step of the proxies' per-connection backend lookup,
- * against a plain connect by path as sniproxy, nginx and haproxy make it.
+ * against a plain connect by path as sniproxy, nginx and haproxy make it; and of the
+ * two ways to learn that a TCP listener's accept queue is empty.
  *
  *     lookup_cost HOSTS ROUNDS COUNT
  *
@@ -12,6 +13,8 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/openat2.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
@@ -28,7 +31,7 @@
 #define SOCKET ENTRY "/tls-socket"
 #define MAX_ROUNDS 64
 
-static int hosts, listener;
+static int hosts, listener, tcp_listener; /* tcp_listener: non-blocking, nothing queued */
 
 static double cpu_now(void) {
     struct rusage usage;
@@ -109,6 +112,16 @@ static void open_and_connect_by_path(void) { /* the same openat2 and close, then
     close(fd);
 }
 
+static void accept_finding_none(void) { /* allocates a socket and a file, then EAGAIN */
+    accept4(tcp_listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+}
+
+static void read_accept_queue(void) { /* tcpi_unacked: the accept queue's length */
+    struct tcp_info info;
+    socklen_t length = 32;
+    getsockopt(tcp_listener, IPPROTO_TCP, TCP_INFO, &info, &length);
+}
+
 static int by_value(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -128,9 +141,12 @@ int main(int argc, char **argv) {
         {"openat2 + socket + connect /proc/self/fd/N + close x2", connect_through_proc},
         {"openat2 + socket + connect N (cwd /proc/self/fd) + close x2", connect_through_fd_directory,
          "/proc/self/fd"},
+        {"accept4 on an empty TCP queue (EAGAIN)", accept_finding_none},
+        {"getsockopt TCP_INFO of a TCP listener", read_accept_queue},
     };
     double seconds[MAX_ROUNDS];
     struct sockaddr_un address = {.sun_family = AF_UNIX};
+    struct sockaddr_in loopback = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     pthread_t thread;
     int rounds, count;
     if (argc != 4 || (rounds = atoi(argv[2])) < 1 || rounds > MAX_ROUNDS || (count = atoi(argv[3])) < 1)
@@ -142,6 +158,9 @@ int main(int argc, char **argv) {
     unlink(SOCKET);
     if (bind(listener, (struct sockaddr *)&address, sizeof address) < 0 || listen(listener, 4096) < 0)
         return perror(SOCKET), 1;
+    tcp_listener = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (bind(tcp_listener, (struct sockaddr *)&loopback, sizeof loopback) < 0 || listen(tcp_listener, 16) < 0)
+        return perror("127.0.0.1"), 1;
     pthread_create(&thread, NULL, accept_all, NULL);
     pin(0);
     for (size_t s = 0; s < sizeof steps / sizeof steps[0]; s++) {

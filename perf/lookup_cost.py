@@ -1,5 +1,6 @@
 """The kernel's price of the per-connection backend lookup, step by step, against the
-plain connect by path that sniproxy, nginx and haproxy make (perf/lookup_cost.c).
+plain connect by path that sniproxy, nginx and haproxy make (perf/lookup_cost.c); and of
+an accept(2) that finds the queue empty, against reading the queue's length.
 
     python3 perf/lookup_cost.py [--rounds N] [--count N]
 
@@ -8,7 +9,9 @@ one Unix socket it binds and accepts on itself, nothing else) and prints, per st
 median CPU time of the calling thread per step over the rounds, with the range.  The
 proxies' lookup is the sum of the first three lines (the markers only once a second
 now) plus the difference between the last two (connecting through /proc/self/fd/N
-instead of by path).  Bounded: ROUNDS x COUNT iterations of six steps.
+instead of by path).  The last two lines are the Listener's: what a wakeup that
+accepts until EAGAIN pays at its end, and what reading the queue first pays instead.
+Bounded: ROUNDS x COUNT iterations of nine steps.
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ from fastsni.engine import (  # not hot: the pure module's own
 )
 from fastsni.engine import (
     ACCEPT_BATCH,
+    TCP_LISTEN,
+    TCPI_READ,
+    TCPI_STATE,
+    TCPI_UNACKED,
     BENEATH,
     FAIR_SHARE_FLOOR,
     SHED_BATCH,
@@ -91,6 +95,7 @@ cdef extern from "<sys/socket.h>":
     int accept4(int fd, sockaddr* addr, socklen_t* length, int flags)
     int getpeername(int fd, sockaddr* addr, socklen_t* length)
     int getsockname(int fd, sockaddr* addr, socklen_t* length)
+    int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
     struct sockaddr_storage:
         sa_family_t ss_family
     int shutdown(int fd, int how)
@@ -120,6 +125,14 @@ cdef extern from "<netinet/in.h>":
     unsigned int ntohl(unsigned int value)
     enum:
         INET6_ADDRSTRLEN
+
+cdef extern from "<netinet/tcp.h>":
+    struct tcp_info:
+        unsigned char tcpi_state
+        unsigned int tcpi_unacked
+    enum:
+        IPPROTO_TCP
+        TCP_INFO
 
 cdef extern from "<arpa/inet.h>":
     const char* inet_ntop(int family, const void* address, char* text, socklen_t size)
@@ -207,6 +220,9 @@ cdef enum:
 
 assert CHUNK == C_CHUNK and RELAY_CHUNK == C_RELAY_CHUNK and PIPE_SIZE == C_PIPE_SIZE and MAX_EVENTS == C_MAX_EVENTS
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
+cdef int C_TCP_LISTEN = TCP_LISTEN
+cdef socklen_t C_TCPI_READ = TCPI_READ
+assert TCPI_STATE == <size_t>&(<tcp_info*>NULL).tcpi_state and TCPI_UNACKED == <size_t>&(<tcp_info*>NULL).tcpi_unacked
 cdef double C_MARKERS_FRESH = MARKERS_FRESH
 cdef Py_ssize_t C_MARKERS_KEPT = MARKERS_KEPT
 cdef int C_PUMP_ROUNDS = PUMP_ROUNDS
@@ -1022,6 +1038,7 @@ cdef class Listener(Handler):
         self.closed = False
         self.retry = None
         self.starved = False
+        self.counted = self.waiting() >= 0
 
     def start(self):
         if not self.accepting and not self.closed:
@@ -1031,18 +1048,33 @@ cdef class Listener(Handler):
     cpdef ready(self, int fd, unsigned int events):
         self.accept()
 
+    cpdef int waiting(self):
+        """How many connections the accept queue holds (see TCPI_UNACKED); -1 if this is
+        not a TCP listener."""
+        cdef tcp_info info
+        cdef socklen_t length = C_TCPI_READ
+        if getsockopt(self.fd, IPPROTO_TCP, TCP_INFO, &info, &length) < 0:
+            return -1
+        if length < C_TCPI_READ or info.tcpi_state != C_TCP_LISTEN:
+            return -1
+        return info.tcpi_unacked
+
     cpdef accept(self):
-        cdef int i, fd, err
+        """Accept what the queue holds, at most ACCEPT_BATCH (see the pure twin)."""
+        cdef int i, fd, err, queued
         cdef sockaddr_storage address
         cdef socklen_t length
-        for i in range(C_ACCEPT_BATCH):
+        queued = self.waiting() if self.counted else -1
+        if queued < 0:
+            queued = C_ACCEPT_BATCH + 1  # unknown: until accept4(2) finds none
+        for i in range(min(max(queued, 1), C_ACCEPT_BATCH)):  # the wakeup said one at least
             length = sizeof(address)
             fd = accept4(self.fd, <sockaddr*>&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
                 err = errno
-                if _retry(err):
-                    self.starved = False  # the queue is empty: that episode is over
-                    return
+                if _retry(err):  # another copy took it (EPOLLEXCLUSIVE), or nothing was left
+                    queued = 0
+                    break
                 if err in OUT_OF_DESCRIPTORS:
                     self.pause(err)
                     return
@@ -1052,6 +1084,8 @@ cdef class Listener(Handler):
             except Exception as exc:
                 internal_error("closing a new connection", exc)
                 close(fd)
+        if queued <= C_ACCEPT_BATCH:
+            self.starved = False  # the queue was emptied: that episode is over
 
     def pause(self, int err):
         """Out of descriptors: stop until one is freed (descriptor_freed) or a second passes."""

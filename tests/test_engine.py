@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -345,3 +348,54 @@ def test_a_unix_listener_passes_what_socket_accept_gives(engine, tmp_path):
         assert peers_accepted(engine, listening, connect) == [""]  # unnamed, as socket.accept() says
     finally:
         clients[0].close()
+
+
+# Accepts a queue of three with the twin's Listener, in a process of its own so that
+# strace sees its accept4 calls.  argv: the module, "tcp" or "unix".
+ACCEPT_THREE = """
+import importlib, os, socket, sys
+engine = importlib.import_module(sys.argv[1])
+if sys.argv[2] == "tcp":
+    listening = socket.create_server(("127.0.0.1", 0))
+    address = listening.getsockname()
+else:
+    listening = socket.socket(socket.AF_UNIX)
+    address = "\\0fastsni-accept-test-%d" % os.getpid()
+    listening.bind(address)
+    listening.listen()
+listening.setblocking(False)
+clients = [socket.socket(listening.family) for _ in range(3)]
+for client in clients:
+    client.connect(address)
+got = []
+listener = engine.Listener(engine.Reactor(), listening, lambda fd, peer: (got.append(fd), os.close(fd)))
+listener.starved = True
+listener.accept()
+print(len(got), listener.counted, listener.starved)
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+@pytest.mark.parametrize(
+    "kind, calls, counted",
+    [("tcp", 3, True), ("unix", 4, False)],  # a Unix listener's queue is unread: one accept finds none
+)
+def test_the_listener_accepts_what_the_queue_holds(twin, tmp_path, kind, calls, counted):
+    """A TCP listener's queue length is read (TCP_INFO) before accepting, so no accept4
+    comes back empty (EAGAIN: a socket and a file allocated for nothing); either way the
+    queue is emptied and an out-of-descriptors episode is over."""
+    module = "fastsni.engine" if twin.name == "pure" else "fastsni._engine"
+    trace = tmp_path / "strace.txt"
+    strace = ("strace", "-f", "-qq", "-e", "trace=accept4", "-o", str(trace))
+    done = subprocess.run(
+        [*strace, sys.executable, "-c", ACCEPT_THREE, module, kind],
+        env=twin.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split() == ["3", str(counted), "False"]
+    accepts = [line for line in trace.read_text().splitlines() if "accept4(" in line]
+    assert len(accepts) == calls, accepts
+    assert sum("EAGAIN" in line for line in accepts) == calls - 3, accepts
