@@ -16,6 +16,7 @@ from fastsni.engine import (
     Relay,
     Service,
     Side,
+    Timer,
     cause,
     connect_backend,
     failure,
@@ -100,8 +101,8 @@ class TlsConnection(Handler):
         self.started = time.monotonic()  # for the owner's log
         self.owner_line = False  # routed to an entry with an owner's log: a line when the relay ends
         self.relay: Relay | None = None
+        self.timer: Timer | None = None  # the hello's deadline, set once a read finds it incomplete
         service.reactor.add(fd, self)
-        self.timer = service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
     def ready(self, fd: int, events: int) -> None:
         """Read what the client sent (edge-triggered: until the kernel has no more)."""
@@ -110,7 +111,7 @@ class TlsConnection(Handler):
         while client.readable:
             data = client.read()
             if data is None:
-                return
+                break
             if not data:  # closed (or reset) before the hello was complete: nothing to answer
                 COUNTS["closed_early"] += 1
                 self.close()
@@ -123,11 +124,13 @@ class TlsConnection(Handler):
             if name is not None:
                 self.route(name)
                 return
+        if self.timer is None:  # incomplete: the deadline holds however the rest trickles in
+            self.timer = self.service.reactor.call_later(HELLO_TIMEOUT, self.expire)
 
     def route(self, name: str) -> None:
         """Connect to the backend for ``name``; the client may have sent more already
         (``client.readable``), which the Relay reads."""
-        self.timer.cancel()
+        self.stop_timer()
         try:
             fd, proxy, _ = connect_backend(name, BACKEND_SOCKET)
         except OSError as exc:
@@ -166,8 +169,13 @@ class TlsConnection(Handler):
             pass
         self.close()
 
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def close(self) -> None:
-        self.timer.cancel()
+        self.stop_timer()
         self.reader = None
         self.service.reactor.close(self.fd)
         self.service.closed(self)

@@ -90,8 +90,8 @@ cdef class TlsConnection(Handler):
         self.started = _monotonic()
         self.owner_line = False  # routed to an entry with an owner's log: a line when the relay ends
         self.relay = None
+        self.timer = None  # the hello's deadline, set once a read finds it incomplete
         service.reactor.add(fd, self)
-        self.timer = service.reactor.schedule(HELLO_TIMEOUT, self.expire, ())
 
     @cython.nonecheck(True)  # reader: None once routed or closed (AttributeError, as before it was typed)
     cpdef ready(self, int fd, unsigned int events):
@@ -102,7 +102,7 @@ cdef class TlsConnection(Handler):
         while client.readable:
             data = client.read()
             if data is None:
-                return
+                break
             if not data:  # closed (or reset) before the hello was complete: nothing to answer
                 _closed_early += 1
                 self.close()
@@ -115,6 +115,8 @@ cdef class TlsConnection(Handler):
             if name is not None:
                 self.route(name)
                 return
+        if self.timer is None:  # incomplete: the deadline holds however the rest trickles in
+            self.timer = self.service.reactor.schedule(HELLO_TIMEOUT, self.expire, ())
 
     @cython.nonecheck(True)
     cdef route(self, str name):
@@ -125,7 +127,7 @@ cdef class TlsConnection(Handler):
         cdef bytearray received
         cdef int fd, proxy, marks
         cdef unsigned long long identity[2]  # unused here (fasthttpdir's keep-alive needs it)
-        self.timer.cancel()
+        self.stop_timer()
         try:
             fd = connect_fd(name, BACKEND_SOCKET, &proxy, identity)
         except OSError as exc:
@@ -161,8 +163,13 @@ cdef class TlsConnection(Handler):
         write(self.fd, <const char*>answer, len(answer))
         self.close()
 
+    cdef stop_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     cpdef close(self):
-        self.timer.cancel()
+        self.stop_timer()
         self.reader = None
         self.service.reactor.close(self.fd)
         self.service.closed(self)
