@@ -47,7 +47,7 @@ PIPE_SIZE = 512 * 1024  # a splicing pipe's capacity and the most one splice mov
 ACCEPT_BATCH = 64  # accepts per wakeup, so established connections keep flowing
 # A TCP listener's accept queue length: struct tcp_info's tcpi_unacked, which a socket in
 # TCP_LISTEN state reports as the connections ready for accept() (linux/tcp.h; the
-# kernel's tcp_get_info).  Reading it (getsockopt, 0.55 us here) spares the accept(2)
+# kernel's tcp_get_info).  Reading it (getsockopt, 0.6 us here) spares the accept(2)
 # that finds the queue empty, which allocates a socket and a file before it fails with
 # EAGAIN (3.8 us here: perf/lookup_cost.py).
 TCP_LISTEN = 10  # include/net/tcp_states.h
