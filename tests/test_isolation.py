@@ -361,14 +361,17 @@ def needs_other_uids(case: Case) -> bool:
     return any(item.owner is not None for item in case.tree)
 
 
-def case_params():
+def case_params() -> list:
+    """One param per case (a list: pytest will refuse a generator here)."""
+    params = []
     for label, case in CASES.items():
         marks = []
         if needs_other_uids(case) and not IS_ROOT:
             marks.append(
                 pytest.mark.skip(reason="needs root: backends switch to other uids, entries are lchown'd")
             )
-        yield pytest.param(case, id=label, marks=marks)
+        params.append(pytest.param(case, id=label, marks=marks))
+    return params
 
 
 # The proxy as the test's user, or (as root) dropped to nobody once everything is imported
